@@ -1,0 +1,74 @@
+"""N-way K-shot episodes drawn from an ImageClasses store with an explicit torch.Generator."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import DataError, ImageClasses, Task
+
+
+class EpisodeSampler:
+    """Draws N-way K-shot classification tasks.
+
+    Each task picks ``ways`` classes, then ``shots + query`` distinct images of each; the classes are
+    relabelled 0..ways-1 in the order drawn. Support is ``(x [ways*shots, C, H, W] float in [0, 1],
+    y [ways*shots])``, query likewise with ``query`` images per class. With ``within_group`` all classes
+    of a task come from one group (one alphabet), the harder Omniglot-challenge setting.
+    """
+
+    def __init__(self, data: ImageClasses, ways: int, shots: int, query: int, within_group: bool = False,
+                 name: str = "data"):
+        for label, value in (("ways", ways), ("shots", shots), ("query", query)):
+            if value < 1:
+                raise DataError(f"{label} must be a positive integer, got {value}")
+        if ways > data.num_classes:
+            raise DataError(f"{name}: {ways}-way tasks need {ways} classes but it has {data.num_classes}")
+        need = shots + query
+        counts = data.counts
+        short = (counts < need).nonzero().flatten()
+        if len(short):
+            c = int(short[0])
+            raise DataError(
+                f"{name}: class '{data.classes[c]}' has {int(counts[c])} images but shots + query = "
+                f"{shots} + {query} = {need}; lower --shots/--query (at most {int(counts.min())} in all)"
+            )
+        self.data, self.ways, self.shots, self.query = data, ways, shots, query
+        self.within_group = within_group
+        self._group_classes: list[Tensor] = []
+        if within_group:
+            if data.groups is None:
+                raise DataError(f"{name}: within-group episodes need class groups (alphabets)")
+            by_group: dict[str, list[int]] = {}
+            for c, g in enumerate(data.groups):
+                by_group.setdefault(g, []).append(c)
+            self._group_classes = [torch.tensor(v) for v in by_group.values() if len(v) >= ways]
+            if not self._group_classes:
+                raise DataError(f"{name}: no group has {ways} classes for within-group {ways}-way tasks")
+
+    def _classes(self, generator: torch.Generator) -> Tensor:
+        if self.within_group:
+            # Groups are chosen in proportion to how many classes they have, as characters would be.
+            sizes = torch.tensor([len(g) for g in self._group_classes], dtype=torch.float)
+            g = int(torch.multinomial(sizes, 1, generator=generator))
+            members = self._group_classes[g]
+            return members[torch.randperm(len(members), generator=generator)[: self.ways]]
+        return torch.randperm(self.data.num_classes, generator=generator)[: self.ways]
+
+    def sample(self, generator: torch.Generator) -> Task:
+        need = self.shots + self.query
+        picks = []
+        for c in self._classes(generator).tolist():
+            idx = self.data.indices_of(c)
+            picks.append(idx[torch.randperm(len(idx), generator=generator)[:need]])
+        chosen = torch.stack(picks)  # [ways, shots + query]
+        images = self.data.images[chosen.flatten()].float().div_(255.0)
+        images = images.view(self.ways, need, *images.shape[1:])
+        labels = torch.arange(self.ways).unsqueeze(1)
+        xs = images[:, : self.shots].reshape(-1, *images.shape[2:])
+        xq = images[:, self.shots :].reshape(-1, *images.shape[2:])
+        ys = labels.expand(self.ways, self.shots).reshape(-1)
+        yq = labels.expand(self.ways, self.query).reshape(-1)
+        return Task((xs, ys), (xq, yq))
+
+    def sample_batch(self, n: int, generator: torch.Generator) -> Task:
+        return Task.stack([self.sample(generator) for _ in range(n)])
