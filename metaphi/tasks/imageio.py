@@ -80,7 +80,7 @@ def convert(img, mode: str):
 
 def decode(source: bytes | str | os.PathLike, name: str, mode: str, size: Size | None = None,
            invert: bool = False) -> np.ndarray:
-    """Decode one image (encoded bytes or a file path) to uint8 ``[C, H, W]``.
+    """Decode one image (encoded bytes, a uint8 numpy array of them, or a file path) to uint8 ``[C, H, W]``.
 
     ``mode`` is "L" (C = 1) or "RGB" (C = 3); ``size`` resizes with Lanczos antialiasing; ``invert``
     maps v to 255 - v (Omniglot's black ink becomes high). A file PIL cannot read raises
@@ -89,7 +89,8 @@ def decode(source: bytes | str | os.PathLike, name: str, mode: str, size: Size |
     Image = _pil()
     hw = as_size(size)
     try:
-        with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray, memoryview)) else source) as img:
+        encoded = isinstance(source, (bytes, bytearray, memoryview, np.ndarray))
+        with Image.open(io.BytesIO(source) if encoded else source) as img:
             img.load()
             img = convert(img, mode)
             if hw is not None and (img.height, img.width) != hw:
