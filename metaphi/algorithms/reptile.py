@@ -1,0 +1,20 @@
+"""Reptile (Nichol, Achiam & Schulman 2018, "On First-Order Meta-Learning Algorithms").
+
+φ is an initialization. For each task, train from θ₀ = φ for k steps of SGD on the task's data to
+θ_k, then move φ toward it:  φ ← φ + ε · mean_tasks (θ_k − φ).  No second derivatives, and no
+support/query split is needed for the update. The algorithm is MAML's learner with the Reptile
+estimator (metaphi.outer.Reptile) as its default way of optimizing φ; evaluation is the same
+k-step fine-tuning from the learned initialization.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ..inner import SGD
+from .base import Problem
+from .maml import MAML
+
+
+def reptile(model: nn.Module, problem: Problem, inner_lr: float, inner_steps: int = 5, eval_steps=None) -> MAML:
+    return MAML(model, problem, SGD(inner_lr), inner_steps, eval_steps, first_order=True, name="reptile",
+                estimators=("reptile", "first-order", "second-order"))

@@ -1,0 +1,279 @@
+"""Command line: ``metaphi run | eval``.
+
+Bad input exits with code 2 and one line that says what is wrong and what is valid; a run stopped by
+a non-finite loss exits with code 3 and keeps its last good checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+
+USAGE_ERROR, NONFINITE = 2, 3
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def _algorithm_names():
+    from .algorithms import ALGORITHMS
+    return list(ALGORITHMS)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .benchmarks import BENCHMARKS
+
+    parser = _Parser(prog="metaphi", description="Meta-learning on PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    run = sub.add_parser("run", help="meta-train an algorithm and test it on held-out tasks")
+    run.add_argument("algorithm", choices=_algorithm_names())
+    run.add_argument("--benchmark", default="glyphs",
+                     help=f"one of {', '.join(BENCHMARKS)} (default: glyphs, built in)")
+    run.add_argument("--data-root", default=None, help="where data sets and caches live")
+    run.add_argument("--ways", type=int)
+    run.add_argument("--shots", type=int, help="support examples per class (K) for meta-training")
+    run.add_argument("--query", type=int, help="query examples per class for meta-training")
+    run.add_argument("--eval-shots", type=int, help="support examples per class at test (default: --shots)")
+    run.add_argument("--eval-query", type=int, help="query examples per class at test")
+    run.add_argument("--inner-steps", type=int, help="inner steps during meta-training")
+    run.add_argument("--eval-steps", type=int, help="inner steps at test")
+    run.add_argument("--inner-lr", type=float)
+    run.add_argument("--meta-batch", type=int, help="tasks per meta-update")
+    run.add_argument("--meta-lr", type=float)
+    run.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="outer optimizer")
+    run.add_argument("--estimator", choices=["second-order", "first-order", "reptile"],
+                     help="how φ's update is estimated (default: the algorithm's own)")
+    run.add_argument("--loop", action="store_true", help="run the tasks of a meta-batch one by one instead of as one vmap batch")
+    run.add_argument("--iterations", type=int)
+    run.add_argument("--eval-tasks", type=int, help="test tasks (default 600)")
+    run.add_argument("--val-every", type=int, default=100, help="validate every this many iterations")
+    run.add_argument("--val-tasks", type=int, default=100)
+    run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--eval-seed", type=int, default=1234, help="seed of the fixed test tasks")
+    run.add_argument("--device", default="cpu")
+    run.add_argument("--out", default=None, help="output folder (default: runs/ALGO-BENCHMARK-...)")
+    run.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    run.add_argument("--no-baselines", action="store_true", help="skip the scratch and pre-training baselines")
+    run.add_argument("--baseline-steps", type=int, default=10, help="fine-tuning steps of the baselines at test")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+    run.set_defaults(func=cmd_run)
+
+    ev = sub.add_parser("eval", help="re-evaluate a saved run on its fixed test tasks")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--eval-tasks", type=int, default=None)
+    ev.add_argument("--eval-steps", type=int, default=None)
+    ev.add_argument("--eval-seed", type=int, default=None)
+    ev.add_argument("--data-root", default=None)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--out", default=None, help="write the result JSON here")
+    ev.add_argument("--quiet", action="store_true")
+    ev.set_defaults(func=cmd_eval)
+    return parser
+
+
+def _positive(name: str, value, allow_zero: bool = False):
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UsageError(f"--{name} must be {'>= 0' if allow_zero else 'a positive number'}, got {value}")
+
+
+def _writable_dir(path: str) -> str:
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {path} is not a writable folder ({e.strerror}); choose another with --out")
+    return path
+
+
+def write_json(obj, path: str) -> None:
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def machine() -> str:
+    import torch
+    return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__}"
+
+
+def resolve_run_settings(args, benchmark) -> dict:
+    d = benchmark.defaults
+    s = {k: getattr(args, k) if getattr(args, k) is not None else d.get(k)
+         for k in ("ways", "shots", "query", "inner_lr", "inner_steps", "eval_steps", "meta_batch", "iterations",
+                   "eval_tasks", "meta_lr")}
+    s["eval_shots"] = args.eval_shots or d.get("eval_shots") or s["shots"]
+    s["eval_query"] = args.eval_query or d.get("eval_query") or s["query"]
+    if args.algorithm == "reptile" and args.inner_steps is None:
+        s["inner_steps"] = max(5, s["inner_steps"])
+    for name in ("ways", "shots", "query", "eval_shots", "eval_query", "meta_batch", "eval_tasks", "inner_lr",
+                 "meta_lr"):
+        _positive(name.replace("_", "-"), s[name])
+    for name in ("inner_steps", "eval_steps", "iterations"):
+        _positive(name.replace("_", "-"), s[name], allow_zero=True)
+    _positive("val-every", args.val_every)
+    _positive("val-tasks", args.val_tasks)
+    _positive("baseline-steps", args.baseline_steps, allow_zero=True)
+    return s
+
+
+def train_and_test(name: str, benchmark, s: dict, args, out_dir: str, estimator_name: str | None = None,
+                   eval_steps: int | None = None, progress: bool = True) -> dict:
+    """Meta-train algorithm ``name`` with settings ``s`` and test it; returns its result dict."""
+    from .algorithms import create_algorithm
+    from .evaluate import evaluate
+    from .outer import build_estimator
+    from .train import TrainConfig, meta_train
+
+    import torch
+
+    eval_steps = s["eval_steps"] if eval_steps is None else eval_steps
+    with torch.random.fork_rng():  # the initial weights come from the seed, and touch no global state
+        torch.manual_seed(args.seed)
+        algo = create_algorithm(name, benchmark, s["ways"], s["inner_lr"], s["inner_steps"], eval_steps)
+    estimator_name = estimator_name or (algo.estimators[0] if algo.estimators else "first-order")
+    if algo.estimators and estimator_name not in algo.estimators:
+        raise UsageError(f"--estimator {estimator_name} does not apply to {name} (valid: {', '.join(algo.estimators)})")
+    test_sampler = benchmark.episodes("test", s["ways"], s["eval_shots"], s["eval_query"])
+    sample_train = algo.training_tasks(benchmark, s["ways"], s["shots"], s["query"])
+    validate = None
+    if "val" in benchmark.splits or benchmark.regression_tasks is not None:
+        val_sampler = benchmark.episodes("val", s["ways"], s["eval_shots"], s["eval_query"])
+        validate = lambda phi: evaluate(algo, phi, val_sampler, args.val_tasks, args.eval_seed + 1,
+                                        device=args.device)["mean"]
+    iterations = s["iterations"] if algo.trains else 0
+    config = TrainConfig(iterations=iterations, meta_batch=s["meta_batch"], meta_lr=s["meta_lr"],
+                         optimizer=args.optimizer, seed=args.seed, val_every=args.val_every, device=args.device)
+    run = {"benchmark": benchmark.name, "data_root": args.data_root, **s, "eval_steps": eval_steps,
+           "estimator": estimator_name, "seed": args.seed, "eval_seed": args.eval_seed,
+           "input": benchmark.input_spec()}
+    started = time.perf_counter()
+    estimator = build_estimator(estimator_name, vectorize=not args.loop)
+    state = meta_train(algo, estimator, sample_train, config, out_dir=out_dir, validate=validate,
+                       resume=args.resume and os.path.exists(os.path.join(out_dir, "checkpoint.pt")), run=run,
+                       progress=progress)
+    test = evaluate(algo, state.phi, test_sampler, s["eval_tasks"], args.eval_seed, device=args.device,
+                    progress=progress, desc=f"test {name}")
+    result = {
+        "algorithm": name, "benchmark": benchmark.name, "metric": benchmark.problem.metric,
+        "higher_is_better": benchmark.problem.higher_is_better,
+        "mean": test["mean"], "ci95": test["ci95"], "per_step": test["per_step"],
+        "iterations": state.iteration, "wall_seconds": time.perf_counter() - started,
+        "train_seconds": state.train_seconds, "test_seconds": test["seconds"], "seed": args.seed,
+        "eval_seed": args.eval_seed, "eval_tasks": s["eval_tasks"], "ways": s["ways"], "shots": s["shots"],
+        "query": s["query"], "eval_shots": s["eval_shots"], "eval_query": s["eval_query"],
+        "inner_lr": s["inner_lr"], "inner_steps": s["inner_steps"], "eval_steps": eval_steps,
+        "meta_batch": s["meta_batch"], "meta_lr": s["meta_lr"], "estimator": estimator_name,
+        "parameters": sum(v.numel() for v in state.phi.values()), "machine": machine(),
+        "checkpoint": os.path.join(out_dir, "checkpoint.pt"),
+    }
+    write_json(result, os.path.join(out_dir, "result.json"))
+    return result
+
+
+def format_table(result: dict) -> str:
+    metric = result["metric"]
+    lines = [f"{result['benchmark']} {result['ways']}-way {result['eval_shots']}-shot, {metric} on "
+             f"{result['eval_tasks']} test tasks (seed {result['eval_seed']}), ± 95% CI",
+             f"{'method':<10} {'steps':>5} {metric:>18} {'meta-train s':>13} {'test s':>8}"]
+    rows = [result] + list(result.get("baselines", {}).values())
+    for r in rows:
+        scale, unit = (100.0, "%") if metric == "accuracy" else (1.0, "")
+        value = f"{r['mean'] * scale:.2f} ± {r['ci95'] * scale:.2f}{unit}"
+        lines.append(f"{r['algorithm']:<10} {r['eval_steps']:>5} {value:>18} {r['train_seconds']:>13.1f} "
+                     f"{r['test_seconds']:>8.1f}")
+    return "\n".join(lines)
+
+
+def cmd_run(args) -> int:
+    from .algorithms import BASELINES
+    from .benchmarks import build_benchmark
+
+    benchmark = build_benchmark(args.benchmark, args.data_root)
+    s = resolve_run_settings(args, benchmark)
+    out_dir = args.out or os.path.join("runs", f"{args.algorithm}-{benchmark.name}-{s['ways']}w{s['shots']}s-seed{args.seed}")
+    _writable_dir(out_dir)
+    progress = not args.quiet and sys.stderr.isatty() or os.environ.get("METAPHI_PROGRESS") == "1"
+    # Sizes are checked against the data before any training starts.
+    for split, shots, query in (("train", s["shots"], s["query"]), ("test", s["eval_shots"], s["eval_query"])):
+        benchmark.episodes(split, s["ways"], shots, query)
+    result = train_and_test(args.algorithm, benchmark, s, args, out_dir, args.estimator, progress=progress)
+    if not args.no_baselines:
+        result["baselines"] = {}
+        for name in BASELINES:
+            if name == args.algorithm:
+                continue
+            sub_dir = _writable_dir(os.path.join(out_dir, "baselines", name))
+            result["baselines"][name] = train_and_test(name, benchmark, s, args, sub_dir,
+                                                       eval_steps=args.baseline_steps, progress=progress)
+        write_json(result, os.path.join(out_dir, "result.json"))
+    print(format_table(result))
+    print(f"wrote {os.path.join(out_dir, 'result.json')} and {os.path.join(out_dir, 'checkpoint.pt')}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .algorithms import build_algorithm
+    from .benchmarks import build_benchmark
+    from .evaluate import evaluate
+    from .train import load_checkpoint
+
+    if not os.path.isfile(args.checkpoint):
+        raise UsageError(f"no checkpoint at {args.checkpoint}")
+    try:
+        ck = load_checkpoint(args.checkpoint)
+    except Exception as e:  # a truncated or foreign file
+        raise UsageError(f"{args.checkpoint} is not a readable metaphi checkpoint ({e})")
+    _positive("eval-tasks", args.eval_tasks)
+    _positive("eval-steps", args.eval_steps, allow_zero=True)
+    run = ck["run"]
+    algo = build_algorithm(ck["algorithm"])
+    benchmark = build_benchmark(run["benchmark"], args.data_root or run.get("data_root"))
+    sampler = benchmark.episodes("test", run["ways"], run["eval_shots"], run["eval_query"])
+    n = args.eval_tasks or run["eval_tasks"]
+    seed = run["eval_seed"] if args.eval_seed is None else args.eval_seed
+    phi = {k: v.to(args.device) for k, v in ck["phi"].items()}
+    progress = not args.quiet and sys.stderr.isatty()
+    test = evaluate(algo, phi, sampler, n, seed, args.eval_steps, device=args.device, progress=progress)
+    result = {"algorithm": algo.name, "benchmark": benchmark.name, "metric": benchmark.problem.metric,
+              "checkpoint": args.checkpoint, "iterations": ck["iteration"], **test}
+    if args.out:
+        write_json(result, args.out)
+    print(json.dumps({k: result[k] for k in ("algorithm", "benchmark", "metric", "mean", "ci95", "tasks")}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .tasks import DataError
+    from .train import NonFiniteLoss
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UsageError, DataError) as e:
+        print(f"metaphi: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except NonFiniteLoss as e:
+        print(f"metaphi: stopped: {e}", file=sys.stderr)
+        return NONFINITE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

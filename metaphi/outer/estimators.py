@@ -1,0 +1,90 @@
+"""Estimators of the update of φ from a meta-batch of tasks.
+
+Each estimator is a callable ``(algorithm, phi, tasks) -> (grads, metrics)`` where ``tasks`` is a
+batched Task (leading dimension = task) and ``grads`` has the keys of φ. The trainer hands the
+grads to an ordinary torch optimizer, so any of them can drive any outer optimizer.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..functional import Params, detach, grads_or_zeros, prefixed
+from ..tasks import Task
+
+
+def _mean_task_loss(algorithm, phi: Params, tasks: Task, first_order: bool, vectorize: bool
+                    ) -> tuple[Tensor, dict[str, Tensor]]:
+    if vectorize:
+        losses, metrics = torch.func.vmap(lambda t: algorithm.task_loss(phi, t, first_order=first_order))(tasks)
+        return losses.mean(), {k: v.mean() for k, v in metrics.items()}
+    total, sums = 0.0, {}
+    parts = tasks.unstack()
+    for task in parts:
+        loss, metrics = algorithm.task_loss(phi, task, first_order=first_order)
+        total = total + loss
+        for k, v in metrics.items():
+            sums[k] = sums.get(k, 0.0) + v
+    n = len(parts)
+    return total / n, {k: v / n for k, v in sums.items()}
+
+
+class Unrolled:
+    """∇_φ of the mean query loss, backpropagated through the inner loop.
+
+    ``first_order=False``: exact (second-order) meta-gradient, MAML.
+    ``first_order=True``: the inner gradients are held constant (first-order MAML).
+    ``vectorize``: tasks are run as one ``vmap`` batch instead of a Python loop; same result.
+    """
+
+    def __init__(self, first_order: bool = False, vectorize: bool = False):
+        self.first_order = first_order
+        self.vectorize = vectorize
+        self.name = "first-order" if first_order else "second-order"
+
+    def __call__(self, algorithm, phi: Params, tasks: Task) -> tuple[Params, dict[str, float]]:
+        loss, metrics = _mean_task_loss(algorithm, phi, tasks, self.first_order, self.vectorize)
+        grads = grads_or_zeros(loss, phi)
+        return grads, {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
+
+
+class Reptile:
+    """Reptile's update direction (Nichol, Achiam & Schulman 2018, "On First-Order Meta-Learning
+    Algorithms"): train on the task for k steps from θ₀ = φ to θ_k, then move φ toward θ_k.
+
+        g = φ − mean_tasks θ_k(task)      (so that a gradient step φ − ε g is Reptile's update)
+
+    The inner loop learns from all the task's data (support and query), as in the paper; the query
+    loss of the support-adapted learner is reported for monitoring only. Only the initialization
+    ("init.*") moves; other meta-parameters get a zero direction.
+    """
+
+    name = "reptile"
+
+    def __init__(self, steps: int | None = None):
+        self.steps = steps
+
+    def __call__(self, algorithm, phi: Params, tasks: Task) -> tuple[Params, dict[str, float]]:
+        phi_c = detach(phi)
+        init = prefixed(phi_c, "init")
+        direction = {k: torch.zeros_like(v) for k, v in phi.items()}
+        loss_sum, parts = 0.0, tasks.unstack()
+        for task in parts:
+            both = tuple(torch.cat([s, q]) for s, q in zip(task.support, task.query))
+            adapted = algorithm.learn(phi_c, both, steps=self.steps, first_order=True)
+            for k, v in init.items():
+                direction["init." + k] += (v - adapted[k].detach()) / len(parts)
+            with torch.no_grad():
+                loss, _ = algorithm.task_loss(phi_c, task, first_order=True)
+            loss_sum += float(loss)
+        return direction, {"loss": loss_sum / len(parts)}
+
+
+def build_estimator(name: str, vectorize: bool = False, reptile_steps: int | None = None):
+    if name == "second-order":
+        return Unrolled(first_order=False, vectorize=vectorize)
+    if name == "first-order":
+        return Unrolled(first_order=True, vectorize=vectorize)
+    if name == "reptile":
+        return Reptile(reptile_steps)
+    raise ValueError(f"unknown estimator '{name}' (known: second-order, first-order, reptile)")

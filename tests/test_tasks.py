@@ -1,0 +1,96 @@
+import math
+
+import pytest
+import torch
+
+from metaphi.tasks import DataError, EpisodeSampler, ImageClasses, Task
+from metaphi.tasks.sinusoid import SinusoidTasks
+
+
+def store(classes=6, per_class=5, groups=None):
+    images = torch.arange(classes * per_class, dtype=torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
+    targets = torch.arange(classes * per_class) // per_class
+    return ImageClasses(images, targets, [f"c{i}" for i in range(classes)], groups)
+
+
+def test_episode_shapes_labels_and_distinct_images():
+    data = store()
+    task = EpisodeSampler(data, ways=3, shots=2, query=2).sample(torch.Generator().manual_seed(0))
+    (xs, ys), (xq, yq) = task
+    assert xs.shape == (6, 1, 4, 4) and xq.shape == (6, 1, 4, 4)
+    assert ys.tolist() == [0, 0, 1, 1, 2, 2] and yq.tolist() == [0, 0, 1, 1, 2, 2]
+    ids = torch.cat([xs[:, 0, 0, 0], xq[:, 0, 0, 0]]) * 255
+    assert len(set(ids.round().tolist())) == 12  # no image in both support and query
+    # every image of a relabelled class comes from one original class
+    original = (ids.round().long() // 5).view(2, 3, 2).permute(1, 0, 2).reshape(3, 4)
+    assert all(len(set(row.tolist())) == 1 for row in original)
+    assert len(set(original[:, 0].tolist())) == 3
+
+
+def test_episodes_are_reproducible_from_the_generator():
+    sampler = EpisodeSampler(store(), 3, 1, 2)
+    a = sampler.sample_batch(4, torch.Generator().manual_seed(7))
+    b = sampler.sample_batch(4, torch.Generator().manual_seed(7))
+    c = sampler.sample_batch(4, torch.Generator().manual_seed(8))
+    assert torch.equal(a.support[0], b.support[0]) and torch.equal(a.query[0], b.query[0])
+    assert not torch.equal(a.support[0], c.support[0])
+
+
+def test_within_group_episodes_stay_in_one_group():
+    data = store(groups=["a", "a", "a", "b", "b", "b"])
+    sampler = EpisodeSampler(data, 3, 1, 1, within_group=True)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        xs = sampler.sample(g).support[0]
+        classes = {int(round(v * 255)) // 5 for v in xs[:, 0, 0, 0].tolist()}
+        assert classes in ({0, 1, 2}, {3, 4, 5})
+
+
+def test_too_few_images_names_the_class():
+    with pytest.raises(DataError, match=r"class 'c0' has 5 images but shots \+ query = 3 \+ 3 = 6"):
+        EpisodeSampler(store(), 3, 3, 3)
+    with pytest.raises(DataError, match="10-way tasks need 10 classes"):
+        EpisodeSampler(store(), 10, 1, 1)
+    with pytest.raises(DataError, match="shots must be a positive integer"):
+        EpisodeSampler(store(), 3, 0, 1)
+
+
+def test_rotations_become_new_classes():
+    data = store(classes=2, per_class=2)
+    data.images[0, 0, 0, 1] = 200
+    rot = data.rotated()
+    assert rot.num_classes == 8 and rot.classes[1] == "c0@rot90"
+    first = rot.images[rot.indices_of(1)[0], 0]
+    assert torch.equal(first, torch.rot90(data.images[0, 0], 1))
+
+
+def test_store_round_trip(tmp_path):
+    data = store(groups=["a", "a", "a", "b", "b", "b"])
+    data.save(tmp_path / "x.pt")
+    back = ImageClasses.load(tmp_path / "x.pt")
+    assert torch.equal(back.images, data.images) and back.classes == data.classes and back.groups == data.groups
+
+
+def test_sinusoid_tasks_follow_the_maml_distribution():
+    tasks = SinusoidTasks(shots=10, query=10).sample_batch(500, torch.Generator().manual_seed(0))
+    x = torch.cat([tasks.support[0], tasks.query[0]], 1)
+    y = torch.cat([tasks.support[1], tasks.query[1]], 1)
+    assert x.min() >= -5 and x.max() <= 5
+    amplitude = y.abs().amax(dim=(1, 2))
+    assert amplitude.max() <= 5.0 + 1e-6 and amplitude.min() > 0.0
+    assert tasks.support[0].shape == (500, 10, 1)
+    # y = A sin(x - b) with one A and b per task: recover them by least squares and check the ranges
+    feats = torch.cat([torch.sin(x), torch.cos(x)], -1)
+    coef = torch.linalg.lstsq(feats, y).solution.squeeze(-1)  # A cos b, -A sin b
+    a = coef.norm(dim=1)
+    b = torch.atan2(-coef[:, 1], coef[:, 0])
+    assert a.min() >= 0.1 - 1e-4 and a.max() <= 5.0 + 1e-4
+    assert b.min() >= -1e-4 and b.max() <= math.pi + 1e-4
+
+
+def test_task_stack_and_unstack_round_trip():
+    t = Task((torch.randn(3, 2), torch.arange(3)), (torch.randn(4, 2), torch.arange(4)))
+    batch = Task.stack([t, t])
+    assert batch.support[0].shape == (2, 3, 2)
+    back = batch.unstack()
+    assert torch.equal(back[1].query[0], t.query[0])
