@@ -14,6 +14,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Sequence, Union
@@ -134,6 +135,36 @@ def list_images(folder: Path) -> list[Path]:
     """The files of ``folder`` (not hidden, not folders), sorted by name; non-images are kept so that
     decoding names them."""
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
+
+
+def read_pickle(source: str | os.PathLike | bytes, name: str | None = None):
+    """Unpickle a file (or its bytes) written by Python 3 or by Python 2, whose numpy arrays and
+    strings need latin1. Pickles run code when loaded: read only files you trust."""
+    name = name or str(source)
+    if not isinstance(source, bytes) and not Path(source).exists():
+        raise DataError(f"{name}: not found")
+    try:
+        with (io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")) as f:
+            try:
+                return pickle.load(f)
+            except UnicodeDecodeError:
+                f.seek(0)
+                return pickle.load(f, encoding="latin1")
+    except Exception as e:
+        raise DataError(f"{name}: not a readable pickle ({type(e).__name__}: {e}); download it again") from None
+
+
+def pickle_entry(d: dict, key: str, name: str):
+    """``d[key]`` whether the pickle's keys came back as str or as bytes."""
+    for k in (key, key.encode()):
+        if k in d:
+            return d[k]
+    raise DataError(f"{name}: no '{key}' entry (has {', '.join(map(str, d))}); is this the right file?")
+
+
+def text(s) -> str:
+    """A label name from a pickle, str or bytes."""
+    return s.decode() if isinstance(s, bytes) else str(s)
 
 
 # --------------------------------------------------------------------------------------------- caches

@@ -19,47 +19,17 @@ from __future__ import annotations
 
 import csv
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .base import DataError, ImageClasses
-from .imageio import CacheDir, Size, as_size, cached, decode_many
+from .imageio import CacheDir, Size, as_size, cached, decode_many, pickle_entry, read_pickle, text
 
 SPLITS = ("train", "val", "test")
 MINI_FOLDERS = ("", "mini-imagenet", "miniImageNet", "mini_imagenet", "miniimagenet")
 TIERED_FOLDERS = ("", "tiered-imagenet", "tieredImageNet", "tiered_imagenet", "tieredimagenet")
-
-
-def _unpickle(path: Path):
-    """Load a pickle written by Python 3 or Python 2 (numpy arrays of the latter need latin1)."""
-    if not path.exists():
-        raise DataError(f"{path}: not found")
-    try:
-        with open(path, "rb") as f:
-            try:
-                return pickle.load(f)
-            except UnicodeDecodeError:
-                f.seek(0)
-                return pickle.load(f, encoding="latin1")
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"{path}: not a readable pickle ({type(e).__name__}: {e}); download it again") from None
-
-
-def _key(d: dict, name: str, path: Path):
-    """``d[name]`` whether the pickle's keys came back as str or as bytes."""
-    for k in (name, name.encode()):
-        if k in d:
-            return d[k]
-    raise DataError(f"{path}: no '{name}' entry (has {', '.join(map(str, d))}); is this the right file?")
-
-
-def _text(s) -> str:
-    return s.decode() if isinstance(s, bytes) else str(s)
 
 
 def _resize_rgb(images: np.ndarray, hw: tuple[int, int]) -> torch.Tensor:
@@ -79,15 +49,15 @@ def load_mini_imagenet_pickle(path: str | os.PathLike, image_size: Size = 84) ->
     """One split from ``mini-imagenet-cache-<split>.pkl``: classes sorted by name (synset ids)."""
     path = Path(path).expanduser()
     hw = as_size(image_size)
-    state = _unpickle(path)
+    state = read_pickle(path)
     if not isinstance(state, dict):
         raise DataError(f"{path}: expected a dict with 'image_data' and 'class_dict', got {type(state).__name__}")
-    images = np.asarray(_key(state, "image_data", path))
-    class_dict = _key(state, "class_dict", path)
+    images = np.asarray(pickle_entry(state, "image_data", path))
+    class_dict = pickle_entry(state, "class_dict", path)
     if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
         raise DataError(f"{path}: image_data must be uint8 [N, H, W, 3], got {images.dtype} {images.shape}")
-    classes = sorted(_text(c) for c in class_dict)
-    by_name = {_text(c): v for c, v in class_dict.items()}
+    classes = sorted(text(c) for c in class_dict)
+    by_name = {text(c): v for c, v in class_dict.items()}
     targets = np.full(len(images), -1, dtype=np.int64)
     for t, name in enumerate(classes):
         idx = np.asarray(by_name[name], dtype=np.int64)
@@ -172,14 +142,14 @@ def load_tiered_imagenet(root: str | os.PathLike, split: str, image_size: Size =
     hw = as_size(image_size)
 
     def build() -> ImageClasses:
-        labels = _unpickle(labels_file)
+        labels = read_pickle(labels_file)
         if not isinstance(labels, dict):
             raise DataError(f"{labels_file}: expected a dict of labels, got {type(labels).__name__}")
-        specific = np.asarray(_key(labels, "label_specific", labels_file), dtype=np.int64).reshape(-1)
-        general = np.asarray(_key(labels, "label_general", labels_file), dtype=np.int64).reshape(-1)
-        classes = [_text(s) for s in _key(labels, "label_specific_str", labels_file)]
-        categories = [_text(s) for s in _key(labels, "label_general_str", labels_file)]
-        encoded = _unpickle(images_file)
+        specific = np.asarray(pickle_entry(labels, "label_specific", labels_file), dtype=np.int64).reshape(-1)
+        general = np.asarray(pickle_entry(labels, "label_general", labels_file), dtype=np.int64).reshape(-1)
+        classes = [text(s) for s in pickle_entry(labels, "label_specific_str", labels_file)]
+        categories = [text(s) for s in pickle_entry(labels, "label_general_str", labels_file)]
+        encoded = read_pickle(images_file)
         if len(encoded) != len(specific) or len(general) != len(specific):
             raise DataError(f"{images_file}: {len(encoded)} images but {len(specific)} labels in {labels_file.name}")
         if specific.size and (specific.min() < 0 or specific.max() >= len(classes)):
