@@ -30,8 +30,16 @@ def _algorithm_names():
     return list(ALGORITHMS)
 
 
+#: further subcommands: modules with ``register(subparsers)``, which adds a parser whose ``func``
+#: takes the parsed args and returns an exit code
+COMMANDS: tuple[str, ...] = ()
+
+
 def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
     from .benchmarks import BENCHMARKS
+    from .outer import ESTIMATORS
 
     parser = _Parser(prog="metaphi", description="Meta-learning on PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -52,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--meta-batch", type=int, help="tasks per meta-update")
     run.add_argument("--meta-lr", type=float)
     run.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="outer optimizer")
-    run.add_argument("--estimator", choices=["second-order", "first-order", "reptile"],
+    run.add_argument("--estimator", choices=list(ESTIMATORS),
                      help="how φ's update is estimated (default: the algorithm's own)")
     run.add_argument("--loop", action="store_true", help="run the tasks of a meta-batch one by one instead of as one vmap batch")
     run.add_argument("--iterations", type=int)
@@ -79,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="write the result JSON here")
     ev.add_argument("--quiet", action="store_true")
     ev.set_defaults(func=cmd_eval)
+    for module in COMMANDS:
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -4,10 +4,32 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from metaphi.algorithms import CLASSIFICATION, REGRESSION, anil, fomaml, maml, metasgd, reptile
+from metaphi.algorithms import CLASSIFICATION, REGRESSION
+from metaphi.algorithms.maml import MAML
+from metaphi.inner import SGD, MetaSGD
 from metaphi.functional import prefixed
 from metaphi.models import MLP, Conv4, TaskBatchNorm
 from metaphi.outer import Reptile, Unrolled
+
+
+def maml(model, problem, inner_lr, inner_steps):
+    return MAML(model, problem, SGD(inner_lr), inner_steps)
+
+
+def fomaml(model, problem, inner_lr, inner_steps):
+    return MAML(model, problem, SGD(inner_lr), inner_steps, first_order=True)
+
+
+def anil(model, problem, inner_lr, inner_steps):
+    return MAML(model, problem, SGD(inner_lr), inner_steps, trainable="head")
+
+
+def metasgd(model, problem, inner_lr, inner_steps):
+    return MAML(model, problem, MetaSGD(inner_lr), inner_steps)
+
+
+def reptile(model, problem, inner_lr, inner_steps):
+    return MAML(model, problem, SGD(inner_lr), inner_steps, first_order=True, estimators=("reptile",))
 from metaphi.tasks import Task
 
 

@@ -19,12 +19,12 @@ from ..functional import Params, call, params_of, prefixed, with_prefix
 from ..inner import SGD, adapt, adapt_steps
 from ..models import build_model
 from ..tasks import Task
-from .base import Algorithm, Problem
-from .maml import MAML
+from .base import Algorithm, Problem, problem_named
+from .maml import MAML, task_model
 
 
-def scratch(model: nn.Module, problem: Problem, inner_lr: float, inner_steps: int = 0, eval_steps: int = 20) -> MAML:
-    return MAML(model, problem, SGD(inner_lr), 0, eval_steps, name="scratch", estimators=(), trains=False)
+def scratch(benchmark, ways: int, inner_lr: float, inner_steps: int = 0, eval_steps: int = 20) -> MAML:
+    return MAML(task_model(benchmark, ways), benchmark.problem, SGD(inner_lr), 0, eval_steps, name="scratch", estimators=(), trains=False)
 
 
 class Pretrain(Algorithm):
@@ -87,3 +87,13 @@ class Pretrain(Algorithm):
     def spec(self) -> dict:
         return {"class": "pretrain", "name": self.name, "model": self.model.spec, "problem": self.problem.name,
                 "rule": self.rule.spec(), "eval_steps": self.eval_steps, "batch_size": self.batch_size}
+
+
+def pretrain(benchmark, ways: int, inner_lr: float, inner_steps: int = 0, eval_steps: int = 20) -> Pretrain:
+    out = 1 if benchmark.problem.name == "regression" else benchmark.num_classes("train")
+    return Pretrain(benchmark.model(out), benchmark.problem, inner_lr, eval_steps)
+
+
+def pretrain_from_spec(spec: dict) -> Pretrain:
+    return Pretrain(build_model(spec["model"]), problem_named(spec["problem"]), spec["rule"]["lr"],
+                    spec["eval_steps"], spec["batch_size"])

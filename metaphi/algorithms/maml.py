@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import Params, call, params_of, prefixed, with_prefix
+from ..models import build_model
 from ..inner import SGD, MetaSGD, UpdateRule, adapt, adapt_steps, build_rule
 from ..tasks import Task
 from .base import Algorithm, Problem, problem_named
@@ -108,23 +109,31 @@ class MAML(Algorithm):
                 "estimators": list(self.estimators), "trains": self.trains}
 
 
-def maml(model, problem, inner_lr, inner_steps=1, eval_steps=None) -> MAML:
-    return MAML(model, problem, SGD(inner_lr), inner_steps, eval_steps, name="maml")
+def task_model(benchmark, ways: int) -> nn.Module:
+    """The benchmark's network with an output per class (one output for regression)."""
+    return benchmark.model(1 if benchmark.problem.name == "regression" else ways)
 
 
-def fomaml(model, problem, inner_lr, inner_steps=1, eval_steps=None) -> MAML:
-    return MAML(model, problem, SGD(inner_lr), inner_steps, eval_steps, first_order=True, name="fomaml")
+def maml(benchmark, ways, inner_lr, inner_steps=1, eval_steps=None) -> MAML:
+    return MAML(task_model(benchmark, ways), benchmark.problem, SGD(inner_lr), inner_steps, eval_steps, name="maml")
 
 
-def anil(model, problem, inner_lr, inner_steps=1, eval_steps=None) -> MAML:
-    return MAML(model, problem, SGD(inner_lr), inner_steps, eval_steps, trainable="head", name="anil")
+def fomaml(benchmark, ways, inner_lr, inner_steps=1, eval_steps=None) -> MAML:
+    return MAML(task_model(benchmark, ways), benchmark.problem, SGD(inner_lr), inner_steps, eval_steps,
+                first_order=True, name="fomaml")
 
 
-def metasgd(model, problem, inner_lr, inner_steps=1, eval_steps=None) -> MAML:
-    return MAML(model, problem, MetaSGD(inner_lr), inner_steps, eval_steps, name="metasgd")
+def anil(benchmark, ways, inner_lr, inner_steps=1, eval_steps=None) -> MAML:
+    return MAML(task_model(benchmark, ways), benchmark.problem, SGD(inner_lr), inner_steps, eval_steps,
+                trainable="head", name="anil")
 
 
-def maml_from_spec(spec: dict, model: nn.Module) -> MAML:
-    return MAML(model, problem_named(spec["problem"]), build_rule(spec["rule"]), spec["inner_steps"],
+def metasgd(benchmark, ways, inner_lr, inner_steps=1, eval_steps=None) -> MAML:
+    return MAML(task_model(benchmark, ways), benchmark.problem, MetaSGD(inner_lr), inner_steps, eval_steps,
+                name="metasgd")
+
+
+def maml_from_spec(spec: dict) -> MAML:
+    return MAML(build_model(spec["model"]), problem_named(spec["problem"]), build_rule(spec["rule"]), spec["inner_steps"],
                 spec["eval_steps"], spec["trainable"], spec["first_order"], name=spec["name"],
                 estimators=tuple(spec["estimators"]), trains=spec["trains"])

@@ -8,13 +8,10 @@ k-step fine-tuning from the learned initialization.
 """
 from __future__ import annotations
 
-from torch import nn
-
 from ..inner import SGD
-from .base import Problem
-from .maml import MAML
+from .maml import MAML, task_model
 
 
-def reptile(model: nn.Module, problem: Problem, inner_lr: float, inner_steps: int = 5, eval_steps=None) -> MAML:
-    return MAML(model, problem, SGD(inner_lr), inner_steps, eval_steps, first_order=True, name="reptile",
+def reptile(benchmark, ways: int, inner_lr: float, inner_steps: int = 5, eval_steps=None) -> MAML:
+    return MAML(task_model(benchmark, ways), benchmark.problem, SGD(inner_lr), inner_steps, eval_steps, first_order=True, name="reptile",
                 estimators=("reptile", "first-order", "second-order"))

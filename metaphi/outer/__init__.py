@@ -1,6 +1,28 @@
-"""How φ is optimized: estimators of its update from a meta-batch of tasks."""
-from .estimators import Reptile, Unrolled, build_estimator
+"""How φ is optimized: estimators of its update from a meta-batch of tasks.
 
-ESTIMATORS = ("second-order", "first-order", "reptile")
+An estimator is a callable ``(algorithm, phi, tasks) -> (grads, metrics)``; ``ESTIMATORS`` maps
+its command-line name to ``"module:factory"``, where ``factory(**options)`` builds it. Modules are
+imported only when used.
+"""
+from __future__ import annotations
 
-__all__ = ["Unrolled", "Reptile", "build_estimator", "ESTIMATORS"]
+import importlib
+
+from .estimators import Reptile, Unrolled
+
+ESTIMATORS = {
+    "second-order": "metaphi.outer.estimators:second_order",
+    "first-order": "metaphi.outer.estimators:first_order",
+    "reptile": "metaphi.outer.estimators:reptile",
+}
+
+
+def build_estimator(name: str, **options):
+    """The estimator called ``name``; ``options`` (e.g. ``vectorize``) go to its factory."""
+    if name not in ESTIMATORS:
+        raise ValueError(f"unknown estimator '{name}' (valid: {', '.join(ESTIMATORS)})")
+    module, factory = ESTIMATORS[name].split(":")
+    return getattr(importlib.import_module(module), factory)(**options)
+
+
+__all__ = ["Unrolled", "Reptile", "ESTIMATORS", "build_estimator"]

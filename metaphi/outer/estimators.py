@@ -80,11 +80,13 @@ class Reptile:
         return direction, {"loss": loss_sum / len(parts)}
 
 
-def build_estimator(name: str, vectorize: bool = False, reptile_steps: int | None = None):
-    if name == "second-order":
-        return Unrolled(first_order=False, vectorize=vectorize)
-    if name == "first-order":
-        return Unrolled(first_order=True, vectorize=vectorize)
-    if name == "reptile":
-        return Reptile(reptile_steps)
-    raise ValueError(f"unknown estimator '{name}' (known: second-order, first-order, reptile)")
+def second_order(vectorize: bool = False, **_) -> Unrolled:
+    return Unrolled(first_order=False, vectorize=vectorize)
+
+
+def first_order(vectorize: bool = False, **_) -> Unrolled:
+    return Unrolled(first_order=True, vectorize=vectorize)
+
+
+def reptile(steps: int | None = None, **_) -> Reptile:
+    return Reptile(steps)
