@@ -260,3 +260,18 @@ def test_real_archives_match_published_hashes(which, real_cache):
 def test_split_by_counts_needs_enough_classes():
     with pytest.raises(DataError, match="needs 5 classes but there are 3"):
         imageio.split_by_counts(synthetic(3, "a"), [4, 1], torch.Generator())
+
+
+def test_default_cache_dir_and_unreadable_cache(tmp_path, monkeypatch):
+    src = make_omniglot(tmp_path / "images_background.zip", {"Greek": 2})
+    monkeypatch.setenv("METAPHI_CACHE_DIR", str(tmp_path / "env-cache"))
+    assert imageio.default_cache_dir() == tmp_path / "env-cache"
+    first = omniglot.load(src)
+    [path] = (tmp_path / "env-cache").glob("*.pt")
+    path.write_bytes(b"half a file")  # a cache we cannot read is rebuilt, not trusted
+    again = omniglot.load(src)
+    assert torch.equal(first.images, again.images)
+    assert torch.load(path, weights_only=True)["classes"] == first.classes
+    monkeypatch.delenv("METAPHI_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert imageio.default_cache_dir() == tmp_path / "xdg" / "metaphi" / "decoded"

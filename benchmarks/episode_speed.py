@@ -1,0 +1,195 @@
+"""Episodes per second drawn by EpisodeSampler from a decoded cache.
+
+    .venv/bin/python benchmarks/episode_speed.py [--data-root ../shared/data/omniglot] [--quick]
+
+Stores: the Omniglot minimal set small1 read back from its decoded cache (synthetic 28x28 data of
+the same shape when the archive is absent), a store the size of MAML's Omniglot training set
+(4400 classes x 20, synthetic) and one the size of mini-ImageNet's (64 classes x 600, 3x84x84,
+synthetic; contents do not change the speed). Each N-way K-shot setting is timed in repeats, with
+torch's default intra-op threads and with one thread, and the median is reported.
+
+Besides the sampler as it is, a vectorized sampler (one draw for all classes from a padded
+class x image table, labels made once) is timed on the same stores, interleaved with the first so
+that both see the same machine load; it is a proposal for ``EpisodeSampler.sample``.
+
+Writes benchmarks/results/episode_speed.json with the machine, the load average and the medians.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from metaphi.tasks import EpisodeSampler, ImageClasses, Task  # noqa: E402
+from metaphi.tasks import omniglot  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+SETTINGS = [(5, 1, 15), (5, 5, 15), (20, 1, 5), (20, 5, 5)]  # ways, shots, query per class
+
+
+class VectorizedSampler(EpisodeSampler):
+    """The same episodes (classes and images drawn uniformly without replacement), with one random
+    draw for all classes of a task instead of one per class."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        counts = self.data.counts
+        width = int(counts.max())
+        self._table = torch.zeros(self.data.num_classes, width, dtype=torch.int64)
+        for c in range(self.data.num_classes):
+            self._table[c, : int(counts[c])] = self.data.indices_of(c)
+        self._padding = torch.arange(width) >= counts[:, None]
+        self._ragged = bool(self._padding.any())
+        labels = torch.arange(self.ways)
+        self._ys, self._yq = labels.repeat_interleave(self.shots), labels.repeat_interleave(self.query)
+
+    def sample(self, generator: torch.Generator) -> Task:
+        need = self.shots + self.query
+        classes = self._classes(generator)
+        keys = torch.rand(self.ways, self._table.shape[1], generator=generator)
+        if self._ragged:
+            keys.masked_fill_(self._padding[classes], 2.0)  # padding sorts last; every class has >= need
+        chosen = self._table[classes].gather(1, keys.argsort(1)[:, :need])
+        images = self.data.images[chosen.flatten()].float().div_(255.0)
+        images = images.view(self.ways, need, *images.shape[1:])
+        xs = images[:, : self.shots].reshape(-1, *images.shape[2:])
+        xq = images[:, self.shots :].reshape(-1, *images.shape[2:])
+        return Task((xs, self._ys.clone()), (xq, self._yq.clone()))
+
+
+def check(sampler: EpisodeSampler, generator: torch.Generator) -> None:
+    """A task has the right shapes, distinct images, and each label names one class."""
+    task = sampler.sample(generator)
+    (xs, ys), (xq, yq) = task
+    ways, shots, query = sampler.ways, sampler.shots, sampler.query
+    assert xs.shape[0] == ways * shots and xq.shape[0] == ways * query
+    assert ys.tolist() == [c for c in range(ways) for _ in range(shots)]
+    assert yq.tolist() == [c for c in range(ways) for _ in range(query)]
+    assert 0.0 <= float(xs.min()) and float(xs.max()) <= 1.0
+
+
+def check_vectorized(g: torch.Generator) -> None:
+    """On classes of 6 to 11 images whose pixels say (class, image): each label holds distinct images of
+    one class, and the labels name distinct classes."""
+    counts = torch.arange(30) % 6 + 6
+    targets = torch.arange(30).repeat_interleave(counts)
+    images = torch.zeros(len(targets), 1, 1, 2, dtype=torch.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = targets.to(torch.uint8), torch.arange(len(targets)).to(torch.uint8)
+    sampler = VectorizedSampler(ImageClasses(images, targets, [str(c) for c in range(30)]), 5, 2, 4)
+    for _ in range(200):
+        (xs, ys), (xq, yq) = sampler.sample(g)
+        x = torch.cat([xs.view(5, 2, 2), xq.view(5, 4, 2)], 1).mul(255).round().long()
+        assert (x[:, :, 0] == x[:, :1, 0]).all() and len(set(x[:, 0, 0].tolist())) == 5
+        assert all(len(set(row.tolist())) == 6 for row in x[:, :, 1])
+
+
+def omniglot_store(data_root: Path, cache_dir: Path) -> tuple[str, ImageClasses, dict]:
+    if (data_root / "images_background_small1.zip").exists():
+        t = time.perf_counter()
+        omniglot.read(data_root, "small1", cache_dir=cache_dir)  # decodes unless already cached
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        data = omniglot.read(data_root, "small1", cache_dir=cache_dir)
+        return "omniglot small1 (decoded cache)", data, {"first_read_s": round(first, 3),
+                                                          "cached_read_s": round(time.perf_counter() - t, 3)}
+    g = torch.Generator().manual_seed(0)
+    data = synthetic(136, 20, (1, 28, 28), g)
+    path = cache_dir / "synthetic-omniglot.pt"
+    data.save(path)
+    return "synthetic 136 x 20 of 1x28x28 (archive absent)", ImageClasses.load(path), {}
+
+
+def synthetic(classes: int, per_class: int, shape: tuple[int, ...], g: torch.Generator) -> ImageClasses:
+    images = torch.randint(0, 256, (classes * per_class, *shape), dtype=torch.uint8, generator=g)
+    return ImageClasses(images, torch.arange(classes).repeat_interleave(per_class), [str(c) for c in range(classes)])
+
+
+def rate(sampler: EpisodeSampler, episodes: int, g: torch.Generator) -> float:
+    t = time.perf_counter()
+    for _ in range(episodes):
+        sampler.sample(g)
+    return episodes / (time.perf_counter() - t)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data-root", type=Path, default=HERE.parents[1] / "shared" / "data" / "omniglot")
+    parser.add_argument("--episodes", type=int, default=1000, help="episodes per timed repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--quick", action="store_true", help="fewer episodes and repeats, Omniglot only")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "episode_speed.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.episodes, args.repeats = 200, 3
+    cache_dir = HERE / "results" / "tmp" / "cache"
+    g = torch.Generator().manual_seed(0)
+    check_vectorized(g)
+    name, data, read_times = omniglot_store(args.data_root, cache_dir)
+    stores = [(name, data)]
+    if not args.quick:
+        stores.append(("synthetic MAML-Omniglot size: 4400 x 20 of 1x28x28", synthetic(4400, 20, (1, 28, 28), g)))
+        stores.append(("synthetic mini-ImageNet size: 64 x 600 of 3x84x84", synthetic(64, 600, (3, 84, 84), g)))
+    default_threads = torch.get_num_threads()
+    load_before = os.getloadavg()
+    results = []
+    for store_name, store in stores:
+        for ways, shots, query in SETTINGS:
+            samplers = {"EpisodeSampler": EpisodeSampler(store, ways, shots, query),
+                        "vectorized (proposed)": VectorizedSampler(store, ways, shots, query)}
+            for sampler in samplers.values():
+                check(sampler, g)
+            episodes = args.episodes if store.image_shape[0] == 1 else max(args.episodes // 5, 50)
+            for threads in sorted({default_threads, 1}, reverse=True):
+                torch.set_num_threads(threads)
+                rates: dict[str, list[float]] = {k: [] for k in samplers}
+                for k, sampler in samplers.items():
+                    rate(sampler, max(episodes // 10, 20), g)  # warm up
+                for _ in range(args.repeats):
+                    for k, sampler in samplers.items():
+                        rates[k].append(rate(sampler, episodes, g))
+                for k, r in rates.items():
+                    median = statistics.median(r)
+                    results.append({"data": store_name, "sampler": k, "ways": ways, "shots": shots, "query": query,
+                                    "threads": threads, "episodes_per_s_median": round(median, 1),
+                                    "ms_per_episode_median": round(1000 / median, 4),
+                                    "episodes_per_s_repeats": [round(x, 1) for x in r]})
+                    print(f"{store_name[:30]:30s} {k:22s} {ways:2d}-way {shots}-shot q{query:<2d} "
+                          f"threads={threads}: {median:9.1f} episodes/s")
+            torch.set_num_threads(default_threads)
+    report = {
+        "command": "python benchmarks/episode_speed.py" + (" --quick" if args.quick else ""),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "machine": {"platform": platform.platform(), "processor": _cpu_name(), "cpu_count": os.cpu_count(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "default_threads": default_threads,
+                    "load_average_before": [round(x, 2) for x in load_before],
+                    "load_average_after": [round(x, 2) for x in os.getloadavg()]},
+        "episodes_per_repeat": args.episodes, "repeats": args.repeats, "target_episodes_per_s": 5000,
+        "omniglot_read_times": read_times, "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+if __name__ == "__main__":
+    main()
