@@ -117,6 +117,9 @@ def test_mini_imagenet_csv_errors(tmp_path):
     with pytest.raises(DataError, match=r"n1100000000\.jpg: not a readable image"):
         imagenet.load_mini_imagenet_csv(tmp_path, "val", cache_dir=cache)
     assert not cache.exists() or not list(cache.glob("*.pt"))
+    (tmp_path / "test.csv").write_text("filename,label\nn2100000000.jpg,n21\nn2100000001.jpg\n")
+    with pytest.raises(DataError, match=r"test\.csv:3: expected 'filename,label', got 'n2100000001\.jpg'"):
+        imagenet.load_mini_imagenet_csv(tmp_path, "test", cache_dir=cache)
     (tmp_path / "test.csv").write_text("file,class\nx.jpg,n1\n")
     with pytest.raises(DataError, match="header 'filename,label'"):
         imagenet.load_mini_imagenet_csv(tmp_path, "test", cache_dir=cache)

@@ -138,6 +138,16 @@ def test_bad_paths_and_bad_archives(tmp_path, cache):
         omniglot.find(tmp_path, "small3")
 
 
+def test_zip_without_top_folder(tmp_path, cache):
+    src = make_omniglot(tmp_path / "images_background.zip", {"Greek": 2})
+    flat = tmp_path / "flat.zip"
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(flat, "w") as b:
+        for info in a.infolist():
+            if not info.is_dir():
+                b.writestr(info.filename.split("/", 1)[1], a.read(info))
+    assert omniglot.load(flat, cache_dir=cache).classes == ["Greek/character01", "Greek/character02"]
+
+
 def test_find_looks_in_root_and_omniglot_subfolder(tmp_path):
     make_omniglot(tmp_path / "images_background_small1.zip", {"Greek": 1})
     (tmp_path / "omniglot").mkdir()

@@ -88,6 +88,9 @@ def load_mini_imagenet_csv(root: str | os.PathLike, split: str, image_size: Size
             rows = list(csv.reader(f))
         if not rows or [c.strip() for c in rows[0][:2]] != ["filename", "label"]:
             raise DataError(f"{table}: expected the header 'filename,label'")
+        short = next((n for n, r in enumerate(rows[1:], 2) if r and len(r) < 2), None)
+        if short is not None:
+            raise DataError(f"{table}:{short}: expected 'filename,label', got {','.join(rows[short - 1])!r}")
         pairs = [(r[0].strip(), r[1].strip()) for r in rows[1:] if r]
         if not pairs:
             raise DataError(f"{table}: lists no images")

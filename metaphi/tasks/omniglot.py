@@ -101,7 +101,7 @@ def _members(source: Path) -> tuple[list[tuple[str, str, str]], list, list[str]]
             with zipfile.ZipFile(source) as z:
                 for info in z.infolist():
                     parts = info.filename.split("/")
-                    if info.is_dir() or not parts[-1].lower().endswith(".png") or len(parts) < 4:
+                    if info.is_dir() or not parts[-1].lower().endswith(".png") or len(parts) < 3:
                         continue
                     if parts[0].startswith("__MACOSX") or parts[-1].startswith("."):
                         continue
