@@ -37,6 +37,11 @@ def _pil():
     return Image
 
 
+def _reason(e: Exception) -> str:
+    """An exception as one line, for DataError messages."""
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
 def as_size(size: Size | None) -> tuple[int, int] | None:
     """``28`` or ``(H, W)`` as ``(H, W)``; ``None`` stays ``None`` (keep each image's own size)."""
     if size is None:
@@ -100,7 +105,7 @@ def decode(source: bytes | str | os.PathLike, name: str, mode: str, size: Size |
     except FileNotFoundError:
         raise DataError(f"{name}: file not found; check the path") from None
     except Exception as e:  # PIL raises many types for bad files; all mean the same to the reader
-        raise DataError(f"{name}: not a readable image ({type(e).__name__}: {e}); replace or remove this file") from None
+        raise DataError(f"{name}: not a readable image ({_reason(e)}); replace or remove this file") from None
     if invert:
         arr = 255 - arr
     return arr[None] if arr.ndim == 2 else np.ascontiguousarray(arr.transpose(2, 0, 1))
@@ -151,7 +156,7 @@ def read_pickle(source: str | os.PathLike | bytes, name: str | None = None):
                 f.seek(0)
                 return pickle.load(f, encoding="latin1")
     except Exception as e:
-        raise DataError(f"{name}: not a readable pickle ({type(e).__name__}: {e}); download it again") from None
+        raise DataError(f"{name}: not a readable pickle ({_reason(e)}); download it again") from None
 
 
 def pickle_entry(d: dict, key: str, name: str):
