@@ -274,7 +274,7 @@ def test_split_by_counts_needs_enough_classes():
 
 def test_default_cache_dir_and_unreadable_cache(tmp_path, monkeypatch):
     src = make_omniglot(tmp_path / "images_background.zip", {"Greek": 2})
-    monkeypatch.setenv("METAPHI_CACHE_DIR", str(tmp_path / "env-cache"))
+    monkeypatch.setenv("METAPHI_CACHE", str(tmp_path / "env-cache"))
     assert imageio.default_cache_dir() == tmp_path / "env-cache"
     first = omniglot.load(src)
     [path] = (tmp_path / "env-cache").glob("*.pt")
@@ -282,6 +282,6 @@ def test_default_cache_dir_and_unreadable_cache(tmp_path, monkeypatch):
     again = omniglot.load(src)
     assert torch.equal(first.images, again.images)
     assert torch.load(path, weights_only=True)["classes"] == first.classes
-    monkeypatch.delenv("METAPHI_CACHE_DIR")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    assert imageio.default_cache_dir() == tmp_path / "xdg" / "metaphi" / "decoded"
+    monkeypatch.delenv("METAPHI_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert imageio.default_cache_dir() == tmp_path / "home" / ".cache" / "metaphi"

@@ -5,8 +5,8 @@ uint8 images. Decoding is done once: :func:`cached` keeps the decoded store in a
 the size and modification time of the sources and by the decoding parameters, written atomically.
 
 Cache files live in ``cache_dir``; when it is ``None`` that is :func:`default_cache_dir`
-(``$METAPHI_CACHE_DIR``, else ``$XDG_CACHE_HOME/metaphi/decoded``, else ``~/.cache/metaphi/decoded``),
-so a read-only data folder is never written to. ``cache_dir=False`` turns caching off.
+(``$METAPHI_CACHE``, else ``~/.cache/metaphi``), so a read-only data folder is never written to.
+``cache_dir=False`` turns caching off.
 """
 from __future__ import annotations
 
@@ -174,11 +174,8 @@ def text(s) -> str:
 
 # --------------------------------------------------------------------------------------------- caches
 def default_cache_dir() -> Path:
-    """``$METAPHI_CACHE_DIR``, else ``$XDG_CACHE_HOME/metaphi/decoded``, else ``~/.cache/metaphi/decoded``."""
-    if os.environ.get("METAPHI_CACHE_DIR"):
-        return Path(os.environ["METAPHI_CACHE_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "metaphi" / "decoded"
+    """``$METAPHI_CACHE``, else ``~/.cache/metaphi``: where decoded stores are cached."""
+    return Path(os.environ.get("METAPHI_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "metaphi"))
 
 
 def signature(path: str | os.PathLike) -> list:
@@ -231,7 +228,7 @@ def cached(stem: str, sources: Sequence[str | os.PathLike], params: dict, build:
     try:
         atomic_save({"key": key, **data.state()}, path)
     except OSError as e:
-        raise DataError(f"cannot write the decoded cache {path} ({e}); set METAPHI_CACHE_DIR to a writable folder") from None
+        raise DataError(f"cannot write the decoded cache {path} ({e}); set METAPHI_CACHE to a writable folder") from None
     return data
 
 
