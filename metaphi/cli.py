@@ -63,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--estimator", choices=list(ESTIMATORS),
                      help="how φ's update is estimated (default: the algorithm's own)")
     run.add_argument("--loop", action="store_true", help="run the tasks of a meta-batch one by one instead of as one vmap batch")
+    run.add_argument("--solver", choices=["cg", "neumann"], help="implicit estimator: linear solver (default cg)")
+    run.add_argument("--solver-steps", type=int, help="implicit estimator: most Hessian-vector products (default 5)")
+    run.add_argument("--solver-tol", type=float, help="implicit estimator: relative residual to stop at")
+    run.add_argument("--solver-damping", type=float, help="implicit estimator: δ added to the Hessian's diagonal")
+    run.add_argument("--neumann-alpha", type=float, help="implicit estimator: Neumann step (default: the inner lr)")
     run.add_argument("--iterations", type=int)
     run.add_argument("--eval-tasks", type=int, help="test tasks (default 600)")
     run.add_argument("--val-every", type=int, default=100, help="validate every this many iterations")
@@ -174,7 +179,9 @@ def train_and_test(name: str, benchmark, s: dict, args, out_dir: str, estimator_
            "estimator": estimator_name, "seed": args.seed, "eval_seed": args.eval_seed,
            "input": benchmark.input_spec()}
     started = time.perf_counter()
-    estimator = build_estimator(estimator_name, vectorize=not args.loop)
+    solver_options = {k: getattr(args, k) for k in ("solver", "solver_steps", "solver_tol", "solver_damping",
+                                                    "neumann_alpha") if getattr(args, k, None) is not None}
+    estimator = build_estimator(estimator_name, vectorize=not args.loop, **solver_options)
     state = meta_train(algo, estimator, sample_train, config, out_dir=out_dir, validate=validate,
                        resume=args.resume and os.path.exists(os.path.join(out_dir, "checkpoint.pt")), run=run,
                        progress=progress)

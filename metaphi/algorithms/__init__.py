@@ -19,10 +19,12 @@ ALGORITHMS = {
     "metasgd": "metaphi.algorithms.maml:metasgd",
     "scratch": "metaphi.algorithms.baselines:scratch",
     "pretrain": "metaphi.algorithms.baselines:pretrain",
+    "imaml": "metaphi.algorithms.imaml:imaml",
 }
 SPEC_CLASSES = {
     "maml": "metaphi.algorithms.maml:maml_from_spec",
     "pretrain": "metaphi.algorithms.baselines:pretrain_from_spec",
+    "imaml": "metaphi.algorithms.imaml:imaml_from_spec",
 }
 BASELINES = ("scratch", "pretrain")
 

@@ -14,6 +14,7 @@ ESTIMATORS = {
     "second-order": "metaphi.outer.estimators:second_order",
     "first-order": "metaphi.outer.estimators:first_order",
     "reptile": "metaphi.outer.estimators:reptile",
+    "implicit": "metaphi.outer.implicit:implicit",
 }
 
 
