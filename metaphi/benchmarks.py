@@ -6,6 +6,7 @@ Data set modules are imported only when their benchmark is asked for.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -40,7 +41,10 @@ class Benchmark:
     defaults: dict
     make_model: Callable[[int], nn.Module]
     splits: dict[str, ImageClasses] = field(default_factory=dict)
-    within_group: bool = False
+    #: test and validation episodes draw all their classes from one group (alphabet)
+    eval_within_group: bool = False
+    #: image files were inverted (dark ink on light paper -> ink high) when this data was read
+    invert: bool = False
     regression_tasks: Callable[[int, int], SinusoidTasks] | None = None
 
     def episodes(self, split: str, ways: int, shots: int, query: int):
@@ -48,7 +52,8 @@ class Benchmark:
             return self.regression_tasks(shots, query)
         if split not in self.splits:
             raise DataError(f"benchmark '{self.name}' has no '{split}' split (it has {', '.join(self.splits)})")
-        return EpisodeSampler(self.splits[split], ways, shots, query, within_group=self.within_group,
+        within = self.eval_within_group and split != "train"
+        return EpisodeSampler(self.splits[split], ways, shots, query, within_group=within,
                               name=f"{self.name} {split} split")
 
     def pooled(self, split: str, batch_size: int):
@@ -67,7 +72,7 @@ class Benchmark:
         if not self.splits:
             return {"kind": "vector", "features": 1}
         c, h, w = self.splits["train"].image_shape
-        return {"kind": "image", "channels": c, "height": h, "width": w, "scale": "x/255", "ink": "high"}
+        return {"kind": "image", "channels": c, "height": h, "width": w, "scale": "x/255", "invert": self.invert}
 
 
 def sinusoid() -> Benchmark:
@@ -80,31 +85,109 @@ def sinusoid() -> Benchmark:
     )
 
 
-def image_benchmark(name: str, splits: dict[str, ImageClasses], defaults: dict, within_group: bool = False,
-                    hidden: int = 64, pool: str = "stride") -> Benchmark:
+def image_benchmark(name: str, splits: dict[str, ImageClasses], defaults: dict, hidden: int = 64,
+                    pool: str = "stride", invert: bool = False) -> Benchmark:
     c, h, _ = splits["train"].image_shape
-    return Benchmark(name=name, problem=CLASSIFICATION, defaults=defaults, splits=splits, within_group=within_group,
+    return Benchmark(name=name, problem=CLASSIFICATION, defaults=defaults, splits=splits, invert=invert,
                      make_model=lambda out: Conv4(c, out, hidden=hidden, image_size=h, pool=pool))
 
 
-GLYPHS_DEFAULTS = dict(ways=5, shots=1, query=5, eval_shots=None, eval_query=None, inner_lr=0.4, inner_steps=1,
+GLYPHS_DEFAULTS = dict(ways=5, shots=1, query=5, eval_shots=None, eval_query=15, inner_lr=0.4, inner_steps=1,
                        eval_steps=3, meta_batch=16, iterations=300, eval_tasks=600, meta_lr=1e-3)
+# MAML's Omniglot settings (Finn et al. 2017), with a shorter default run
+OMNIGLOT_DEFAULTS = dict(ways=5, shots=1, query=5, eval_shots=None, eval_query=15, inner_lr=0.4, inner_steps=1,
+                         eval_steps=3, meta_batch=32, iterations=2000, eval_tasks=600, meta_lr=1e-3)
+# MAML's miniImageNet settings: 32 filters with max pooling, 5 steps at α = 0.01 (10 at test)
+IMAGENET_DEFAULTS = dict(ways=5, shots=1, query=15, eval_shots=None, eval_query=15, inner_lr=0.01, inner_steps=5,
+                         eval_steps=10, meta_batch=4, iterations=2000, eval_tasks=600, meta_lr=1e-3)
+FOLDER_DEFAULTS = dict(ways=5, shots=1, query=1, eval_shots=None, eval_query=None, inner_lr=0.1, inner_steps=1,
+                       eval_steps=5, meta_batch=8, iterations=500, eval_tasks=600, meta_lr=1e-3)
 
 
-def glyphs(data_root=None) -> Benchmark:
+def default_data_root() -> str:
+    """``$METAPHI_DATA``, else ``~/.cache/metaphi/data``: where archives are looked for and downloaded."""
+    return os.environ.get("METAPHI_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "metaphi", "data")
+
+
+def glyphs(options: dict) -> Benchmark:
     from .tasks.glyphs import glyph_splits, load_glyphs
 
-    splits = glyph_splits(load_glyphs(data_root))
-    return image_benchmark("glyphs", splits, dict(GLYPHS_DEFAULTS), hidden=32)
+    splits = glyph_splits(load_glyphs())
+    return image_benchmark("glyphs", splits, dict(GLYPHS_DEFAULTS), hidden=32, invert=True)
 
 
-BENCHMARKS = ("glyphs", "sinusoid")
+def _omniglot(protocol: str):
+    def build(options: dict) -> Benchmark:
+        from .tasks import omniglot
+
+        root, download = options["data_root"], options.get("download", False)
+        if protocol == "omniglot":
+            splits = omniglot.maml_splits(root, download=download)
+        elif protocol == "omniglot-lake":
+            splits = omniglot.lake_splits(root, download=download)
+        else:
+            splits = omniglot.minimal_splits(root, "small1", test="unseen", download=download)
+        return image_benchmark(protocol, splits, dict(OMNIGLOT_DEFAULTS), invert=True)
+    return build
 
 
-def build_benchmark(name: str, data_root=None) -> Benchmark:
-    """The benchmark called ``name``; raises DataError with the valid names otherwise."""
-    if name == "sinusoid":
-        return sinusoid()
-    if name == "glyphs":
-        return glyphs(data_root)
-    raise DataError(f"unknown benchmark '{name}' (valid: {', '.join(BENCHMARKS)})")
+def _imagenet(name: str):
+    def build(options: dict) -> Benchmark:
+        from .tasks import imagenet
+
+        read = imagenet.mini_imagenet_splits if name == "mini-imagenet" else imagenet.tiered_imagenet_splits
+        return image_benchmark(name, read(options["data_root"]), dict(IMAGENET_DEFAULTS), hidden=32, pool="max")
+    return build
+
+
+def _cifar(name: str):
+    def build(options: dict) -> Benchmark:
+        from .tasks import cifar
+
+        read = cifar.cifar_fs_splits if name == "cifar-fs" else cifar.fc100_splits
+        splits = read(options["data_root"], download=options.get("download", False))
+        return image_benchmark(name, splits, dict(IMAGENET_DEFAULTS, inner_steps=5, eval_steps=10), pool="max")
+    return build
+
+
+def folder(path: str, options: dict) -> Benchmark:
+    from .tasks.folder import folder_splits
+
+    size = options.get("image_size") or 84
+    channels = options.get("channels") or 3
+    splits = folder_splits(path, seed=options.get("split_seed", 0), split=options.get("split_file"),
+                           channels=channels, image_size=size, invert=options.get("invert", False))
+    return image_benchmark(f"folder:{path}", splits, dict(FOLDER_DEFAULTS), pool="max" if size >= 64 else "stride",
+                           hidden=32, invert=options.get("invert", False))
+
+
+#: name -> builder(options); ``folder:PATH`` is handled apart
+BENCHMARKS = {
+    "glyphs": glyphs,
+    "sinusoid": lambda options: sinusoid(),
+    "omniglot": _omniglot("omniglot"),
+    "omniglot-lake": _omniglot("omniglot-lake"),
+    "omniglot-small": _omniglot("omniglot-small"),
+    "mini-imagenet": _imagenet("mini-imagenet"),
+    "tiered-imagenet": _imagenet("tiered-imagenet"),
+    "cifar-fs": _cifar("cifar-fs"),
+    "fc100": _cifar("fc100"),
+}
+
+
+def build_benchmark(name: str, data_root: str | None = None, **options) -> Benchmark:
+    """The benchmark called ``name`` (or ``folder:PATH``); raises DataError with the valid names otherwise.
+
+    ``options``: ``download`` (fetch missing archives), ``within_group`` (test and validation
+    episodes from one alphabet), and for folders ``image_size``, ``channels``, ``invert``,
+    ``split_file``, ``split_seed``.
+    """
+    options = {**options, "data_root": data_root or default_data_root()}
+    if name.startswith("folder:"):
+        bench = folder(name[len("folder:"):], options)
+    elif name in BENCHMARKS:
+        bench = BENCHMARKS[name](options)
+    else:
+        raise DataError(f"unknown benchmark '{name}' (valid: {', '.join(BENCHMARKS)}, folder:PATH)")
+    bench.eval_within_group = bool(options.get("within_group"))
+    return bench

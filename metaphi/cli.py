@@ -32,7 +32,7 @@ def _algorithm_names():
 
 #: further subcommands: modules with ``register(subparsers)``, which adds a parser whose ``func``
 #: takes the parsed args and returns an exit code
-COMMANDS: tuple[str, ...] = ()
+COMMANDS: tuple[str, ...] = ("metaphi.predict", "metaphi.compare", "metaphi.tune")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,8 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("algorithm", choices=_algorithm_names())
     run.add_argument("--benchmark", default="glyphs",
                      help=f"one of {', '.join(BENCHMARKS)} (default: glyphs, built in)")
-    run.add_argument("--data-root", default=None, help="where data sets and caches live")
+    run.add_argument("--data-root", default=None,
+                     help="folder with the data set's archives (default: $METAPHI_DATA or ~/.cache/metaphi/data)")
+    run.add_argument("--download", action="store_true", help="download missing archives (checked by SHA-256)")
+    run.add_argument("--within-alphabet", action="store_true",
+                     help="test and validation tasks take all their classes from one alphabet (group)")
+    run.add_argument("--image-size", type=int, help="folder:PATH only: resize images to this size (default 84)")
+    run.add_argument("--channels", type=int, choices=[1, 3], help="folder:PATH only: 1 (grey) or 3 (RGB, default)")
+    run.add_argument("--invert", action="store_true", help="folder:PATH only: dark ink on light paper becomes high")
+    run.add_argument("--split-file", help="folder:PATH only: a file mapping class -> train/val/test")
     run.add_argument("--ways", type=int)
+    run.add_argument("--train-ways", type=int,
+                     help="classes per meta-training task, for learners that take any number (protonet, matching, "
+                          "relation; default: --ways)")
+    run.add_argument("--init", metavar="[ssl:]CHECKPOINT",
+                     help="start the network's body from a saved run's (ssl: insists on a self-supervised run)")
     run.add_argument("--shots", type=int, help="support examples per class (K) for meta-training")
     run.add_argument("--query", type=int, help="query examples per class for meta-training")
     run.add_argument("--eval-shots", type=int, help="support examples per class at test (default: --shots)")
@@ -149,11 +162,15 @@ def resolve_run_settings(args, benchmark) -> dict:
 
 
 def train_and_test(name: str, benchmark, s: dict, args, out_dir: str, estimator_name: str | None = None,
-                   eval_steps: int | None = None, progress: bool = True) -> dict:
-    """Meta-train algorithm ``name`` with settings ``s`` and test it; returns its result dict."""
+                   eval_steps: int | None = None, progress: bool = True, init: str | None = None,
+                   train_ways: int | None = None) -> dict:
+    """Meta-train algorithm ``name`` with settings ``s`` and test it; returns its result dict.
+
+    ``init``: ``[ssl:]CHECKPOINT`` whose body the network starts from; ``train_ways``: classes per
+    meta-training task when it differs from the test's (learners with ``any_ways`` only)."""
     from .algorithms import create_algorithm
     from .evaluate import evaluate
-    from .outer import build_estimator
+    from .outer import BLACK_BOX, build_estimator
     from .train import TrainConfig, meta_train
 
     import torch
@@ -162,11 +179,18 @@ def train_and_test(name: str, benchmark, s: dict, args, out_dir: str, estimator_
     with torch.random.fork_rng():  # the initial weights come from the seed, and touch no global state
         torch.manual_seed(args.seed)
         algo = create_algorithm(name, benchmark, s["ways"], s["inner_lr"], s["inner_steps"], eval_steps)
+    if init:
+        from .algorithms.ssl import start_from
+        algo = start_from(algo, init)
+    train_ways = train_ways or s["ways"]
+    if train_ways != s["ways"] and not getattr(algo, "any_ways", False):
+        raise UsageError(f"--train-ways: {name} learns tasks of one size (only protonet, matching and relation "
+                         f"take any number of classes)")
     estimator_name = estimator_name or (algo.estimators[0] if algo.estimators else "first-order")
-    if algo.estimators and estimator_name not in algo.estimators:
+    if algo.estimators and estimator_name not in tuple(algo.estimators) + BLACK_BOX:
         raise UsageError(f"--estimator {estimator_name} does not apply to {name} (valid: {', '.join(algo.estimators)})")
     test_sampler = benchmark.episodes("test", s["ways"], s["eval_shots"], s["eval_query"])
-    sample_train = algo.training_tasks(benchmark, s["ways"], s["shots"], s["query"])
+    sample_train = algo.training_tasks(benchmark, train_ways, s["shots"], s["query"])
     validate = None
     if "val" in benchmark.splits or benchmark.regression_tasks is not None:
         val_sampler = benchmark.episodes("val", s["ways"], s["eval_shots"], s["eval_query"])
@@ -175,9 +199,10 @@ def train_and_test(name: str, benchmark, s: dict, args, out_dir: str, estimator_
     iterations = s["iterations"] if algo.trains else 0
     config = TrainConfig(iterations=iterations, meta_batch=s["meta_batch"], meta_lr=s["meta_lr"],
                          optimizer=args.optimizer, seed=args.seed, val_every=args.val_every, device=args.device)
-    run = {"benchmark": benchmark.name, "data_root": args.data_root, **s, "eval_steps": eval_steps,
+    run = {"benchmark": benchmark.name, "data_root": args.data_root, "benchmark_options": benchmark_options(args),
+           **s, "eval_steps": eval_steps,
            "estimator": estimator_name, "seed": args.seed, "eval_seed": args.eval_seed,
-           "input": benchmark.input_spec()}
+           "input": benchmark.input_spec(), "train_ways": train_ways, "init": init}
     started = time.perf_counter()
     solver_options = {k: getattr(args, k) for k in ("solver", "solver_steps", "solver_tol", "solver_damping",
                                                     "neumann_alpha") if getattr(args, k, None) is not None}
@@ -198,6 +223,7 @@ def train_and_test(name: str, benchmark, s: dict, args, out_dir: str, estimator_
         "inner_lr": s["inner_lr"], "inner_steps": s["inner_steps"], "eval_steps": eval_steps,
         "meta_batch": s["meta_batch"], "meta_lr": s["meta_lr"], "estimator": estimator_name,
         "parameters": sum(v.numel() for v in state.phi.values()), "machine": machine(),
+        "train_ways": train_ways, "init": init,
         "checkpoint": os.path.join(out_dir, "checkpoint.pt"),
     }
     write_json(result, os.path.join(out_dir, "result.json"))
@@ -218,11 +244,17 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def benchmark_options(args) -> dict:
+    return {"download": args.download, "within_group": args.within_alphabet, "image_size": args.image_size,
+            "channels": args.channels, "invert": args.invert, "split_file": args.split_file}
+
+
 def cmd_run(args) -> int:
     from .algorithms import BASELINES
     from .benchmarks import build_benchmark
 
-    benchmark = build_benchmark(args.benchmark, args.data_root)
+    _positive("image-size", args.image_size)
+    benchmark = build_benchmark(args.benchmark, args.data_root, **benchmark_options(args))
     s = resolve_run_settings(args, benchmark)
     out_dir = args.out or os.path.join("runs", f"{args.algorithm}-{benchmark.name}-{s['ways']}w{s['shots']}s-seed{args.seed}")
     _writable_dir(out_dir)
@@ -230,7 +262,9 @@ def cmd_run(args) -> int:
     # Sizes are checked against the data before any training starts.
     for split, shots, query in (("train", s["shots"], s["query"]), ("test", s["eval_shots"], s["eval_query"])):
         benchmark.episodes(split, s["ways"], shots, query)
-    result = train_and_test(args.algorithm, benchmark, s, args, out_dir, args.estimator, progress=progress)
+    _positive("train-ways", args.train_ways)
+    result = train_and_test(args.algorithm, benchmark, s, args, out_dir, args.estimator, progress=progress,
+                            init=args.init, train_ways=args.train_ways)
     if not args.no_baselines:
         result["baselines"] = {}
         for name in BASELINES:
@@ -261,7 +295,8 @@ def cmd_eval(args) -> int:
     _positive("eval-steps", args.eval_steps, allow_zero=True)
     run = ck["run"]
     algo = build_algorithm(ck["algorithm"])
-    benchmark = build_benchmark(run["benchmark"], args.data_root or run.get("data_root"))
+    benchmark = build_benchmark(run["benchmark"], args.data_root or run.get("data_root"),
+                                **run.get("benchmark_options", {}))
     sampler = benchmark.episodes("test", run["ways"], run["eval_shots"], run["eval_query"])
     n = args.eval_tasks or run["eval_tasks"]
     seed = run["eval_seed"] if args.eval_seed is None else args.eval_seed

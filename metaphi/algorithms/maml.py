@@ -39,7 +39,6 @@ class MAML(Algorithm):
     """
 
     name = "maml"
-    batched_eval = True
 
     def __init__(self, model: nn.Module, problem: Problem, rule: UpdateRule, inner_steps: int = 1,
                  eval_steps: int | None = None, trainable: str = "all", first_order: bool = False,
@@ -59,6 +58,9 @@ class MAML(Algorithm):
             estimators = ("first-order", "second-order") if first_order else ("second-order", "first-order")
         self.estimators = tuple(estimators)
         self.trains = trains
+        # Scoring test tasks under vmap pays for small MLPs; for convnets on a CPU the loop over
+        # tasks was faster (benchmarks/engine_speed.py), so it is used there.
+        self.batched_eval = problem.name == "regression"
         names = [k for k, _ in model.named_parameters()]
         self._adapted = names if trainable == "all" else [k for k in names if k.startswith("head.")]
 
