@@ -8,9 +8,10 @@ the same shape when the archive is absent), a store the size of MAML's Omniglot 
 synthetic; contents do not change the speed). Each N-way K-shot setting is timed in repeats, with
 torch's default intra-op threads and with one thread, and the median is reported.
 
-Besides the sampler as it is, a vectorized sampler (one draw for all classes from a padded
-class x image table, labels made once) is timed on the same stores, interleaved with the first so
-that both see the same machine load; it is a proposal for ``EpisodeSampler.sample``.
+Besides the sampler as it is, two proposals for ``EpisodeSampler.sample`` are timed on the same
+stores, interleaved so that all see the same machine load: the same sampler gathering images with
+``index_select`` (identical tasks), and a vectorized one (one draw for all classes from a padded
+class x image table, labels made once).
 
 Writes benchmarks/results/episode_speed.json with the machine, the load average and the medians.
 """
@@ -36,9 +37,32 @@ HERE = Path(__file__).resolve().parent
 SETTINGS = [(5, 1, 15), (5, 5, 15), (20, 1, 5), (20, 5, 5)]  # ways, shots, query per class
 
 
+class IndexSelectSampler(EpisodeSampler):
+    """EpisodeSampler.sample with one change: the images are gathered with ``index_select`` instead
+    of advanced indexing, which on CPU is many times slower for a batch of whole images. The tasks
+    are identical, draw for draw."""
+
+    def sample(self, generator: torch.Generator) -> Task:
+        need = self.shots + self.query
+        picks = []
+        for c in self._classes(generator).tolist():
+            idx = self.data.indices_of(c)
+            picks.append(idx[torch.randperm(len(idx), generator=generator)[:need]])
+        chosen = torch.stack(picks)
+        images = self.data.images.index_select(0, chosen.flatten()).float().div_(255.0)
+        images = images.view(self.ways, need, *images.shape[1:])
+        labels = torch.arange(self.ways).unsqueeze(1)
+        xs = images[:, : self.shots].reshape(-1, *images.shape[2:])
+        xq = images[:, self.shots :].reshape(-1, *images.shape[2:])
+        ys = labels.expand(self.ways, self.shots).reshape(-1)
+        yq = labels.expand(self.ways, self.query).reshape(-1)
+        return Task((xs, ys), (xq, yq))
+
+
 class VectorizedSampler(EpisodeSampler):
-    """The same episodes (classes and images drawn uniformly without replacement), with one random
-    draw for all classes of a task instead of one per class."""
+    """Episodes from the same distribution (classes and images drawn uniformly without replacement)
+    with one random draw for all classes of a task instead of one per class, ``index_select``, and
+    labels made once. The draws differ from EpisodeSampler's for a given seed."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -59,7 +83,7 @@ class VectorizedSampler(EpisodeSampler):
         if self._ragged:
             keys.masked_fill_(self._padding[classes], 2.0)  # padding sorts last; every class has >= need
         chosen = self._table[classes].gather(1, keys.argsort(1)[:, :need])
-        images = self.data.images[chosen.flatten()].float().div_(255.0)
+        images = self.data.images.index_select(0, chosen.flatten()).float().div_(255.0)
         images = images.view(self.ways, need, *images.shape[1:])
         xs = images[:, : self.shots].reshape(-1, *images.shape[2:])
         xq = images[:, self.shots :].reshape(-1, *images.shape[2:])
@@ -113,17 +137,19 @@ def synthetic(classes: int, per_class: int, shape: tuple[int, ...], g: torch.Gen
     return ImageClasses(images, torch.arange(classes).repeat_interleave(per_class), [str(c) for c in range(classes)])
 
 
-def rate(sampler: EpisodeSampler, episodes: int, g: torch.Generator) -> float:
-    t = time.perf_counter()
+def rate(sampler: EpisodeSampler, episodes: int, g: torch.Generator) -> tuple[float, float]:
+    """Episodes per wall-clock second and per CPU second of this process (with one thread, the
+    latter is what an idle machine would give when other jobs share the cores)."""
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(episodes):
         sampler.sample(g)
-    return episodes / (time.perf_counter() - t)
+    return episodes / (time.perf_counter() - wall), episodes / max(time.process_time() - cpu, 1e-9)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data-root", type=Path, default=HERE.parents[1] / "shared" / "data" / "omniglot")
-    parser.add_argument("--episodes", type=int, default=1000, help="episodes per timed repeat")
+    parser.add_argument("--episodes", type=int, default=1000, help="episodes per timed repeat (at most)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--quick", action="store_true", help="fewer episodes and repeats, Omniglot only")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "episode_speed.json")
@@ -144,26 +170,33 @@ def main() -> None:
     for store_name, store in stores:
         for ways, shots, query in SETTINGS:
             samplers = {"EpisodeSampler": EpisodeSampler(store, ways, shots, query),
+                        "index_select (proposed)": IndexSelectSampler(store, ways, shots, query),
                         "vectorized (proposed)": VectorizedSampler(store, ways, shots, query)}
             for sampler in samplers.values():
                 check(sampler, g)
+            same = [s.sample(torch.Generator().manual_seed(1)) for s in list(samplers.values())[:2]]
+            assert all(torch.equal(a, b) for a, b in zip(*(torch.utils._pytree.tree_leaves(t) for t in same)))
             episodes = args.episodes if store.image_shape[0] == 1 else max(args.episodes // 5, 50)
             for threads in sorted({default_threads, 1}, reverse=True):
                 torch.set_num_threads(threads)
-                rates: dict[str, list[float]] = {k: [] for k in samplers}
-                for k, sampler in samplers.items():
-                    rate(sampler, max(episodes // 10, 20), g)  # warm up
+                rates: dict[str, list[tuple[float, float]]] = {k: [] for k in samplers}
+                counts = {}
+                for k, sampler in samplers.items():  # warm up, and keep a repeat under about a second
+                    counts[k] = int(min(episodes, max(20, rate(sampler, 20, g)[0])))
                 for _ in range(args.repeats):
                     for k, sampler in samplers.items():
-                        rates[k].append(rate(sampler, episodes, g))
+                        rates[k].append(rate(sampler, counts[k], g))
                 for k, r in rates.items():
-                    median = statistics.median(r)
+                    wall = statistics.median(x for x, _ in r)
+                    cpu = statistics.median(y for _, y in r)
                     results.append({"data": store_name, "sampler": k, "ways": ways, "shots": shots, "query": query,
-                                    "threads": threads, "episodes_per_s_median": round(median, 1),
-                                    "ms_per_episode_median": round(1000 / median, 4),
-                                    "episodes_per_s_repeats": [round(x, 1) for x in r]})
-                    print(f"{store_name[:30]:30s} {k:22s} {ways:2d}-way {shots}-shot q{query:<2d} "
-                          f"threads={threads}: {median:9.1f} episodes/s")
+                                    "threads": threads, "episodes_per_repeat": counts[k],
+                                    "episodes_per_s_median": round(wall, 1),
+                                    "ms_per_episode_median": round(1000 / wall, 4),
+                                    "episodes_per_cpu_s_median": round(cpu, 1),
+                                    "episodes_per_s_repeats": [round(x, 1) for x, _ in r]})
+                    print(f"{store_name[:30]:30s} {k:24s} {ways:2d}-way {shots}-shot q{query:<2d} "
+                          f"threads={threads}: {wall:9.1f} episodes/s, {cpu:9.1f} per CPU second")
             torch.set_num_threads(default_threads)
     report = {
         "command": "python benchmarks/episode_speed.py" + (" --quick" if args.quick else ""),
@@ -173,7 +206,7 @@ def main() -> None:
                     "default_threads": default_threads,
                     "load_average_before": [round(x, 2) for x in load_before],
                     "load_average_after": [round(x, 2) for x in os.getloadavg()]},
-        "episodes_per_repeat": args.episodes, "repeats": args.repeats, "target_episodes_per_s": 5000,
+        "repeats": args.repeats, "target_episodes_per_s": 5000,
         "omniglot_read_times": read_times, "results": results,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
