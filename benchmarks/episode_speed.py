@@ -119,11 +119,12 @@ def check_vectorized(g: torch.Generator) -> None:
 def omniglot_store(data_root: Path, cache_dir: Path) -> tuple[str, ImageClasses, dict]:
     if (data_root / "images_background_small1.zip").exists():
         t = time.perf_counter()
-        omniglot.read(data_root, "small1", cache_dir=cache_dir)  # decodes unless already cached
-        first = time.perf_counter() - t
+        omniglot.read(data_root, "small1", cache_dir=False)
+        decode = time.perf_counter() - t
+        omniglot.read(data_root, "small1", cache_dir=cache_dir)  # writes the cache if it is missing
         t = time.perf_counter()
         data = omniglot.read(data_root, "small1", cache_dir=cache_dir)
-        return "omniglot small1 (decoded cache)", data, {"first_read_s": round(first, 3),
+        return "omniglot small1 (decoded cache)", data, {"decode_s": round(decode, 3),
                                                           "cached_read_s": round(time.perf_counter() - t, 3)}
     g = torch.Generator().manual_seed(0)
     data = synthetic(136, 20, (1, 28, 28), g)
