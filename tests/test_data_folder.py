@@ -54,6 +54,21 @@ def test_load_folder_any_mode_to_rgb_and_grey(tmp_path):
     assert len(list((tmp_path / "cache").glob("folder-data-*.pt"))) == 2
 
 
+def test_cache_inside_the_data_folder_stays_valid(tmp_path, monkeypatch):
+    root = make_classes(tmp_path / "data", n_classes=2, per_class=2)
+    cache = root / ".cache"
+    first = folder.load_folder(root, image_size=8, cache_dir=cache)
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded again despite a valid cache")
+
+    monkeypatch.setattr(folder, "decode_many", no_decoding)
+    assert torch.equal(folder.load_folder(root, image_size=8, cache_dir=cache).images, first.images)
+    monkeypatch.undo()
+    save(root / "class0" / "img9.png", "RGB")  # a new image is seen
+    assert folder.load_folder(root, image_size=8, cache_dir=cache).counts.tolist() == [3, 2]
+
+
 def test_fraction_split_is_seeded_and_disjoint(tmp_path):
     root = make_classes(tmp_path / "data", n_classes=10, per_class=2)
     cache = tmp_path / "cache"

@@ -180,15 +180,16 @@ def default_cache_dir() -> Path:
 
 def signature(path: str | os.PathLike) -> list:
     """What the cache is keyed by: a file's size and modification time; for a folder, a digest of the
-    relative path, size and modification time of every file under it."""
+    relative path, size and modification time of every file under it (hidden ones aside, as the
+    readers skip them)."""
     path = Path(path)
     st = path.stat()
     if not path.is_dir():
         return [str(path.resolve()), st.st_size, st.st_mtime_ns]
     digest = hashlib.sha256()
     for folder, dirs, files in os.walk(path):
-        dirs.sort()
-        for f in sorted(files):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for f in sorted(f for f in files if not f.startswith(".")):
             p = os.path.join(folder, f)
             s = os.stat(p)
             digest.update(f"{os.path.relpath(p, path)}\0{s.st_size}\0{s.st_mtime_ns}\n".encode())
