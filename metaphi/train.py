@@ -55,6 +55,7 @@ class TrainState:
     iteration: int = 0
     train_seconds: float = 0.0
     history: list = field(default_factory=list)
+    estimator: dict | None = None  # the estimator's own state (its generator's seed and step), if it has one
 
 
 def save_checkpoint(path: str, algorithm, state: TrainState, config: TrainConfig, run: dict) -> None:
@@ -67,6 +68,7 @@ def save_checkpoint(path: str, algorithm, state: TrainState, config: TrainConfig
         "iteration": state.iteration,
         "train_seconds": state.train_seconds,
         "history": state.history,
+        "estimator": state.estimator,
         "config": asdict(config),
         "run": run,
     }, path)
@@ -108,6 +110,10 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
         state.optimizer.load_state_dict(ck["optimizer"])
         state.generator.set_state(ck["generator"])
         state.iteration, state.train_seconds, state.history = ck["iteration"], ck["train_seconds"], ck["history"]
+        if ck.get("estimator") is not None and hasattr(estimator, "load_state_dict"):
+            estimator.load_state_dict(ck["estimator"])
+    elif hasattr(estimator, "start"):  # estimators with randomness of their own draw it from the run's seed
+        estimator.start(config.seed)
     if log_path:
         # the log holds exactly the iterations the checkpoint holds, so a resumed run's log is whole
         with open(log_path, "w") as f:
@@ -116,6 +122,7 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
 
     def checkpoint() -> None:
         if ck_path:
+            state.estimator = estimator.state_dict() if hasattr(estimator, "state_dict") else None
             save_checkpoint(ck_path, algorithm, state, config, run)
 
     bar = tqdm(total=config.iterations, initial=state.iteration, desc=f"meta-train {algorithm.name}",
@@ -125,8 +132,11 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
         while state.iteration < config.iterations:
             started = time.perf_counter()
             tasks = sample_tasks(config.meta_batch, state.generator).to(device)
+            before = estimator.state_dict() if hasattr(estimator, "state_dict") else None
             grads, metrics = estimator(algorithm, state.phi, tasks)
             if not math.isfinite(metrics["loss"]) or not all(torch.isfinite(g).all() for g in grads.values()):
+                if before is not None:
+                    estimator.load_state_dict(before)
                 checkpoint()  # the state before this step is the last good one
                 raise NonFiniteLoss(
                     f"the meta-training loss became {metrics['loss']} at iteration {state.iteration + 1}; "

@@ -15,7 +15,11 @@ ESTIMATORS = {
     "first-order": "metaphi.outer.estimators:first_order",
     "reptile": "metaphi.outer.estimators:reptile",
     "implicit": "metaphi.outer.implicit:implicit",
+    "es": "metaphi.outer.es:es",
+    "reinforce": "metaphi.outer.reinforce:reinforce",
 }
+#: estimators that need only the values of ``task_loss``, so they fit every algorithm that trains
+BLACK_BOX = ("es",)
 
 
 def build_estimator(name: str, **options):
@@ -26,4 +30,4 @@ def build_estimator(name: str, **options):
     return getattr(importlib.import_module(module), factory)(**options)
 
 
-__all__ = ["Unrolled", "Reptile", "ESTIMATORS", "build_estimator"]
+__all__ = ["Unrolled", "Reptile", "ESTIMATORS", "BLACK_BOX", "build_estimator"]
