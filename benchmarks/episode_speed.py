@@ -8,11 +8,6 @@ the same shape when the archive is absent), a store the size of MAML's Omniglot 
 synthetic; contents do not change the speed). Each N-way K-shot setting is timed in repeats, with
 torch's default intra-op threads and with one thread, and the median is reported.
 
-Besides the sampler as it is, two proposals for ``EpisodeSampler.sample`` are timed on the same
-stores, interleaved so that all see the same machine load: the same sampler gathering images with
-``index_select`` (identical tasks), and a vectorized one (one draw for all classes from a padded
-class x image table, labels made once).
-
 Writes benchmarks/results/episode_speed.json with the machine, the load average and the medians.
 """
 from __future__ import annotations
@@ -30,64 +25,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from metaphi.tasks import EpisodeSampler, ImageClasses, Task  # noqa: E402
+from metaphi.tasks import EpisodeSampler, ImageClasses  # noqa: E402
 from metaphi.tasks import omniglot  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SETTINGS = [(5, 1, 15), (5, 5, 15), (20, 1, 5), (20, 5, 5)]  # ways, shots, query per class
-
-
-class IndexSelectSampler(EpisodeSampler):
-    """EpisodeSampler.sample with one change: the images are gathered with ``index_select`` instead
-    of advanced indexing, which on CPU is many times slower for a batch of whole images. The tasks
-    are identical, draw for draw."""
-
-    def sample(self, generator: torch.Generator) -> Task:
-        need = self.shots + self.query
-        picks = []
-        for c in self._classes(generator).tolist():
-            idx = self.data.indices_of(c)
-            picks.append(idx[torch.randperm(len(idx), generator=generator)[:need]])
-        chosen = torch.stack(picks)
-        images = self.data.images.index_select(0, chosen.flatten()).float().div_(255.0)
-        images = images.view(self.ways, need, *images.shape[1:])
-        labels = torch.arange(self.ways).unsqueeze(1)
-        xs = images[:, : self.shots].reshape(-1, *images.shape[2:])
-        xq = images[:, self.shots :].reshape(-1, *images.shape[2:])
-        ys = labels.expand(self.ways, self.shots).reshape(-1)
-        yq = labels.expand(self.ways, self.query).reshape(-1)
-        return Task((xs, ys), (xq, yq))
-
-
-class VectorizedSampler(EpisodeSampler):
-    """Episodes from the same distribution (classes and images drawn uniformly without replacement)
-    with one random draw for all classes of a task instead of one per class, ``index_select``, and
-    labels made once. The draws differ from EpisodeSampler's for a given seed."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        counts = self.data.counts
-        width = int(counts.max())
-        self._table = torch.zeros(self.data.num_classes, width, dtype=torch.int64)
-        for c in range(self.data.num_classes):
-            self._table[c, : int(counts[c])] = self.data.indices_of(c)
-        self._padding = torch.arange(width) >= counts[:, None]
-        self._ragged = bool(self._padding.any())
-        labels = torch.arange(self.ways)
-        self._ys, self._yq = labels.repeat_interleave(self.shots), labels.repeat_interleave(self.query)
-
-    def sample(self, generator: torch.Generator) -> Task:
-        need = self.shots + self.query
-        classes = self._classes(generator)
-        keys = torch.rand(self.ways, self._table.shape[1], generator=generator)
-        if self._ragged:
-            keys.masked_fill_(self._padding[classes], 2.0)  # padding sorts last; every class has >= need
-        chosen = self._table[classes].gather(1, keys.argsort(1)[:, :need])
-        images = self.data.images.index_select(0, chosen.flatten()).float().div_(255.0)
-        images = images.view(self.ways, need, *images.shape[1:])
-        xs = images[:, : self.shots].reshape(-1, *images.shape[2:])
-        xq = images[:, self.shots :].reshape(-1, *images.shape[2:])
-        return Task((xs, self._ys.clone()), (xq, self._yq.clone()))
 
 
 def check(sampler: EpisodeSampler, generator: torch.Generator) -> None:
@@ -99,21 +41,6 @@ def check(sampler: EpisodeSampler, generator: torch.Generator) -> None:
     assert ys.tolist() == [c for c in range(ways) for _ in range(shots)]
     assert yq.tolist() == [c for c in range(ways) for _ in range(query)]
     assert 0.0 <= float(xs.min()) and float(xs.max()) <= 1.0
-
-
-def check_vectorized(g: torch.Generator) -> None:
-    """On classes of 6 to 11 images whose pixels say (class, image): each label holds distinct images of
-    one class, and the labels name distinct classes."""
-    counts = torch.arange(30) % 6 + 6
-    targets = torch.arange(30).repeat_interleave(counts)
-    images = torch.zeros(len(targets), 1, 1, 2, dtype=torch.uint8)
-    images[:, 0, 0, 0], images[:, 0, 0, 1] = targets.to(torch.uint8), torch.arange(len(targets)).to(torch.uint8)
-    sampler = VectorizedSampler(ImageClasses(images, targets, [str(c) for c in range(30)]), 5, 2, 4)
-    for _ in range(200):
-        (xs, ys), (xq, yq) = sampler.sample(g)
-        x = torch.cat([xs.view(5, 2, 2), xq.view(5, 4, 2)], 1).mul(255).round().long()
-        assert (x[:, :, 0] == x[:, :1, 0]).all() and len(set(x[:, 0, 0].tolist())) == 5
-        assert all(len(set(row.tolist())) == 6 for row in x[:, :, 1])
 
 
 def omniglot_store(data_root: Path, cache_dir: Path) -> tuple[str, ImageClasses, dict]:
@@ -159,7 +86,6 @@ def main() -> None:
         args.episodes, args.repeats = 200, 3
     cache_dir = HERE / "results" / "tmp" / "cache"
     g = torch.Generator().manual_seed(0)
-    check_vectorized(g)
     name, data, read_times = omniglot_store(args.data_root, cache_dir)
     stores = [(name, data)]
     if not args.quick:
@@ -170,13 +96,9 @@ def main() -> None:
     results = []
     for store_name, store in stores:
         for ways, shots, query in SETTINGS:
-            samplers = {"EpisodeSampler": EpisodeSampler(store, ways, shots, query),
-                        "index_select (proposed)": IndexSelectSampler(store, ways, shots, query),
-                        "vectorized (proposed)": VectorizedSampler(store, ways, shots, query)}
+            samplers = {"EpisodeSampler": EpisodeSampler(store, ways, shots, query)}
             for sampler in samplers.values():
                 check(sampler, g)
-            same = [s.sample(torch.Generator().manual_seed(1)) for s in list(samplers.values())[:2]]
-            assert all(torch.equal(a, b) for a, b in zip(*(torch.utils._pytree.tree_leaves(t) for t in same)))
             episodes = args.episodes if store.image_shape[0] == 1 else max(args.episodes // 5, 50)
             for threads in sorted({default_threads, 1}, reverse=True):
                 torch.set_num_threads(threads)

@@ -94,3 +94,22 @@ def test_task_stack_and_unstack_round_trip():
     assert batch.support[0].shape == (2, 3, 2)
     back = batch.unstack()
     assert torch.equal(back[1].query[0], t.query[0])
+
+
+def test_ragged_classes_give_distinct_images_of_one_class_per_label():
+    # classes of 6 to 11 images whose pixels say (class, image)
+    counts = torch.arange(30) % 6 + 6
+    targets = torch.arange(30).repeat_interleave(counts)
+    images = torch.zeros(len(targets), 1, 1, 2, dtype=torch.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = targets.to(torch.uint8), torch.arange(len(targets)).to(torch.uint8)
+    sampler = EpisodeSampler(ImageClasses(images, targets, [str(c) for c in range(30)]), 5, 2, 4)
+    g = torch.Generator().manual_seed(0)
+    seen_last = set()
+    for _ in range(300):
+        (xs, ys), (xq, yq) = sampler.sample(g)
+        x = torch.cat([xs.view(5, 2, 2), xq.view(5, 4, 2)], 1).mul(255).round().long()
+        assert (x[:, :, 0] == x[:, :1, 0]).all() and len(set(x[:, 0, 0].tolist())) == 5
+        assert all(len(set(row.tolist())) == 6 for row in x[:, :, 1])
+        seen_last.update(x[:, :, 1].flatten().tolist())
+    # the last images of the largest classes are drawn too: padding does not hide real entries
+    assert int(len(targets) - 1) in seen_last

@@ -44,6 +44,16 @@ class EpisodeSampler:
             self._group_classes = [torch.tensor(v) for v in by_group.values() if len(v) >= ways]
             if not self._group_classes:
                 raise DataError(f"{name}: no group has {ways} classes for within-group {ways}-way tasks")
+        # A padded class x image index table lets one random draw pick the images of every class of a
+        # task; padding sorts last, and every class has at least shots + query real entries.
+        width = int(counts.max())
+        self._table = torch.zeros(data.num_classes, width, dtype=torch.int64)
+        for c in range(data.num_classes):
+            self._table[c, : int(counts[c])] = data.indices_of(c)
+        self._padding = torch.arange(width) >= counts[:, None]
+        self._ragged = bool(self._padding.any())
+        labels = torch.arange(ways)
+        self._ys, self._yq = labels.repeat_interleave(shots), labels.repeat_interleave(query)
 
     def _classes(self, generator: torch.Generator) -> Tensor:
         if self.within_group:
@@ -56,19 +66,17 @@ class EpisodeSampler:
 
     def sample(self, generator: torch.Generator) -> Task:
         need = self.shots + self.query
-        picks = []
-        for c in self._classes(generator).tolist():
-            idx = self.data.indices_of(c)
-            picks.append(idx[torch.randperm(len(idx), generator=generator)[:need]])
-        chosen = torch.stack(picks)  # [ways, shots + query]
-        images = self.data.images[chosen.flatten()].float().div_(255.0)
+        classes = self._classes(generator)
+        keys = torch.rand(self.ways, self._table.shape[1], generator=generator)
+        if self._ragged:
+            keys.masked_fill_(self._padding[classes], 2.0)
+        chosen = self._table[classes].gather(1, keys.argsort(1)[:, :need])  # [ways, shots + query]
+        # index_select is far cheaper than advanced indexing for a gather of whole images
+        images = self.data.images.index_select(0, chosen.flatten()).float().div_(255.0)
         images = images.view(self.ways, need, *images.shape[1:])
-        labels = torch.arange(self.ways).unsqueeze(1)
         xs = images[:, : self.shots].reshape(-1, *images.shape[2:])
         xq = images[:, self.shots :].reshape(-1, *images.shape[2:])
-        ys = labels.expand(self.ways, self.shots).reshape(-1)
-        yq = labels.expand(self.ways, self.query).reshape(-1)
-        return Task((xs, ys), (xq, yq))
+        return Task((xs, self._ys.clone()), (xq, self._yq.clone()))
 
     def sample_batch(self, n: int, generator: torch.Generator) -> Task:
         return Task.stack([self.sample(generator) for _ in range(n)])
