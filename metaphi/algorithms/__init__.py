@@ -20,11 +20,22 @@ ALGORITHMS = {
     "scratch": "metaphi.algorithms.baselines:scratch",
     "pretrain": "metaphi.algorithms.baselines:pretrain",
     "imaml": "metaphi.algorithms.imaml:imaml",
+    "protonet": "metaphi.algorithms.protonet:protonet",
+    "protonet-cosine": "metaphi.algorithms.protonet:protonet_cosine",
+    "matching": "metaphi.algorithms.matching:matching",
+    "matching-fce": "metaphi.algorithms.matching:matching_fce",
+    "relation": "metaphi.algorithms.relation:relation",
+    "ssl-rotation": "metaphi.algorithms.ssl:ssl_rotation",
+    "ssl-simclr": "metaphi.algorithms.ssl:ssl_simclr",
 }
 SPEC_CLASSES = {
     "maml": "metaphi.algorithms.maml:maml_from_spec",
     "pretrain": "metaphi.algorithms.baselines:pretrain_from_spec",
     "imaml": "metaphi.algorithms.imaml:imaml_from_spec",
+    "protonet": "metaphi.algorithms.protonet:protonet_from_spec",
+    "matching": "metaphi.algorithms.matching:matching_from_spec",
+    "relation": "metaphi.algorithms.relation:relation_from_spec",
+    "ssl": "metaphi.algorithms.ssl:ssl_from_spec",
 }
 BASELINES = ("scratch", "pretrain")
 

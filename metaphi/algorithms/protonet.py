@@ -1,0 +1,189 @@
+"""Prototypical Networks (Snell, Swersky & Zemel 2017, "Prototypical Networks for Few-shot Learning"),
+and what every metric learner here shares.
+
+A metric learner has no inner gradient loop: φ is an embedding network f_φ (the benchmark's
+backbone body), and a task is learned by embedding its support set and comparing each query with it.
+A Prototypical Network summarises class k by the mean of its embedded support examples,
+
+    c_k = 1/|S_k| Σ_{(x_i, y_i) ∈ S, y_i = k} f_φ(x_i)
+
+and classifies a query by a softmax over negative distances to the prototypes,
+
+    p_φ(y = k | x) = exp(−d(f_φ(x), c_k)) / Σ_k' exp(−d(f_φ(x), c_k'))
+
+with d the squared Euclidean distance (the paper's choice, a Bregman divergence, which makes the
+classifier linear in f_φ(x)), or, as an alternative, d = −s·cos(f_φ(x), c_k) with a learned scale s
+(cosine logits are bounded, so without a scale the softmax could never become confident).
+L(φ) is the query cross-entropy, minimised over training episodes; the paper trains with more
+classes per episode than it tests with (60-way on Omniglot), which ``metaphi run --train-ways`` does.
+
+Support and query are embedded as one batch, as in the paper's code, so the task batch norm of the
+backbone sees the whole episode; ``predict`` on a single image therefore still has sound statistics.
+
+The number of classes of a task is not known from tensor shapes (it is data: the labels), and the
+same code must run under ``torch.func.vmap``. So the class axis has one slot for every support
+example (there are at most that many classes); slots that no support example fills are masked out
+of every softmax. The result equals the unpadded computation, for any number of ways.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..functional import Params, call, params_of, prefixed, with_prefix
+from ..models import build_model
+from ..tasks import DataError, Task
+from .base import CLASSIFICATION, Algorithm
+
+
+class _Method(nn.Module):
+    """Runs one method of a module (``features``) under ``functional_call``, which only calls forward."""
+
+    def __init__(self, model: nn.Module, method: str):
+        super().__init__()
+        self.model, self.method = model, method
+
+    def forward(self, *args):
+        return getattr(self.model, self.method)(*args)
+
+
+def class_slots(labels: Tensor, slots: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """One-hot ``labels`` over ``slots`` classes [n, slots], and which slots hold any example [slots]."""
+    onehot = (labels.unsqueeze(-1) == torch.arange(slots, device=labels.device)).to(dtype)
+    return onehot, onehot.sum(0) > 0
+
+
+def masked(scores: Tensor, present: Tensor) -> Tensor:
+    """Scores [..., slots] with the empty class slots at −inf, so softmax and argmax ignore them."""
+    return torch.where(present, scores, torch.full_like(scores, float("-inf")))
+
+
+def prototypes(support_z: Tensor, support_y: Tensor) -> tuple[Tensor, Tensor]:
+    """Class means of the support embeddings [slots, d] (slot k = class k), and which slots are filled."""
+    onehot, present = class_slots(support_y, support_y.shape[0], support_z.dtype)
+    counts = onehot.sum(0).clamp_min(1.0)
+    return onehot.T @ support_z / counts.unsqueeze(-1), present
+
+
+def squared_distances(a: Tensor, b: Tensor) -> Tensor:
+    """||a_i − b_j||² [n, m], from differences rather than the expanded form, which loses precision."""
+    return (a.unsqueeze(-2) - b.unsqueeze(-3)).pow(2).sum(-1)
+
+
+def cosine_similarities(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
+    a = a / a.norm(dim=-1, keepdim=True).clamp_min(eps)
+    b = b / b.norm(dim=-1, keepdim=True).clamp_min(eps)
+    return a @ b.transpose(-1, -2)
+
+
+class MetricLearner(Algorithm):
+    """What the metric learners share: φ = the embedding ("embed.*", the backbone without its head)
+    plus the learner's own pieces; task scores [queries, class slots] come from ``scores``.
+
+    Subclasses define ``_extra_params()`` (their own modules' parameters, prefixed), ``scores(phi,
+    support, xq)`` returning (scores, present) and, if not cross-entropy on the scores,
+    ``_query_loss``. Scores are logits: higher means more likely.
+    """
+
+    # There is no inner loop, so first- and second-order meta-gradients are the same exact gradient.
+    estimators = ("first-order", "second-order")
+    batched_eval = True
+    #: trains and tests on tasks with any number of classes (``--train-ways`` may differ from ``--ways``)
+    any_ways = True
+
+    def __init__(self, model: nn.Module, name: str):
+        self.model, self.name = model, name
+        self.problem = CLASSIFICATION
+        self._features = _Method(model, "features")
+        self._embed_keys = [k for k, _ in model.named_parameters() if not k.startswith("head.")]
+
+    def _extra_params(self) -> Params:
+        return {}
+
+    def init_meta_params(self) -> Params:
+        weights = params_of(self.model)
+        phi = {**with_prefix({k: weights[k] for k in self._embed_keys}, "embed"), **self._extra_params()}
+        return {k: v.detach().clone().requires_grad_() for k, v in phi.items()}
+
+    def embed(self, phi: Params, x: Tensor) -> Tensor:
+        """f_φ(x): the backbone's features (body, then its pooling)."""
+        return call(self._features, with_prefix(prefixed(phi, "embed"), "model"), x)
+
+    def embed_episode(self, phi: Params, xs: Tensor, xq: Tensor) -> tuple[Tensor, Tensor]:
+        z = self.embed(phi, torch.cat([xs, xq]))
+        return z[: xs.shape[0]], z[xs.shape[0]:]
+
+    def scores(self, phi: Params, support: Any, xq: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def _query_loss(self, scores: Tensor, present: Tensor, yq: Tensor) -> Tensor:
+        return F.cross_entropy(masked(scores, present), yq)
+
+    def task_loss(self, phi: Params, task: Task, first_order: bool | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        xq, yq = task.query
+        scores, present = self.scores(phi, task.support, xq)
+        accuracy = (masked(scores, present).argmax(-1) == yq).float().mean()
+        return self._query_loss(scores, present, yq), {"accuracy": accuracy.detach()}
+
+    def evaluate(self, phi: Params, task: Task, steps: int | None = None) -> Tensor:
+        """Query accuracy as a 1-element tensor: there are no inner steps, whatever ``steps`` says."""
+        xq, yq = task.query
+        with torch.no_grad():
+            scores, present = self.scores({k: v.detach() for k, v in phi.items()}, task.support, xq)
+            return (masked(scores, present).argmax(-1) == yq).float().mean().unsqueeze(0)
+
+    def predict(self, phi: Params, support: Any, x: Tensor, steps: int | None = None) -> Tensor:
+        """Logits [len(x), ways] for ``x`` given the support set; ``steps`` is ignored (no inner loop)."""
+        ways = int(support[1].max()) + 1
+        with torch.no_grad():
+            scores, _ = self.scores({k: v.detach() for k, v in phi.items()}, support, x)
+        return scores[:, :ways]
+
+    def spec(self) -> dict:
+        return {"class": self.spec_class, "name": self.name, "model": self.model.spec}
+
+
+class ProtoNet(MetricLearner):
+    spec_class = "protonet"
+
+    def __init__(self, model: nn.Module, distance: str = "euclidean", scale: float = 10.0, name: str = "protonet"):
+        if distance not in ("euclidean", "cosine"):
+            raise ValueError("distance must be 'euclidean' or 'cosine'")
+        super().__init__(model, name)
+        self.distance, self.initial_scale = distance, float(scale)
+
+    def _extra_params(self) -> Params:
+        return {"scale": torch.tensor(self.initial_scale)} if self.distance == "cosine" else {}
+
+    def scores(self, phi: Params, support: Any, xq: Tensor) -> tuple[Tensor, Tensor]:
+        xs, ys = support
+        zs, zq = self.embed_episode(phi, xs, xq)
+        protos, present = prototypes(zs, ys)
+        if self.distance == "euclidean":
+            return -squared_distances(zq, protos), present
+        return phi["scale"] * cosine_similarities(zq, protos), present
+
+    def spec(self) -> dict:
+        return {**super().spec(), "distance": self.distance, "scale": self.initial_scale}
+
+
+def _backbone(benchmark, ways: int) -> nn.Module:
+    if benchmark.problem.name != "classification":
+        raise DataError(f"metric learners classify, and benchmark '{benchmark.name}' is {benchmark.problem.name}; "
+                        "choose a classification benchmark")
+    return benchmark.model(ways)
+
+
+def protonet(benchmark, ways: int, inner_lr: float = 0.0, inner_steps: int = 0, eval_steps=None) -> ProtoNet:
+    return ProtoNet(_backbone(benchmark, ways), "euclidean", name="protonet")
+
+
+def protonet_cosine(benchmark, ways: int, inner_lr: float = 0.0, inner_steps: int = 0, eval_steps=None) -> ProtoNet:
+    return ProtoNet(_backbone(benchmark, ways), "cosine", name="protonet-cosine")
+
+
+def protonet_from_spec(spec: dict) -> ProtoNet:
+    return ProtoNet(build_model(spec["model"]), spec["distance"], spec["scale"], name=spec["name"])
