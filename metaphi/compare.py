@@ -55,8 +55,7 @@ def parse_method(text: str) -> Method:
     from .cli import UsageError
 
     label = None
-    marks = [i for i in (text.find(c) for c in "=@:") if i >= 0]
-    if marks and text[min(marks)] == "=":
+    if "=" in text.split(":")[0]:  # options come after the first ":", so an "=" before it names the method
         label, text = text.split("=", 1)
     init = None
     if "@" in text:
@@ -195,17 +194,31 @@ def plot(summary: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.35 * len(summary["methods"]) + 3.5),
+                                      gridspec_kw={"width_ratios": [1, 1.2]})
+    plot_axes(summary, left, right)
+    fig.suptitle(f"{summary['benchmark']} {summary['ways']}-way {summary['eval_shots']}-shot, "
+                 f"{summary['eval_tasks']} test tasks")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_axes(summary: dict, left, right) -> None:
+    """Draw one comparison on two matplotlib axes (so that several can share a figure)."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
     scale = 100.0 if summary["metric"] == "accuracy" else 1.0
+    unit = " (%)" if scale == 100 else ""
     labels = summary["methods"]
     results = [summary["results"][k] for k in labels]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.35 * len(labels) + 3.5),
-                                      gridspec_kw={"width_ratios": [1, 1.2]})
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     y = list(range(len(labels)))[::-1]
     for i, (yi, r) in enumerate(zip(y, results)):
         left.errorbar(r["mean"] * scale, yi, xerr=r["ci95"] * scale, fmt="o", capsize=4, color=colors[i % len(colors)])
     left.set_yticks(y, labels)
-    left.set_xlabel(f"{summary['metric']}{' (%)' if scale == 100 else ''}, mean ± 95% CI")
+    left.set_xlabel(f"{summary['metric']}{unit}, mean ± 95% CI")
     left.grid(axis="x", alpha=0.3)
     most = max(len(r["per_step"]) for r in results)
     for i, (label, r) in enumerate(zip(labels, results)):
@@ -219,15 +232,11 @@ def plot(summary: dict, path: str) -> None:
         else:
             right.errorbar(steps, means, yerr=cis, marker="o", capsize=3, color=color, label=label)
     right.set_xlim(-0.3, max(most - 1, 1) + 0.3)
+    right.xaxis.set_major_locator(MaxNLocator(integer=True))
     right.set_xlabel("inner steps at test")
-    right.set_ylabel(f"{summary['metric']}{' (%)' if scale == 100 else ''}")
+    right.set_ylabel(f"{summary['metric']}{unit}")
     right.grid(alpha=0.3)
-    right.legend(fontsize=8, loc="best")
-    fig.suptitle(f"{summary['benchmark']} {summary['ways']}-way {summary['eval_shots']}-shot, "
-                 f"{summary['eval_tasks']} test tasks")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    right.legend(fontsize=7, loc="best")
 
 
 def register(subparsers) -> None:

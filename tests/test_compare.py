@@ -18,6 +18,7 @@ from test_protonet import install_tiny, one_thread  # noqa: F401 (one_thread is 
      Method("maml@ssl-rotation", "maml", "ssl-rotation", {"iterations": 5, "meta_lr": 0.01})),
     ("long=maml:iterations=5", Method("long", "maml", None, {"iterations": 5})),
     ("p=protonet@ssl:/a/b.pt:train-ways=20", Method("p", "protonet", "ssl:/a/b.pt", {"train_ways": 20})),
+    ("maml@ssl=maml@runs/c.pt:iterations=0", Method("maml@ssl", "maml", "runs/c.pt", {"iterations": 0})),
     ("protonet:estimator=first-order", Method("protonet", "protonet", None, {"estimator": "first-order"})),
 ])
 def test_parse_method(text, method):
