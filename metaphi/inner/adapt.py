@@ -38,7 +38,7 @@ def adapt_steps(
             grads = torch.func.grad(lambda p: loss_fn({**fixed_const, **p}))(detach(current))
         else:
             grads = torch.func.grad(lambda p: loss_fn({**fixed, **p}))(current)
-        current, state = rule.update(current, grads, state, {k: rule_meta[k] for k in keys if k in rule_meta})
+        current, state = rule.update(current, grads, state, {k: v for k, v in rule_meta.items() if k not in fixed})
         yield {**fixed, **current}
 
 

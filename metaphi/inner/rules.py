@@ -67,5 +67,8 @@ def build_rule(spec: dict) -> UpdateRule:
     name = spec.pop("name")
     rules = {"sgd": SGD, "meta-sgd": MetaSGD}
     if name not in rules:
+        from .learned import RULES as learned
+        rules.update(learned)
+    if name not in rules:
         raise ValueError(f"unknown update rule '{name}' (known: {', '.join(rules)})")
     return rules[name](**spec)
