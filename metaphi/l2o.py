@@ -16,6 +16,10 @@ derivatives of f; ``second_order=True`` keeps them and gives the exact gradient 
 The loss at θ_t is measured on the same minibatch that gives ∇f(θ_t), so each step costs one
 forward and backward pass of the optimizee.
 
+``estimator="es"`` replaces backpropagation through the truncation by antithetic evolution strategies
+(``metaphi.outer.es``): each member of a population φ ± σε runs the same truncation, and the
+meta-gradient is estimated from their losses alone, so the rule need not be differentiable.
+
 Optimizee families (each a batch of ``n`` independent problems in one set of tensors with a leading
 problem dimension, so coordinatewise rules and ``torch.optim`` treat them exactly as n separate runs):
 
@@ -229,6 +233,31 @@ def detach_state(state: Any) -> Any:
     return state
 
 
+def es_meta_gradient(rule, meta: Params, family, params: Params, state: Any, data: dict, batch: Any, steps: int,
+                     generator: torch.Generator, config: "L2OConfig", call: int) -> list[Tensor]:
+    """The meta-gradient of one truncation's loss by antithetic evolution strategies (``metaphi.outer.es``).
+
+    Every member of the population φ ± σε runs the same truncation: the same starting point, state and
+    minibatches (``generator`` is copied, not advanced). The perturbations of call ``call`` come from
+    a generator seeded with ``derived_seed(config.seed, call)``, so a resumed run draws the same ones.
+    No backward pass through the unroll is needed, nor any derivative of the rule.
+    """
+    from .outer.es import antithetic_noise, derived_seed, es_gradient, flatten, unflatten
+
+    keys = list(meta)
+    theta = flatten(meta, keys)
+    noise = antithetic_noise(config.es_population // 2, theta.numel(),
+                             torch.Generator().manual_seed(derived_seed(config.seed, call)), theta.dtype)
+    losses = []
+    for member in torch.cat([theta + config.es_sigma * noise, theta - config.es_sigma * noise]):
+        copy = torch.Generator().manual_seed(0)
+        copy.set_state(generator.get_state())
+        loss = unroll(rule, unflatten(member, meta, keys), family, params, state, data, batch, steps, copy)[0]
+        losses.append(loss.detach())
+    flat = es_gradient(torch.stack(losses), noise, config.es_sigma)
+    return list(unflatten(flat, meta, keys).values())
+
+
 @dataclass
 class L2OConfig:
     horizon: int = 100           # optimizee steps per run (T)
@@ -237,6 +266,9 @@ class L2OConfig:
     problems: int = 1            # problems trained side by side in one run
     meta_lr: float = 1e-3
     second_order: bool = False
+    estimator: str = "backprop"  # or "es": antithetic evolution strategies on each truncation's loss
+    es_population: int = 16
+    es_sigma: float = 0.01
     clip: float | None = 1.0     # meta-gradient norm clip (None: off)
     seed: int = 0
     val_every: int = 10          # validate every this many runs (0: never)
@@ -292,6 +324,10 @@ def meta_train(rule, family, config: L2OConfig, out_dir: str | None = None, resu
     from .train import NonFiniteLoss
 
     pieces = truncations(config.horizon, config.unroll)
+    if config.estimator not in ("backprop", "es"):
+        raise ValueError(f"unknown meta-gradient estimator '{config.estimator}' (valid: backprop, es)")
+    if config.estimator == "es" and (config.es_population < 2 or config.es_population % 2):
+        raise ValueError(f"es_population must be an even number >= 2, got {config.es_population}")
     meta = {k: v.detach().clone().requires_grad_() for k, v in rule.meta_params(
         family.sample(1, torch.Generator().manual_seed(0))[0]).items()}
     state = L2OState(meta, torch.optim.Adam(list(meta.values()), lr=config.meta_lr),
@@ -310,7 +346,7 @@ def meta_train(rule, family, config: L2OConfig, out_dir: str | None = None, resu
             state.meta[k].data.copy_(v)
         state.optimizer.load_state_dict(ck["meta_optimizer"])
         state.generator.set_state(ck["generator"])
-        for name in ("iteration", "truncations", "seconds", "history", "best_val", "stopped_early"):
+        for name in ("iteration", "truncations", "seconds", "history", "best_val"):
             setattr(state, name, ck[name])
         state.best_meta = ck["best_meta"]
     if out_dir:
@@ -342,10 +378,16 @@ def meta_train(rule, family, config: L2OConfig, out_dir: str | None = None, resu
             batch = family.batch(data, state.generator)
             losses = []
             for length in pieces:
-                loss, params, rule_state, batch = unroll(rule, state.meta, family, params, rule_state, data, batch,
-                                                         length, state.generator, config.second_order)
-                grads = torch.autograd.grad(loss, list(state.meta.values()), allow_unused=True)
-                grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, state.meta.values())]
+                if config.estimator == "es":
+                    grads = es_meta_gradient(rule, detach(state.meta), family, params, rule_state, data, batch, length,
+                                             state.generator, config, state.truncations)
+                    loss, params, rule_state, batch = unroll(rule, detach(state.meta), family, params, rule_state, data,
+                                                             batch, length, state.generator)
+                else:
+                    loss, params, rule_state, batch = unroll(rule, state.meta, family, params, rule_state, data, batch,
+                                                             length, state.generator, config.second_order)
+                    grads = torch.autograd.grad(loss, list(state.meta.values()), allow_unused=True)
+                    grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, state.meta.values())]
                 if not math.isfinite(float(loss.detach())) or not all(torch.isfinite(g).all() for g in grads):
                     save()
                     raise NonFiniteLoss(f"the meta-loss became {float(loss.detach())} in run {state.iteration + 1}; the last "
@@ -366,13 +408,14 @@ def meta_train(rule, family, config: L2OConfig, out_dir: str | None = None, resu
             state.seconds += time.perf_counter() - started
             row = {"iteration": state.iteration, "meta_loss": sum(losses) / len(losses),
                    "final_loss": float(family.full_loss(params, data).mean()), "seconds": round(state.seconds, 3)}
-            if config.val_every and (state.iteration % config.val_every == 0 or state.iteration == config.iterations):
+            if config.max_seconds is not None and state.seconds >= config.max_seconds:
+                state.stopped_early = state.iteration < config.iterations
+            if config.val_every and (state.iteration % config.val_every == 0 or state.iteration == config.iterations
+                                     or state.stopped_early):
                 row["val"] = validate(rule, detach(state.meta), val_family or family, config.horizon,
                                       config.val_problems, config.val_seed)
                 if row["val"] < state.best_val:
                     state.best_val, state.best_meta = row["val"], {k: v.detach().clone() for k, v in state.meta.items()}
-            if config.max_seconds is not None and state.seconds >= config.max_seconds:
-                state.stopped_early = state.iteration < config.iterations
             state.history.append(row)
             if out_dir:
                 with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:

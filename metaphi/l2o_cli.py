@@ -35,6 +35,10 @@ def register(subparsers) -> None:
     tr.add_argument("--meta-lr", type=float, default=1e-3)
     tr.add_argument("--second-order", action="store_true",
                     help="backpropagate through the optimizee's gradients too (the paper drops these)")
+    tr.add_argument("--estimator", choices=["backprop", "es"], default="backprop",
+                    help="meta-gradient by backpropagation through the truncation, or by evolution strategies")
+    tr.add_argument("--population", type=int, default=16, help="es: population size (even: antithetic pairs)")
+    tr.add_argument("--sigma", type=float, default=0.01, help="es: perturbation scale")
     tr.add_argument("--clip", type=float, default=1.0, help="meta-gradient norm clip (0: off)")
     tr.add_argument("--lr", type=float, default=None,
                     help="starting step size of per-layer-sgd / schedule-sgd (0.1) and mlp-rule (Adam's, 0.01)")
@@ -104,7 +108,9 @@ def cmd_train(args) -> int:
     from .optim import load_learned
 
     _check(args, ("horizon", "unroll", "iterations", "problems", "meta_lr", "val_problems", "eval_problems", "lr",
-                  "max_seconds", "threads"), ("val_every", "clip"))
+                  "max_seconds", "threads", "sigma"), ("val_every", "clip"))
+    if args.population < 2 or args.population % 2:
+        raise UsageError(f"--population must be an even number >= 2 (antithetic pairs), got {args.population}")
     if args.threads:
         torch.set_num_threads(args.threads)
     out = _writable_dir(args.out or os.path.join("runs", f"l2o-{args.rule}-{args.family}-seed{args.seed}"))
@@ -115,7 +121,8 @@ def cmd_train(args) -> int:
     test_family = build_family(args.family, split="test")
     rule = make_rule(args.rule, args.lr, args.horizon, args.seed)
     config = L2OConfig(horizon=args.horizon, unroll=args.unroll, iterations=args.iterations, problems=args.problems,
-                       meta_lr=args.meta_lr, second_order=args.second_order, clip=args.clip or None, seed=args.seed,
+                       meta_lr=args.meta_lr, second_order=args.second_order, estimator=args.estimator,
+                       es_population=args.population, es_sigma=args.sigma, clip=args.clip or None, seed=args.seed,
                        val_every=args.val_every, val_problems=args.val_problems, max_seconds=args.max_seconds)
     started = time.perf_counter()
     try:

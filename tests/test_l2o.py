@@ -244,3 +244,30 @@ def test_l2o_command_rejects_bad_input(tmp_path, capsys):
     assert main(["l2o", "eval", str(tmp_path / "bad.pt")]) == 2
     assert main(["l2o", "eval", "--baselines", "adagrad"]) == 2
     assert "metaphi: error" in capsys.readouterr().err
+
+
+def test_es_meta_gradient_points_along_the_backpropagated_one(float64):
+    from metaphi.l2o import es_meta_gradient
+
+    family, rule = Quadratics(dim=4), ScheduledSGD(0.02, steps=3)
+    params, data = sample_problems(family, 4, seed=0)
+    meta = rule.meta_params(params)
+    leaves = {k: v.clone().requires_grad_() for k, v in meta.items()}
+    exact = torch.autograd.grad(unroll(rule, leaves, family, params, rule.init(params), data, None, 3,
+                                       torch.Generator())[0], list(leaves.values()))
+    config = L2OConfig(es_population=400, es_sigma=1e-4)
+    estimate = es_meta_gradient(rule, meta, family, params, rule.init(params), data, None, 3, torch.Generator(),
+                                config, call=0)
+    a, b = torch.cat([g.flatten() for g in exact]), torch.cat([g.flatten() for g in estimate])
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.95
+
+
+def test_es_meta_training_runs_and_resumes(tmp_path):
+    rule, family = ScheduledSGD(0.01, steps=6), Quadratics(dim=3)
+    config = dict(horizon=6, unroll=3, problems=4, val_every=0, checkpoint_every=1, estimator="es", es_population=4)
+    straight = meta_train(rule, family, L2OConfig(iterations=2, **config), out_dir=str(tmp_path / "a"), progress=False)
+    meta_train(rule, family, L2OConfig(iterations=1, **config), out_dir=str(tmp_path / "b"), progress=False)
+    resumed = meta_train(rule, family, L2OConfig(iterations=2, **config), out_dir=str(tmp_path / "b"), resume=True,
+                         progress=False)
+    assert not torch.equal(straight.meta["schedule"], rule.meta_params({"theta": torch.zeros(1, 3)})["schedule"])
+    assert torch.equal(straight.meta["schedule"], resumed.meta["schedule"])

@@ -25,12 +25,12 @@ and zeroes the LSTM's output layer, so that the untrained rule is exactly SGD an
 from it.
 
 ``MLPRule`` is the feed-forward alternative (in the spirit of Metz et al. 2019/2020): the per-
-coordinate features are the preprocessed gradient, running averages of the gradient at decay rates
-0.5, 0.9 and 0.99 divided by the root of a running average of its square (Adam's normalised
-momentum, with bias correction), and the log of that root. Its update is
-−exp(log_scale)·(w·x + net(x)) − a·∇; with ``init="adam"`` the untrained rule is Adam
-(w picks the 0.9-momentum feature, net's output layer is zero), with ``init="sgd"`` it is SGD, so
-meta-training improves on a known optimizer instead of starting from noise.
+coordinate features are the preprocessed gradient, the gradient and its running averages at decay
+rates 0.5, 0.9 and 0.99, each divided by the root of a running average of its square (Adam's
+normalised momentum, with bias correction), and the log of that root. Its update is
+−exp(log_scale)·(w·x + net(x)); with ``init="adam"`` the untrained rule is Adam (w picks the
+0.9-momentum feature, net's output layer is zero), so meta-training improves on a known optimizer
+instead of starting from noise; ``init="sgd"`` adds a learned −a·∇ term and starts as SGD.
 
 Rules whose meta-parameters are shared by all coordinates (``shared = True``) carry a state per
 parameter tensor, ``{name: {field: Tensor}}``, which is what lets ``LearnedOptimizer`` keep it in
@@ -207,9 +207,9 @@ class MLPRule:
     """A coordinatewise MLP over momentum features (see the module docstring).
 
     Meta-parameters: ``mlp.skip`` [F] (a linear map of the features), ``mlp.net.{i}.weight`` /
-    ``.bias`` (tanh hidden layers, then a zero-initialised output layer), ``mlp.log_scale`` and
-    ``mlp.sgd``. ``init`` is "adam" (the untrained rule is Adam with step ``lr``), "sgd" (plain SGD
-    with step ``lr``) or "random" (the output layer is random too).
+    ``.bias`` (tanh hidden layers, then a zero-initialised output layer), ``mlp.log_scale``, and
+    ``mlp.sgd`` with ``init="sgd"``. ``init`` is "adam" (the untrained rule is Adam with step ``lr``),
+    "sgd" (plain SGD with step ``lr``) or "random" (no skip; the output layer is random too).
     """
 
     shared = True
