@@ -36,6 +36,7 @@ SPEC_CLASSES = {
     "matching": "metaphi.algorithms.matching:matching_from_spec",
     "relation": "metaphi.algorithms.relation:relation_from_spec",
     "ssl": "metaphi.algorithms.ssl:ssl_from_spec",
+    "mldg": "metaphi.algorithms.mldg:mldg_from_spec",
 }
 BASELINES = ("scratch", "pretrain")
 
