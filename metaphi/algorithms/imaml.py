@@ -84,9 +84,10 @@ class IMAML(MAML):
                 scores.append(self.problem.score(call(self.model, params, xq), yq))
         return torch.stack(scores)
 
-    def solve(self, phi: Params, support: Any) -> Params:
-        """θ* for the adapted parameters, by at most ``inner_steps`` of gradient descent on g, stopping
-        once ‖∇_θ g‖ ≤ ``inner_tol``; no graph is kept."""
+    def solve(self, phi: Params, support: Any, batched: bool = False) -> Params:
+        """θ* for the adapted parameters by at most ``inner_steps`` of gradient descent on g, stopping
+        once ‖∇_θ g‖ ≤ ``inner_tol``; no graph is kept. ``batched`` (under ``vmap``): the stop is a
+        mask, not a branch, so the steps after it are computed and discarded."""
         init = detach(prefixed(phi, "init"))
         fixed = {k: v for k, v in init.items() if k not in self._adapted}
         theta = {k: init[k] for k in self._adapted}
@@ -94,12 +95,15 @@ class IMAML(MAML):
         grad = torch.func.grad(lambda t: loss({**fixed, **t}))
         for _ in range(self.inner_steps):
             grads = grad(theta)
-            if self.inner_tol > 0 and float(norm(grads)) <= self.inner_tol:
-                break
-            theta = {k: v - self.rule.lr * grads[k] for k, v in theta.items()}
+            step = torch.full((), self.rule.lr, dtype=theta[self._adapted[0]].dtype)
+            if self.inner_tol > 0:
+                if not batched and float(norm(grads)) <= self.inner_tol:
+                    break
+                step = torch.where(norm(grads) > self.inner_tol, step, torch.zeros_like(step))
+            theta = {k: v - step * grads[k] for k, v in theta.items()}
         return theta
 
-    def bilevel(self, phi: Params, task: Task) -> Bilevel:
+    def bilevel(self, phi: Params, task: Task, batched: bool = False) -> Bilevel:
         """The task as an implicit-differentiation problem (see metaphi.outer.implicit)."""
         xq, yq = task.query
 
@@ -111,7 +115,7 @@ class IMAML(MAML):
             out = call(self.model, {**prefixed(phi, "init"), **theta}, xq)
             return self.problem.loss(out, yq), {self.problem.metric: self.problem.score(out, yq).detach()}
 
-        return Bilevel(inner_loss, self.solve(phi, task.support), outer_loss, step_size=self.rule.lr)
+        return Bilevel(inner_loss, self.solve(phi, task.support, batched), outer_loss, step_size=self.rule.lr)
 
     def spec(self) -> dict:
         return {"class": "imaml", "name": self.name, "model": self.model.spec, "problem": self.problem.name,

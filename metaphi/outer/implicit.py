@@ -25,7 +25,7 @@ For iMAML, g(θ, φ) = L_S(θ) + λ/2 ‖θ − φ‖², so ∂²_θθ g = H_S +
 dF/dφ = λ v = (I + H_S/λ)⁻¹ ∇L_Q(θ*).
 
 ``hypergradient`` is the whole computation for any pair of losses; ``Implicit`` is the estimator
-that applies it to each task of a meta-batch, for algorithms whose ``bilevel(phi, task)`` states
+that applies it to each task of a meta-batch, for algorithms whose ``bilevel(phi, task, batched)`` states
 their inner and outer problems as a ``Bilevel``. The solver reports its relative residual
 ‖A v − b‖ / ‖b‖, and the estimator logs it with the inner problem's gradient norm ‖∇_θ g(θ*, φ)‖
 (how far θ* is from stationary, which is what the theorem assumes).
@@ -176,6 +176,84 @@ def hypergradient(inner_loss: Callable[[Params, Params], Tensor], solution: Mapp
     return grads, info_dict
 
 
+def _masked_solve(solver: str, matvec: MatVec, b: Vector, steps: int, tol: float, alpha: float | None
+                  ) -> tuple[list[Tensor], Tensor, Tensor]:
+    """``conjugate_gradient`` or ``neumann`` without data-dependent branches, so that ``vmap`` can
+    batch it: all ``steps`` products are computed, and once a solve has converged (or, for CG, met
+    nonpositive curvature) its later updates are masked out. Returns x, the products that counted
+    and the relative residual, as tensors."""
+    x = [torch.zeros_like(t) for t in b]
+    r = list(b)
+    rs = _dot(r, r)
+    b_norm = rs.sqrt()
+    stopped = b_norm <= 0
+    used = torch.zeros((), dtype=b_norm.dtype, device=b_norm.device)
+    if solver == "cg":
+        p = list(b)
+        for _ in range(steps):
+            stopped = stopped | (rs.sqrt() <= tol * b_norm)
+            ap = matvec(p)
+            pap = _dot(p, ap)
+            stopped = stopped | ~(pap > 0)
+            go = ~stopped
+            a = torch.where(go, rs / torch.where(go, pap, torch.ones_like(pap)), torch.zeros_like(pap))
+            x = _axpy(a, p, x)
+            r = _axpy(-a, ap, r)
+            rs_new = _dot(r, r)
+            beta = rs_new / torch.where(go, rs, torch.ones_like(rs))
+            p = [torch.where(go, ri + beta * pi, pi) for ri, pi in zip(r, p)]
+            rs = torch.where(go, rs_new, rs)
+            used = used + go
+    else:
+        for _ in range(steps):
+            stopped = stopped | (rs.sqrt() <= tol * b_norm)
+            step = torch.where(stopped, torch.zeros_like(rs), torch.full_like(rs, alpha))
+            ar = matvec(r)
+            x = _axpy(step, r, x)
+            r = _axpy(-step, ar, r)
+            rs = _dot(r, r)
+            used = used + ~stopped
+    residual = torch.where(b_norm > 0, rs.sqrt() / torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm)),
+                           torch.zeros_like(b_norm))
+    return x, used, residual
+
+
+def hypergradient_func(inner_loss: Callable[[Params, Params], Tensor], solution: Mapping[str, Tensor],
+                       outer_loss: Callable[[Params, Params], Tensor | tuple[Tensor, dict]],
+                       meta_params: Mapping[str, Tensor], solver: str = "cg", steps: int = 5, tol: float = 1e-10,
+                       damping: float = 0.0, alpha: float | None = None) -> tuple[Params, dict[str, Tensor]]:
+    """``hypergradient`` written with ``torch.func`` and without data-dependent branches, so that it
+    runs under ``vmap`` (one batch of tasks at once). The losses must be pure functions of their
+    arguments (``functional_call`` models are). The solver always computes ``steps`` products and
+    masks those after convergence; ``info`` holds tensors."""
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver '{solver}' (valid: {', '.join(SOLVERS)})")
+    if solver == "neumann" and not (alpha and alpha > 0):
+        raise ValueError("the Neumann solver needs a step size alpha > 0 (below 2 / the Hessian's largest eigenvalue)")
+    theta, phi = detach(solution), detach(meta_params)
+
+    def outer(t: Params, p: Params):
+        out = outer_loss(t, p)
+        loss, metrics = out if isinstance(out, tuple) else (out, {})
+        return loss, (loss.detach(), {k: v.detach() for k, v in metrics.items()})
+
+    (f_theta, f_phi), (loss, metrics) = torch.func.grad(outer, argnums=(0, 1), has_aux=True)(theta, phi)
+    # the linearisation of (θ, φ) ↦ ∇_θ g, built once; its transpose gives H v and the mixed term together
+    g_theta, vjp = torch.func.vjp(torch.func.grad(inner_loss, argnums=0), theta, phi)
+    keys = list(theta)
+
+    def hvp(v: Vector) -> list[Tensor]:
+        hv = vjp(dict(zip(keys, v)))[0]
+        return [hv[k] + damping * vi for k, vi in zip(keys, v)] if damping else [hv[k] for k in keys]
+
+    v, used, residual = _masked_solve(solver, hvp, [f_theta[k] for k in keys], steps, tol, alpha)
+    mixed = vjp(dict(zip(keys, v)))[1]
+    grads = {k: f_phi[k] - mixed[k] for k in phi}
+    inner_norm = _dot(list(g_theta.values()), list(g_theta.values())).sqrt()
+    return grads, {"loss": loss, "residual": residual, "solver_iterations": used, "inner_grad_norm": inner_norm,
+                   **metrics}
+
+
 class Bilevel(NamedTuple):
     """A task's inner and outer problems, as an algorithm states them for ``Implicit``.
 
@@ -193,16 +271,19 @@ class Bilevel(NamedTuple):
 class Implicit:
     """The implicit meta-gradient, averaged over the tasks of a meta-batch.
 
-    The algorithm must provide ``bilevel(phi, task) -> Bilevel`` (iMAML does). Tasks run one by one:
-    the solver's stopping test is a data-dependent branch, which ``vmap`` cannot batch. Metrics are
-    task means: ``loss`` and the algorithm's metric at θ*, ``residual`` and ``solver_iterations`` of
-    the linear solves, ``inner_grad_norm`` of the inner problems.
+    The algorithm must provide ``bilevel(phi, task, batched) -> Bilevel`` (iMAML does). With
+    ``vectorize`` the tasks run as one ``vmap`` batch through ``hypergradient_func``, and ``bilevel``
+    is called with ``batched=True``: it must then avoid data-dependent branches (masking where it
+    would stop early); otherwise the tasks run one by one through ``hypergradient``, whose solver
+    stops as soon as it reaches ``tol``. Both give the same gradient. Metrics are task
+    means: ``loss`` and the algorithm's metric at θ*, ``residual`` and ``solver_iterations`` of the
+    linear solves, ``inner_grad_norm`` of the inner problems.
     """
 
     name = "implicit"
 
     def __init__(self, solver: str = "cg", steps: int = 5, tol: float = 1e-10, damping: float = 0.0,
-                 alpha: float | None = None):
+                 alpha: float | None = None, vectorize: bool = False):
         if solver not in SOLVERS:
             raise ValueError(f"unknown solver '{solver}' (valid: {', '.join(SOLVERS)})")
         if steps < 1:
@@ -210,20 +291,27 @@ class Implicit:
         if damping < 0 or tol < 0:
             raise ValueError("damping and tol must be >= 0")
         self.solver, self.steps, self.tol, self.damping, self.alpha = solver, steps, tol, damping, alpha
+        self.vectorize = vectorize
+
+    def _solve(self, fn, algorithm, phi: Params, task, batched: bool):
+        problem = algorithm.bilevel(phi, task, batched=batched)
+        alpha = self.alpha if self.alpha is not None else problem.step_size
+        return fn(problem.inner_loss, problem.solution, problem.outer_loss, phi, self.solver, self.steps, self.tol,
+                  self.damping, alpha)
 
     def __call__(self, algorithm, phi: Params, tasks) -> tuple[Params, dict[str, float]]:
         if not hasattr(algorithm, "bilevel"):
             raise ValueError(f"the implicit estimator needs an algorithm that states its inner problem "
                              f"(a bilevel() method, as imaml has); {algorithm.name} does not")
         phi_c = detach(phi)
+        if self.vectorize:
+            grads, info = torch.func.vmap(lambda t: self._solve(hypergradient_func, algorithm, phi_c, t, True))(tasks)
+            return {k: g.mean(0) for k, g in grads.items()}, {k: float(v.mean()) for k, v in info.items()}
         total = {k: torch.zeros_like(v) for k, v in phi.items()}
         sums: dict[str, float] = {}
         parts = tasks.unstack()
         for task in parts:
-            problem = algorithm.bilevel(phi_c, task)
-            alpha = self.alpha if self.alpha is not None else problem.step_size
-            grads, info = hypergradient(problem.inner_loss, problem.solution, problem.outer_loss, phi_c,
-                                        self.solver, self.steps, self.tol, self.damping, alpha)
+            grads, info = self._solve(hypergradient, algorithm, phi_c, task, False)
             for k, g in grads.items():
                 total[k] += g / len(parts)
             for k, v in info.items():
@@ -232,6 +320,6 @@ class Implicit:
 
 
 def implicit(solver: str = "cg", solver_steps: int = 5, solver_tol: float = 1e-10, solver_damping: float = 0.0,
-             neumann_alpha: float | None = None, **_) -> Implicit:
-    """The ``implicit`` estimator; ``vectorize`` and other estimators' options are ignored."""
-    return Implicit(solver, solver_steps, solver_tol, solver_damping, neumann_alpha)
+             neumann_alpha: float | None = None, vectorize: bool = False, **_) -> Implicit:
+    """The ``implicit`` estimator; other estimators' options are ignored."""
+    return Implicit(solver, solver_steps, solver_tol, solver_damping, neumann_alpha, vectorize)
