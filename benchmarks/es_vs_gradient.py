@@ -49,10 +49,14 @@ def main() -> None:
     p.add_argument("--work", default="benchmarks/results/tmp/es_vs_gradient")
     p.add_argument("--out", default="benchmarks/results/es_vs_gradient.json")
     p.add_argument("--pilot", action="store_true", help="the validation sweep of ES settings, then stop")
+    p.add_argument("--diagnose", action="store_true",
+                   help="per-task test scores of the final checkpoints in --work: diverged tasks and medians")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.pilot:
         return pilot()
+    if args.diagnose:
+        return diagnose(args)
 
     bench = build_benchmark("sinusoid")
     d = bench.defaults
@@ -143,6 +147,28 @@ def pilot() -> None:
                            progress=False)
         print(f"{lr:<7g} {sigma:<5g} {population:<10d} {val_loss(algo, state.phi):.3f} "
               f"{time.perf_counter() - started:.0f}", flush=True)
+
+
+def diagnose(args) -> None:
+    from metaphi.algorithms import build_algorithm
+    from metaphi.evaluate import confidence95, fixed_tasks
+    from metaphi.train import load_checkpoint
+
+    bench = build_benchmark("sinusoid")
+    d = bench.defaults
+    for i in range(2):
+        ck = load_checkpoint(os.path.join(args.work, f"m{i}", "checkpoint.pt"))
+        algo = build_algorithm(ck["algorithm"])
+        tasks = fixed_tasks(bench.episodes("test", 1, d["eval_shots"], d["eval_query"]), args.eval_tasks, args.eval_seed)
+        rows = torch.stack([algo.evaluate(ck["phi"], t, d["eval_steps"]) for t in tasks]).double()
+        finite = torch.isfinite(rows)
+        print(f"m{i} ({ck['iteration']} it): tasks with a non-finite MSE per step {(~finite).sum(0).tolist()}")
+        print(f"   median MSE per step {[round(float(x), 3) for x in rows.nanmedian(0).values]}")
+        for step in range(rows.shape[1]):
+            if finite[:, step].all():
+                last = step
+        print(f"   last step finite on every task: {last}, mean {float(rows[:, last].mean()):.3f} ± "
+              f"{confidence95(rows[:, last]):.3f}")
 
 
 def plot(out: dict, path: str) -> None:

@@ -53,7 +53,7 @@ def main() -> None:
     best = json.load(open(os.path.join(ROOT, tune_dir, "best.json")))
     common = ["--benchmark", "glyphs", "--no-baselines", "--quiet", "--eval-tasks", str(args.eval_tasks), "--seed",
               str(args.seed)]
-    tuned_args = shlex.split(best["command"])[3:]  # after "metaphi run maml"
+    tuned_args = shlex.split(best["command"])[5:]  # after "metaphi run maml --benchmark glyphs"
     rows = []
     for label, extra in (("default", []), ("tuned", tuned_args)):
         out = os.path.join(args.work, label)
