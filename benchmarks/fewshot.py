@@ -18,7 +18,7 @@ import sys
 
 from common import machine, write
 
-METHODS = ("maml", "fomaml", "reptile", "anil", "metasgd", "scratch", "pretrain")
+METHODS = ("maml", "fomaml", "reptile", "anil", "metasgd", "scratch", "pretrain", "pixel-nn")
 
 
 def main():
@@ -33,13 +33,14 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--extra", default="", help="more `metaphi run` options, quoted")
     ap.add_argument("--name", default=None, help="results file name (default fewshot-<benchmark>)")
+    ap.add_argument("--out-tag", default="", help="suffix of the run folders, to keep settings apart")
     args = ap.parse_args()
     metaphi = os.path.join(os.path.dirname(sys.executable), "metaphi")
     results = []
     for shots in args.shots:
         for method in args.methods:
             out = os.path.join("runs", "bench", args.benchmark.replace(":", "_").replace("/", "_"),
-                               f"{method}-{args.ways}w{shots}s-seed{args.seed}")
+                               f"{method}-{args.ways}w{shots}s-seed{args.seed}{args.out_tag}")
             cmd = [metaphi, "run", method, "--benchmark", args.benchmark, "--ways", str(args.ways), "--shots",
                    str(shots), "--iterations", str(args.iterations), "--eval-tasks", str(args.eval_tasks), "--seed",
                    str(args.seed), "--no-baselines", "--quiet", "--out", out, *args.extra.split()]
@@ -47,10 +48,16 @@ def main():
                 cmd += ["--data-root", args.data_root]
             if method in ("scratch", "pretrain"):
                 cmd += ["--eval-steps", "10"]
-            print(" ".join(cmd), flush=True)
-            subprocess.run(cmd, check=True)
-            with open(os.path.join(out, "result.json")) as f:
-                r = json.load(f)
+            done = os.path.join(out, "result.json")
+            r = json.load(open(done)) if os.path.exists(done) else None
+            if r is None or r["iterations"] != (args.iterations if method not in ("scratch", "pixel-nn") else 0) \
+                    or r["eval_tasks"] != args.eval_tasks:
+                print(" ".join(cmd), flush=True)
+                subprocess.run(cmd, check=True)
+                with open(done) as f:
+                    r = json.load(f)
+            else:
+                print(f"reusing {done}", flush=True)
             r["command"] = " ".join(["metaphi"] + cmd[1:])
             results.append(r)
             print(f"  {method} {shots}-shot: {100 * r['mean']:.2f} ± {100 * r['ci95']:.2f}%  "

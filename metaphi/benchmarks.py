@@ -93,7 +93,7 @@ def image_benchmark(name: str, splits: dict[str, ImageClasses], defaults: dict, 
 
 
 GLYPHS_DEFAULTS = dict(ways=5, shots=1, query=5, eval_shots=None, eval_query=15, inner_lr=0.4, inner_steps=1,
-                       eval_steps=3, meta_batch=16, iterations=300, eval_tasks=600, meta_lr=1e-3)
+                       eval_steps=3, meta_batch=8, iterations=300, eval_tasks=600, meta_lr=1e-3)
 # MAML's Omniglot settings (Finn et al. 2017), with a shorter default run
 OMNIGLOT_DEFAULTS = dict(ways=5, shots=1, query=5, eval_shots=None, eval_query=15, inner_lr=0.4, inner_steps=1,
                          eval_steps=3, meta_batch=32, iterations=2000, eval_tasks=600, meta_lr=1e-3)

@@ -113,3 +113,19 @@ def test_ragged_classes_give_distinct_images_of_one_class_per_label():
         seen_last.update(x[:, :, 1].flatten().tolist())
     # the last images of the largest classes are drawn too: padding does not hide real entries
     assert int(len(targets) - 1) in seen_last
+
+
+def test_pixel_nn_takes_the_class_of_the_nearest_support_example():
+    from metaphi.algorithms.base import CLASSIFICATION
+    from metaphi.algorithms.nearest import PixelNN
+
+    xs = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [9.0, 1.0]])
+    ys = torch.tensor([0, 1, 2, 1])
+    xq = torch.tensor([[1.0, 1.0], [8.0, 0.0], [1.0, 8.0], [9.0, 2.0]])
+    yq = torch.tensor([0, 1, 2, 1])
+    algo = PixelNN(CLASSIFICATION)
+    logits = algo.predict({}, (xs, ys), xq)
+    assert logits.argmax(1).tolist() == [0, 1, 2, 1]
+    # minus the distance to the class's nearest example
+    assert float(logits[3, 1]) == pytest.approx(-1.0)
+    assert float(algo.evaluate({}, Task((xs, ys), (xq, yq)))) == 1.0

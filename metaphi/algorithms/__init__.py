@@ -19,6 +19,7 @@ ALGORITHMS = {
     "metasgd": "metaphi.algorithms.maml:metasgd",
     "scratch": "metaphi.algorithms.baselines:scratch",
     "pretrain": "metaphi.algorithms.baselines:pretrain",
+    "pixel-nn": "metaphi.algorithms.nearest:pixel_nn",
     "imaml": "metaphi.algorithms.imaml:imaml",
     "protonet": "metaphi.algorithms.protonet:protonet",
     "protonet-cosine": "metaphi.algorithms.protonet:protonet_cosine",
@@ -31,6 +32,7 @@ ALGORITHMS = {
 SPEC_CLASSES = {
     "maml": "metaphi.algorithms.maml:maml_from_spec",
     "pretrain": "metaphi.algorithms.baselines:pretrain_from_spec",
+    "pixel-nn": "metaphi.algorithms.nearest:pixel_nn_from_spec",
     "imaml": "metaphi.algorithms.imaml:imaml_from_spec",
     "protonet": "metaphi.algorithms.protonet:protonet_from_spec",
     "matching": "metaphi.algorithms.matching:matching_from_spec",
