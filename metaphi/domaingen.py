@@ -66,7 +66,8 @@ def build_domains(data: str, options: dict):
         from .benchmarks import default_data_root
 
         classes = dm.omniglot_classes(options.get("data_root") or default_data_root(),
-                                      options.get("alphabets") or ["Greek"], options.get("omniglot_set", "small1"))
+                                      options.get("alphabets") or ["Greek"], options.get("omniglot_set", "small1"),
+                                      download=options.get("download", False))
         classes = dm.choose_classes(classes, options.get("classes"), kw["split_seed"])
         angles = [float(a) for a in chosen] if chosen else dm.ANGLES
         return dm.rotated_domains(classes, angles, name=data, **kw)
@@ -265,6 +266,8 @@ def register(subparsers) -> None:
                    "(default: all for Omniglot and folders, 10 for glyphs)")
     p.add_argument("--data-root",
                    help="folder with the Omniglot archives (default: $METAPHI_DATA or ~/.cache/metaphi/data)")
+    p.add_argument("--download", action="store_true",
+                   help="rotated-omniglot: download the small1 archive if it is missing (checked by SHA-256)")
     p.add_argument("--image-size", type=int, help="folder:PATH only: resize images to this size (default 28)")
     p.add_argument("--channels", type=int, choices=[1, 3], help="folder:PATH only: 1 (grey, default) or 3 (RGB)")
     p.add_argument("--invert", action="store_true", help="folder:PATH only: dark ink on light paper becomes high")
@@ -328,9 +331,9 @@ def cmd_domaingen(args) -> int:
         raise UsageError(f"--adapt-shots must lie in 1..--adapt-per-class ({args.adapt_per_class}), "
                          f"got {args.adapt_shots}")
     options = {"domains": _csv(args.domains), "alphabets": _csv(args.alphabets), "classes": args.classes,
-               "data_root": args.data_root, "image_size": args.image_size, "channels": args.channels,
-               "invert": args.invert, "test_per_class": args.test_per_class, "adapt_per_class": args.adapt_per_class,
-               "split_seed": args.split_seed}
+               "data_root": args.data_root, "download": args.download, "image_size": args.image_size,
+               "channels": args.channels, "invert": args.invert, "test_per_class": args.test_per_class,
+               "adapt_per_class": args.adapt_per_class, "split_seed": args.split_seed}
     domains = build_domains(args.data, options)
     held = (domains.domains if args.held_out == "all"
             else [domains.domains[domains.index(d)] for d in _csv(args.held_out)])
@@ -339,7 +342,7 @@ def cmd_domaingen(args) -> int:
                 "hidden": args.hidden, "blocks": args.blocks, "adapt_shots": shots, "adapt_steps": args.adapt_steps,
                 "adapt_lr": args.adapt_lr, "adapt_params": args.adapt_params, "adapt_draws": args.adapt_draws,
                 "eval_seed": args.eval_seed, "checkpoint_every": args.checkpoint_every,
-                "data_options": {k: v for k, v in options.items() if k != "data_root"}}
+                "data_options": {k: v for k, v in options.items() if k not in ("data_root", "download")}}
     if len(domains.domains) - 1 <= args.meta_test and any(m != "erm" for m in methods) and len(domains.domains) > 2:
         raise UsageError(f"--meta-test {args.meta_test} leaves no meta-train domain among "
                          f"{len(domains.domains) - 1} source domains")

@@ -338,11 +338,11 @@ def choose_classes(data: ImageClasses, classes: int | None, seed: int = 0) -> Im
 
 
 def omniglot_classes(data_root: str | os.PathLike, alphabets: Sequence[str] | None = None,
-                     which: str = "small1", image_size: int = 28) -> ImageClasses:
+                     which: str = "small1", image_size: int = 28, download: bool = False) -> ImageClasses:
     """The characters of the named alphabets of an Omniglot set (all its alphabets for None)."""
     from . import omniglot
 
-    data = omniglot.read(data_root, which, image_size)
+    data = omniglot.read(data_root, which, image_size, download=download)
     if not alphabets:
         return data
     known = sorted(set(data.groups))
