@@ -110,3 +110,31 @@ def test_meta_distillation_trains_conv_student_from_wide_conv_teacher():
         assert all(torch.isfinite(v).all() for v in p.values()), method
         if method.startswith("meta"):
             assert any(not torch.equal(t[k], v.detach()) for k, v in teacher.named_parameters())
+
+
+def _tiny_store(*args, **kwargs):
+    from metaphi.tasks.base import ImageClasses
+    g = torch.Generator().manual_seed(0)
+    targets = torch.arange(4).repeat_interleave(4)
+    images = (torch.rand(16, 1, 8, 8, generator=g) * 255).to(torch.uint8)
+    return ImageClasses(images, targets, [f"c{i}" for i in range(4)])
+
+
+def test_cli_distill_writes_results_and_resumes(tmp_path, monkeypatch, capsys):
+    import json
+
+    import metaphi.distill as cli_distill
+    from metaphi.cli import main
+    monkeypatch.setattr(cli_distill, "load_data", _tiny_store)
+    out = tmp_path / "d"
+    argv = ["distill", "glyphs", "--pair", "mlp", "--methods", "alone,kd,meta-fo", "--teacher-epochs", "1,2",
+            "--epochs", "1", "--seeds", "0,1", "--per-class", "2,1,1", "--batch", "4", "--out", str(out), "--quiet"]
+    assert main(argv) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert len(result["rows"]) == 2 * (1 + 2 * 2) and (out / "checkpoint.pt").exists()
+    assert {e["method"] for e in result["summary"]} == {"alone", "kd", "meta-fo"}
+    assert main(argv) == 0  # every run is in the checkpoint: nothing is trained again
+    assert json.loads((out / "result.json").read_text())["rows"] == result["rows"]
+    assert main([*argv[:-3], "--lr", "1e-2", "--out", str(out), "--quiet"]) == 2
+    assert main(["distill", "--methods", "nope", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown nope" in capsys.readouterr().err

@@ -18,8 +18,8 @@ after learning from it. One step, on a training batch (x, y) and a quiz batch (x
     teacher:  φ ← Adam(φ, ∇_φ L_q(φ) + μ ∇_φ CE(t_φ(x), y))
     student:  θ ← Adam(θ, ∇_θ L_KD(θ; φ_new, x, y))       (the real update, with the updated teacher)
 
-The μ term keeps the teacher a good classifier while it learns to teach (MetaDistil trains the
-teacher on its own task loss as well). ∇_φ L_q = −α (∂²L_KD/∂φ∂θ) v with v = ∇_θ' L_q:
+MetaDistil's teacher follows the quiz loss alone (μ = 0, the default); μ > 0 also keeps training the
+teacher on its own labels, which holds its accuracy up while it learns to teach. ∇_φ L_q = −α (∂²L_KD/∂φ∂θ) v with v = ∇_θ' L_q:
 
 - second order: autograd through the pilot step (``metaphi.inner.adapt`` with one SGD step; its
   ``torch.func.grad`` is differentiated by the outer ``autograd.grad``);
@@ -52,7 +52,7 @@ class DistillConfig:
     lr: float = 3e-3                # Adam step size of the real student
     pilot_lr: float = 0.1           # α, SGD step size of the pilot update
     teacher_lr: float = 1e-4        # Adam step size of the teacher in meta distillation
-    teacher_ce_weight: float = 1.0  # μ
+    teacher_ce_weight: float = 0.0  # μ; MetaDistil's teacher follows the quiz loss alone
     fd_eps: float = 0.01            # ε₀ of the first-order variant
 
     def to_dict(self) -> dict:
@@ -215,5 +215,5 @@ def train_student(student: nn.Module, params: Params, train: tuple[Tensor, Tenso
             if losses[-1] != losses[-1]:
                 raise FloatingPointError(f"loss became NaN in epoch {epoch + 1}; lower --lr or --teacher-lr")
         if on_epoch is not None:
-            on_epoch(epoch, {"loss": sum(losses) / len(losses)})
+            on_epoch(epoch, {"loss": sum(losses) / len(losses), "params": params, "teacher_params": t_params})
     return params, t_params
