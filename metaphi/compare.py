@@ -240,8 +240,11 @@ def plot_axes(summary: dict, left, right) -> None:
 
 
 def register(subparsers) -> None:
+    import argparse
+
     p = subparsers.add_parser("compare", help="run several methods on the same fixed test tasks; table and plot",
-                              description=__doc__.split("\n\n")[0])
+                              description=__doc__.replace("``", ""),
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("methods", nargs="+", metavar="METHOD", help="[LABEL=]ALGO[@INIT][:key=value,...]")
     p.add_argument("--benchmark", default="glyphs")
     p.add_argument("--data-root", default=None)
