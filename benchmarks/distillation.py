@@ -47,16 +47,23 @@ def run_one(name: str, data_root: str | None, teacher_ce_weight: float, checkpoi
     return result
 
 
+def collect(name: str, checkpoints: str) -> dict:
+    import torch
+    from metaphi.distill import summarize
+    saved = torch.load(os.path.join(checkpoints, f"{name}.pt"), weights_only=False)
+    rows = saved["rows"]
+    return {"config": saved["config"], "rows": rows, "summary": summarize(rows), "name": name,
+            "wall_s": sum(r["wall_s"] for r in rows), "partial": True}
+
+
 def best_teacher_table(result: dict) -> str:
     """Per seed: is the teacher with the best test accuracy the one whose KD student is best?"""
     rows = result["rows"]
-    seeds = sorted({r["seed"] for r in rows})
+    seeds = sorted({r["seed"] for r in rows if r["method"] == "kd"})
     agree, lines = 0, ["| seed | teacher acc by epochs | KD student acc by teacher epochs | best-scoring teacher "
                        "| best teacher (KD) |", "|---|---|---|---|---|"]
     for s in seeds:
         kd = {r["teacher_epochs"]: r for r in rows if r["seed"] == s and r["method"] == "kd"}
-        if not kd:
-            continue
         top_t = max(kd, key=lambda e: kd[e]["teacher_acc"])
         top_s = max(kd, key=lambda e: kd[e]["student_acc"])
         agree += top_t == top_s
@@ -76,14 +83,22 @@ def main() -> None:
     p.add_argument("--teacher-ce-weight", type=float, default=0.0)
     p.add_argument("--checkpoints", default="/tmp/metaphi-distill-bench",
                    help="folder of per-configuration checkpoints; a rerun resumes from them")
+    p.add_argument("--collect", action="store_true",
+                   help="train nothing: write the report from the runs the checkpoints hold so far")
     args = p.parse_args()
     names = [n for n in args.only.split(",") if n]
     info = machine()
     os.makedirs(args.checkpoints, exist_ok=True)
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(args.workers) as pool:
-        futures = {n: pool.submit(run_one, n, args.data_root, args.teacher_ce_weight, args.checkpoints) for n in names}
-        results = {n: f.result() for n, f in futures.items()}
+    if args.collect:
+        results = {n: collect(n, args.checkpoints) for n in names
+                   if os.path.exists(os.path.join(args.checkpoints, f"{n}.pt"))}
+        names = list(results)
+    else:
+        with ProcessPoolExecutor(args.workers) as pool:
+            futures = {n: pool.submit(run_one, n, args.data_root, args.teacher_ce_weight, args.checkpoints)
+                       for n in names}
+            results = {n: f.result() for n, f in futures.items()}
     wall = time.perf_counter() - t0
     parts = ["## Knowledge distillation: alone, plain KD, meta-learned teacher", "",
              f"Command: `OMP_NUM_THREADS=1 .venv/bin/python benchmarks/distillation.py --only {','.join(names)} "
@@ -93,7 +108,9 @@ def main() -> None:
              f"{args.workers} processes, total wall time {wall / 60:.1f} min.", ""]
     for n in names:
         r = results[n]
-        parts += [f"### {n} (wall {r['wall_s'] / 60:.1f} min)", "", markdown(r), "", best_teacher_table(r), ""]
+        title = (f"### {n} (collected from checkpoints: {len(r['rows'])} runs; student training wall "
+                 f"{r['wall_s'] / 60:.1f} min)" if r.get("partial") else f"### {n} (wall {r['wall_s'] / 60:.1f} min)")
+        parts += [title, "", markdown(r), "", best_teacher_table(r), ""]
     write("distillation", {"machine": info, "wall_s": wall, "results": results}, "\n".join(parts))
 
 
