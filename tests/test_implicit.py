@@ -13,7 +13,7 @@ from metaphi.evaluate import evaluate
 from metaphi.inner import SGD
 from metaphi.models import MLP
 from metaphi.outer import Unrolled, build_estimator
-from metaphi.outer.implicit import Implicit, conjugate_gradient, hypergradient, neumann
+from metaphi.outer.implicit import Implicit, _masked_solve, conjugate_gradient, hypergradient, neumann
 from metaphi.tasks import Task
 
 
@@ -77,6 +77,21 @@ def test_cg_stops_at_nonpositive_curvature():
     a = torch.diag(torch.tensor([1.0, -1.0]))
     x, info = conjugate_gradient(lambda v: [a @ v[0]], [torch.tensor([1.0, 1.0])], steps=10)
     assert torch.isfinite(x[0]).all() and info.iterations == 1 and info.residual == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("solver, a, options", [
+    (conjugate_gradient, [1.0, -0.99], {}),                # a tiny positive pᵀAp: the first CG step overshoots
+    (neumann, [1.0, 10.0], {"alpha": 0.5}),                # α above 2 / λ_max: the series diverges
+])
+def test_solvers_return_the_smallest_residual_on_hard_systems(solver, a, options):
+    a = torch.diag(torch.tensor(a))
+    b = [torch.tensor([1.0, 1.0])]
+    x, info = solver(lambda v: [a @ v[0]], b, steps=6, **options)
+    true = float((a @ x[0] - b[0]).norm() / b[0].norm())
+    assert info.residual <= 1.0 and info.residual == pytest.approx(true, abs=1e-12)
+    name = "cg" if solver is conjugate_gradient else "neumann"
+    x_masked, used, residual = _masked_solve(name, lambda v: [a @ v[0]], b, 6, 1e-10, options.get("alpha"))
+    assert torch.allclose(x_masked[0], x[0]) and float(residual) == pytest.approx(info.residual, abs=1e-12)
 
 
 # --- a quadratic bilevel problem with a closed form -----------------------------------------------

@@ -24,11 +24,19 @@ problem. The linear system is solved with Hessian-vector products only, never th
 For iMAML, g(θ, φ) = L_S(θ) + λ/2 ‖θ − φ‖², so ∂²_θθ g = H_S + λI, ∂²_φθ g = −λI, f = L_Q(θ), and
 dF/dφ = λ v = (I + H_S/λ)⁻¹ ∇L_Q(θ*).
 
-``hypergradient`` is the whole computation for any pair of losses; ``Implicit`` is the estimator
-that applies it to each task of a meta-batch, for algorithms whose ``bilevel(phi, task, batched)`` states
-their inner and outer problems as a ``Bilevel``. The solver reports its relative residual
-‖A v − b‖ / ‖b‖, and the estimator logs it with the inner problem's gradient norm ‖∇_θ g(θ*, φ)‖
-(how far θ* is from stationary, which is what the theorem assumes).
+``hypergradient`` is the whole computation for any pair of losses, so a one-dataset bilevel problem
+(per-sample weights, architecture weights, augmentation parameters as φ; the network's weights as θ)
+can use it in place of unrolling its training steps:
+
+    grads, info = hypergradient(lambda w, phi: train_loss(w, phi), w_star,
+                                lambda w, phi: val_loss(w), phi, solver="cg", steps=10, damping=0.1)
+
+(an unregularised training loss often has a singular or indefinite Hessian: damping makes the system
+solvable, at the price of a biased gradient). ``hypergradient_func`` is the same under ``vmap``.
+``Implicit`` is the estimator that applies it to each task of a meta-batch, for algorithms whose
+``bilevel(phi, task, batched)`` states their inner and outer problems as a ``Bilevel``. The solver
+reports its relative residual ‖A v − b‖ / ‖b‖, and the estimator logs it with the inner problem's
+gradient norm ‖∇_θ g(θ*, φ)‖ (how far θ* is from stationary, which is what the theorem assumes).
 """
 from __future__ import annotations
 
@@ -62,7 +70,9 @@ def conjugate_gradient(matvec: MatVec, b: Vector, steps: int = 5, tol: float = 1
 
     Stops after ``steps`` products or when ‖r‖ ≤ tol ‖b‖. If a search direction shows A is not
     positive definite along it (pᵀAp ≤ 0, as an indefinite Hessian can), CG stops there rather than
-    step to a saddle; the residual then says how good x is.
+    step to a saddle. On such a system, or a nearly singular one, a CG step can also overshoot; so
+    the iterate returned is the one with the smallest residual seen, x₀ = 0 included (for a
+    well-conditioned positive-definite A, the last one).
     """
     x = [torch.zeros_like(t) for t in b]
     r = [t.clone() for t in b]
@@ -71,7 +81,7 @@ def conjugate_gradient(matvec: MatVec, b: Vector, steps: int = 5, tol: float = 1
     b_norm = float(rs.sqrt())
     if b_norm == 0.0:
         return x, SolveInfo(0, 0.0)
-    used = 0
+    used, best_x, best_rs = 0, x, float(rs)
     for _ in range(steps):
         if math.sqrt(float(rs)) <= tol * b_norm:
             break
@@ -86,7 +96,9 @@ def conjugate_gradient(matvec: MatVec, b: Vector, steps: int = 5, tol: float = 1
         rs_new = _dot(r, r)
         p = _axpy(rs_new / rs, p, r)
         rs = rs_new
-    return x, SolveInfo(used, math.sqrt(float(rs)) / b_norm)
+        if float(rs) < best_rs:
+            best_x, best_rs = x, float(rs)
+    return best_x, SolveInfo(used, math.sqrt(best_rs) / b_norm)
 
 
 def neumann(matvec: MatVec, b: Vector, steps: int = 20, tol: float = 1e-10, alpha: float = 0.1
@@ -94,14 +106,15 @@ def neumann(matvec: MatVec, b: Vector, steps: int = 20, tol: float = 1e-10, alph
     """A x = b by the truncated Neumann series x = α Σ_{j<K} (I − αA)^j b.
 
     Written as Richardson's iteration x ← x + α r, r ← r − α A r (r = b − A x throughout), so the
-    residual of every partial sum comes for free. Converges iff the spectrum of αA lies in (0, 2).
+    residual of every partial sum comes for free. Converges iff the spectrum of αA lies in (0, 2);
+    where it does not, the partial sum with the smallest residual (x₀ = 0 included) is returned.
     """
     x = [torch.zeros_like(t) for t in b]
     r = [t.clone() for t in b]
     b_norm = float(_dot(b, b).sqrt())
     if b_norm == 0.0:
         return x, SolveInfo(0, 0.0)
-    r_norm, used = b_norm, 0
+    r_norm, used, best_x, best_norm = b_norm, 0, x, b_norm
     for _ in range(steps):
         if r_norm <= tol * b_norm:
             break
@@ -109,7 +122,9 @@ def neumann(matvec: MatVec, b: Vector, steps: int = 20, tol: float = 1e-10, alph
         r = _axpy(-alpha, matvec(r), r)
         used += 1
         r_norm = float(_dot(r, r).sqrt())
-    return x, SolveInfo(used, r_norm / b_norm)
+        if r_norm < best_norm:
+            best_x, best_norm = x, r_norm
+    return best_x, SolveInfo(used, best_norm / b_norm)
 
 
 SOLVERS = {"cg": conjugate_gradient, "neumann": neumann}
@@ -180,14 +195,20 @@ def _masked_solve(solver: str, matvec: MatVec, b: Vector, steps: int, tol: float
                   ) -> tuple[list[Tensor], Tensor, Tensor]:
     """``conjugate_gradient`` or ``neumann`` without data-dependent branches, so that ``vmap`` can
     batch it: all ``steps`` products are computed, and once a solve has converged (or, for CG, met
-    nonpositive curvature) its later updates are masked out. Returns x, the products that counted
-    and the relative residual, as tensors."""
+    nonpositive curvature) its later updates are masked out. Like them it returns the iterate with
+    the smallest residual, with the products that counted and that relative residual, as tensors."""
     x = [torch.zeros_like(t) for t in b]
     r = list(b)
     rs = _dot(r, r)
     b_norm = rs.sqrt()
     stopped = b_norm <= 0
     used = torch.zeros((), dtype=b_norm.dtype, device=b_norm.device)
+    best_x, best_rs = x, rs
+
+    def keep_best(x, rs, best_x, best_rs):
+        better = rs < best_rs
+        return [torch.where(better, xi, bi) for xi, bi in zip(x, best_x)], torch.where(better, rs, best_rs)
+
     if solver == "cg":
         p = list(b)
         for _ in range(steps):
@@ -204,6 +225,7 @@ def _masked_solve(solver: str, matvec: MatVec, b: Vector, steps: int, tol: float
             p = [torch.where(go, ri + beta * pi, pi) for ri, pi in zip(r, p)]
             rs = torch.where(go, rs_new, rs)
             used = used + go
+            best_x, best_rs = keep_best(x, rs, best_x, best_rs)
     else:
         for _ in range(steps):
             stopped = stopped | (rs.sqrt() <= tol * b_norm)
@@ -213,9 +235,10 @@ def _masked_solve(solver: str, matvec: MatVec, b: Vector, steps: int, tol: float
             r = _axpy(-step, ar, r)
             rs = _dot(r, r)
             used = used + ~stopped
-    residual = torch.where(b_norm > 0, rs.sqrt() / torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm)),
+            best_x, best_rs = keep_best(x, rs, best_x, best_rs)
+    residual = torch.where(b_norm > 0, best_rs.sqrt() / torch.where(b_norm > 0, b_norm, torch.ones_like(b_norm)),
                            torch.zeros_like(b_norm))
-    return x, used, residual
+    return best_x, used, residual
 
 
 def hypergradient_func(inner_loss: Callable[[Params, Params], Tensor], solution: Mapping[str, Tensor],
