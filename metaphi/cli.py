@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--estimator", choices=list(ESTIMATORS),
                      help="how φ's update is estimated (default: the algorithm's own)")
     run.add_argument("--loop", action="store_true", help="run the tasks of a meta-batch one by one instead of as one vmap batch")
+    run.add_argument("--checkpoint-inner", action="store_true",
+                     help="gradient-checkpoint each inner step: memory for long second-order inner loops, for "
+                          "about two more forwards and one more inner backward per step (tasks run one by one)")
     run.add_argument("--solver", choices=["cg", "neumann"], help="implicit estimator: linear solver (default cg)")
     run.add_argument("--solver-steps", type=int, help="implicit estimator: most Hessian-vector products (default 5)")
     run.add_argument("--solver-tol", type=float, help="implicit estimator: relative residual to stop at")
@@ -207,10 +210,14 @@ def train_and_test(name: str, benchmark, s: dict, args, out_dir: str, estimator_
     started = time.perf_counter()
     solver_options = {k: getattr(args, k) for k in ("solver", "solver_steps", "solver_tol", "solver_damping",
                                                     "neumann_alpha") if getattr(args, k, None) is not None}
-    estimator = build_estimator(estimator_name, vectorize=not args.loop, **solver_options)
+    estimator = build_estimator(estimator_name, vectorize=not args.loop,
+                                checkpoint=getattr(args, "checkpoint_inner", False), **solver_options)
     state = meta_train(algo, estimator, sample_train, config, out_dir=out_dir, validate=validate,
                        resume=args.resume and os.path.exists(os.path.join(out_dir, "checkpoint.pt")), run=run,
                        progress=progress)
+    from . import distributed
+    if not distributed.is_main():  # under torchrun rank 0 alone tests and writes the results
+        return {"algorithm": name, "rank": distributed.rank()}
     test = evaluate(algo, state.phi, test_sampler, s["eval_tasks"], args.eval_seed, device=args.device,
                     progress=progress, desc=f"test {name}")
     result = {
@@ -225,7 +232,7 @@ def train_and_test(name: str, benchmark, s: dict, args, out_dir: str, estimator_
         "meta_batch": s["meta_batch"], "meta_lr": s["meta_lr"], "estimator": estimator_name,
         "parameters": sum(v.numel() for v in state.phi.values()), "machine": machine(),
         "train_ways": train_ways, "init": init,
-        "checkpoint": os.path.join(out_dir, "checkpoint.pt"),
+        "checkpoint": os.path.join(out_dir, "checkpoint.pt"), "processes": distributed.world_size(),
     }
     write_json(result, os.path.join(out_dir, "result.json"))
     return result
@@ -251,6 +258,17 @@ def benchmark_options(args) -> dict:
 
 
 def cmd_run(args) -> int:
+    """``metaphi run``; under ``torchrun`` every process runs it, joined into one process group."""
+    from . import distributed
+
+    args.device = distributed.init_from_env(args.device)
+    try:
+        return _run(args, distributed.is_main())
+    finally:
+        distributed.shutdown()
+
+
+def _run(args, main_process: bool) -> int:
     from .algorithms import BASELINES
     from .benchmarks import build_benchmark
 
@@ -274,7 +292,10 @@ def cmd_run(args) -> int:
             sub_dir = _writable_dir(os.path.join(out_dir, "baselines", name))
             result["baselines"][name] = train_and_test(name, benchmark, s, args, sub_dir,
                                                        eval_steps=args.baseline_steps, progress=progress)
-        write_json(result, os.path.join(out_dir, "result.json"))
+        if main_process:
+            write_json(result, os.path.join(out_dir, "result.json"))
+    if not main_process:
+        return 0
     print(format_table(result))
     print(f"wrote {os.path.join(out_dir, 'result.json')} and {os.path.join(out_dir, 'checkpoint.pt')}")
     return 0
@@ -319,6 +340,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and args.command != "run":
+            raise UsageError(f"only 'metaphi run' runs on several processes (torchrun); run '{args.command}' "
+                             "as one process")
         return args.func(args)
     except (UsageError, DataError) as e:
         print(f"metaphi: error: {e}", file=sys.stderr)

@@ -4,6 +4,11 @@ One loop serves every algorithm and estimator: an estimator turns a meta-batch o
 gradient (or update direction) for φ; the outer optimizer applies it. A checkpoint holds everything
 needed to continue a killed run to the same result: φ, the optimizer's state, the sampler's
 generator state and the iteration, written atomically.
+
+Under ``torchrun`` (a process group is initialized, see ``metaphi.distributed``) each meta-batch is
+split across the processes and their meta-gradients are all-reduced before the optimizer step, so a
+run on N processes is the run on one with the same total meta-batch; only rank 0 writes the log and
+checkpoints, shows progress and validates.
 """
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed
 from .functional import Params
 from .tasks import Task, atomic_save
 
@@ -95,10 +101,15 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
     phi = {k: v.detach().to(device).requires_grad_() for k, v in algorithm.init_meta_params().items()}
     state = TrainState(phi, make_optimizer(config.optimizer, list(phi.values()), config.meta_lr),
                        torch.Generator().manual_seed(config.seed))
-    if out_dir:
+    world, rank = distributed.world_size(), distributed.rank()
+    main = rank == 0
+    if world > 1 and config.meta_batch < world:
+        raise ValueError(f"a meta-batch of {config.meta_batch} tasks cannot be split across {world} processes; "
+                         f"use a meta-batch of at least {world}")
+    if out_dir and main:
         os.makedirs(out_dir, exist_ok=True)
     ck_path = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
-    log_path = os.path.join(out_dir, "metrics.jsonl") if out_dir else None
+    log_path = os.path.join(out_dir, "metrics.jsonl") if out_dir and main else None
     if resume:
         if not ck_path or not os.path.exists(ck_path):
             raise FileNotFoundError(f"--resume: no checkpoint at {ck_path}")
@@ -114,6 +125,7 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
             estimator.load_state_dict(ck["estimator"])
     elif hasattr(estimator, "start"):  # estimators with randomness of their own draw it from the run's seed
         estimator.start(config.seed)
+    distributed.broadcast_params(state.phi)  # every rank starts from rank 0's φ, whatever its own init drew
     if log_path:
         # the log holds exactly the iterations the checkpoint holds, so a resumed run's log is whole
         with open(log_path, "w") as f:
@@ -121,19 +133,25 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
                 f.write(json.dumps(row) + "\n")
 
     def checkpoint() -> None:
-        if ck_path:
+        if ck_path and main:
             state.estimator = estimator.state_dict() if hasattr(estimator, "state_dict") else None
             save_checkpoint(ck_path, algorithm, state, config, run)
 
     bar = tqdm(total=config.iterations, initial=state.iteration, desc=f"meta-train {algorithm.name}",
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress or not main, dynamic_ncols=True)
     last_val = None
     try:
         while state.iteration < config.iterations:
             started = time.perf_counter()
-            tasks = sample_tasks(config.meta_batch, state.generator).to(device)
+            tasks = sample_tasks(config.meta_batch, state.generator)
+            if world > 1:  # every rank draws the whole meta-batch from the one stream and keeps its share
+                tasks = distributed.shard(tasks, rank, world)
+            tasks = tasks.to(device)
             before = estimator.state_dict() if hasattr(estimator, "state_dict") else None
             grads, metrics = estimator(algorithm, state.phi, tasks)
+            if world > 1:
+                local = distributed.shard_sizes(config.meta_batch, world)[rank]
+                grads, metrics = distributed.all_reduce_mean(grads, metrics, local, config.meta_batch)
             if not math.isfinite(metrics["loss"]) or not all(torch.isfinite(g).all() for g in grads.values()):
                 if before is not None:
                     estimator.load_state_dict(before)
@@ -148,7 +166,7 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
             state.iteration += 1
             state.train_seconds += time.perf_counter() - started
             row = {"iteration": state.iteration, **metrics, "seconds": round(state.train_seconds, 3)}
-            if validate and (state.iteration % config.val_every == 0 or state.iteration == config.iterations):
+            if validate and main and (state.iteration % config.val_every == 0 or state.iteration == config.iterations):
                 last_val = validate(state.phi)
                 row["val"] = last_val
             state.history.append(row)

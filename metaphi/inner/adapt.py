@@ -1,10 +1,25 @@
-"""The inner loop: learning one task from its support set."""
+"""The inner loop: learning one task from its support set.
+
+Gradient checkpointing (``checkpoint=True``, or ``with inner_checkpointing():`` around code that
+adapts) keeps only each step's parameters and recomputes a step's graph when the outer backward
+reaches it (``torch.utils.checkpoint``), so the memory of a second-order meta-gradient grows with
+the inner steps by one parameter set per step instead of one full double-backward graph per step:
+long inner loops fit, for about two more forwards and one more inner backward per step (torch's
+checkpoint recomputes a step's forward once for its inner gradient and once for the outer
+backward). It runs one task at a time: the checkpointed step takes its gradient with
+``torch.autograd.grad``, because ``torch.func.grad`` does not run under checkpointing's saved-tensor
+hooks, so it cannot be vmapped.
+"""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import Tensor
+import torch.utils.checkpoint
+from torch.utils import _pytree as pytree
 
 from ..functional import Params, detach
 from .rules import UpdateRule
@@ -18,6 +33,7 @@ def adapt_steps(
     steps: int,
     first_order: bool = False,
     trainable: Iterable[str] | None = None,
+    checkpoint: bool | None = None,
 ) -> Iterator[Params]:
     """Yield the params after 0, 1, ..., ``steps`` updates of ``rule`` on ``loss_fn``.
 
@@ -26,6 +42,8 @@ def adapt_steps(
     arithmetic stays differentiable (so a learned step size still gets a gradient) but no second
     derivatives are formed, which is first-order MAML. Gradients come from ``torch.func.grad`` so the
     same code runs inside ``vmap`` over a batch of tasks and under an outer ``autograd.grad``.
+    ``checkpoint`` checkpoints each step (see the module docstring); ``None`` follows the enclosing
+    ``inner_checkpointing`` block (off by default). It applies only while gradients are recorded.
     """
     keys = list(params) if trainable is None else [k for k in params if k in set(trainable)]
     fixed = {k: v for k, v in params.items() if k not in keys}
@@ -33,19 +51,65 @@ def adapt_steps(
     state = rule.init(current)
     yield {**fixed, **current}
     fixed_const = detach(fixed) if first_order else fixed
+    checkpointed = (_CHECKPOINT.get() if checkpoint is None else checkpoint) and torch.is_grad_enabled()
+    if checkpointed and torch._C._functorch.maybe_current_level() is not None:
+        raise ValueError("a checkpointed inner loop runs one task at a time and cannot run under torch.func "
+                         "transforms (vmap, grad); run the tasks in a loop (vectorize=False)")
     for _ in range(steps):
-        if first_order:
-            grads = torch.func.grad(lambda p: loss_fn({**fixed_const, **p}))(detach(current))
+        if checkpointed:
+            current, state = _checkpointed_step(loss_fn, fixed_const, current, state, rule,
+                                                {k: v for k, v in rule_meta.items() if k not in fixed}, first_order)
         else:
-            grads = torch.func.grad(lambda p: loss_fn({**fixed, **p}))(current)
-        current, state = rule.update(current, grads, state, {k: v for k, v in rule_meta.items() if k not in fixed})
+            if first_order:
+                grads = torch.func.grad(lambda p: loss_fn({**fixed_const, **p}))(detach(current))
+            else:
+                grads = torch.func.grad(lambda p: loss_fn({**fixed, **p}))(current)
+            current, state = rule.update(current, grads, state, {k: v for k, v in rule_meta.items() if k not in fixed})
         yield {**fixed, **current}
 
 
 def adapt(loss_fn: Callable[[Params], Tensor], params: Params, rule: UpdateRule, rule_meta: Params, steps: int,
-          first_order: bool = False, trainable: Iterable[str] | None = None) -> Params:
+          first_order: bool = False, trainable: Iterable[str] | None = None, checkpoint: bool | None = None) -> Params:
     """The params after ``steps`` inner updates (see ``adapt_steps``)."""
     result = params
-    for result in adapt_steps(loss_fn, params, rule, rule_meta, steps, first_order, trainable):
+    for result in adapt_steps(loss_fn, params, rule, rule_meta, steps, first_order, trainable, checkpoint):
         pass
     return result
+
+
+_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar("metaphi_inner_checkpoint", default=False)
+
+
+@contextlib.contextmanager
+def inner_checkpointing(enabled: bool = True):
+    """Inner loops adapted inside this block are checkpointed (unless ``adapt`` is told otherwise)."""
+    token = _CHECKPOINT.set(enabled)
+    try:
+        yield
+    finally:
+        _CHECKPOINT.reset(token)
+
+
+def _checkpointed_step(loss_fn, fixed: Params, current: Params, state, rule: UpdateRule, meta: Params,
+                       first_order: bool) -> tuple[Params, object]:
+    """One update of ``rule``, recomputed in the outer backward instead of stored."""
+    leaves, spec = pytree.tree_flatten((current, state))
+    out_spec = []
+
+    def step(*flat):
+        params, st = pytree.tree_unflatten(list(flat), spec)
+        with torch.enable_grad():
+            if first_order:
+                probe = {k: v.detach().requires_grad_() for k, v in params.items()}
+            else:  # entries that carry no graph (a detached φ) still need a gradient of their own
+                probe = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
+            loss = loss_fn({**fixed, **probe})
+            found = torch.autograd.grad(loss, list(probe.values()), create_graph=not first_order, allow_unused=True)
+        grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(params.items(), found)}
+        new, new_state = rule.update(params, grads, st, meta)
+        out, tree = pytree.tree_flatten((new, new_state))
+        out_spec[:] = [tree]
+        return tuple(out)
+
+    out = torch.utils.checkpoint.checkpoint(step, *leaves, use_reentrant=False)
+    return pytree.tree_unflatten(list(out), out_spec[0])

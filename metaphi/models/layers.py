@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 
@@ -8,9 +9,16 @@ class TaskBatchNorm(nn.Module):
     """Batch normalization with the statistics of the batch at hand, always; no running averages.
 
     This is BatchNorm as MAML uses it: each task is normalised with its own statistics, at training
-    and at test time, so nothing leaks between tasks. It is written in plain tensor operations
-    rather than with ``F.batch_norm`` because the fused kernel's double backward gives wrong
-    meta-gradients under ``torch.func.vmap`` (torch 2.13; see tests/test_engine.py).
+    and at test time, so nothing leaks between tasks.
+
+    Outside ``vmap`` it is torch's fused batch norm. Under ``torch.func.vmap`` the fused kernel's
+    batching rule gives wrong second derivatives (torch 2.13; tests/test_engine.py), and the plain
+    tensor formula it would fall back to is slow, so a batch of tasks is folded into the channel
+    axis instead: [tasks, N, C, ...] becomes [N, tasks·C, ...], whose per-channel statistics are
+    exactly the per-task ones, and the fused kernels (forward and backward) run once for the whole
+    batch (``_FoldedBatchNorm``). Where that path does not apply (third derivatives under vmap, a
+    torch without the functorch interpreter stack, or code being compiled by ``torch.compile``,
+    whose compiler fuses the formula itself) the plain formula is used; it is the reference.
     """
 
     def __init__(self, channels: int, eps: float = 1e-5):
@@ -20,8 +28,126 @@ class TaskBatchNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        dims = [0] + list(range(2, x.dim()))
-        mean = x.mean(dim=dims, keepdim=True)
-        var = x.var(dim=dims, keepdim=True, unbiased=False)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        return (x - mean) * torch.rsqrt(var + self.eps) * self.weight.view(shape) + self.bias.view(shape)
+        if torch.compiler.is_compiling():  # traced: the compiler fuses the formula, under any transform
+            return task_batch_norm_reference(x, self.weight, self.bias, self.eps)
+        mode = _transform_mode()
+        if mode == "none":
+            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
+        if mode == "vmap":
+            return _FoldedBatchNorm.apply(x, self.weight, self.bias, self.eps)
+        return task_batch_norm_reference(x, self.weight, self.bias, self.eps)
+
+
+def task_batch_norm_reference(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """Batch norm in plain tensor operations: correct under any composition of torch.func transforms."""
+    dims = [0] + list(range(2, x.dim()))
+    var, mean = torch.var_mean(x, dim=dims, keepdim=True, unbiased=False)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return (x - mean) * torch.rsqrt(var + eps) * weight.view(shape) + bias.view(shape)
+
+
+def _transform_mode() -> str:
+    """"none" outside torch.func transforms (plain autograd and ``torch.func.grad`` alone), "vmap"
+    when the folded kernels apply (one ``vmap`` with at most one ``grad`` inside it), "plain"
+    otherwise."""
+    get_stack = getattr(torch._C._functorch, "get_interpreter_stack", None)
+    if get_stack is None:
+        return "plain"
+    stack = get_stack()
+    if not stack:
+        return "none"
+    kinds = [i.key() for i in stack]
+    vmap, grad = torch._C._functorch.TransformType.Vmap, torch._C._functorch.TransformType.Grad
+    if vmap not in kinds:
+        return "none" if all(k == grad for k in kinds) else "plain"
+    if kinds.count(vmap) > 1:
+        return "plain"
+    above = kinds[kinds.index(vmap) + 1:]
+    return "vmap" if all(k == grad for k in above) and len(above) <= 1 else "plain"
+
+
+def _fold(t: Tensor, dim: int | None, batch: int) -> Tensor:
+    """[.., tasks at ``dim``, ..] laid out (N, C, ...) -> [N, tasks·C, ...]."""
+    t = t.movedim(dim, 0) if dim is not None else t.unsqueeze(0).expand(batch, *t.shape)
+    t = t.movedim(0, 1)
+    return t.reshape(t.shape[0], -1, *t.shape[3:])
+
+
+def _fold_channels(t: Tensor, dim: int | None, batch: int) -> Tensor:
+    """Per-channel [C] (batched at ``dim``) -> [tasks·C], matching ``_fold``."""
+    t = t.movedim(dim, 0) if dim is not None else t.unsqueeze(0).expand(batch, *t.shape)
+    return t.reshape(-1)
+
+
+def _unfold(t: Tensor, batch: int) -> Tensor:
+    t = t.reshape(t.shape[0], batch, -1, *t.shape[2:])
+    return t.movedim(1, 0)
+
+
+def _saved_statistics(x: Tensor, eps: float) -> tuple[Tensor, Tensor]:
+    # the fused backward takes the statistics as constants and differentiates them itself
+    dims = [0] + list(range(2, x.dim()))
+    var, mean = torch.var_mean(x.detach(), dim=dims, unbiased=False)
+    return mean, torch.rsqrt(var + eps)
+
+
+class _FoldedBatchNorm(torch.autograd.Function):
+    """Task batch norm whose vmap rule folds the task axis into the channels (see TaskBatchNorm)."""
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(x, weight, bias, eps):
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, _, eps = inputs
+        ctx.save_for_backward(x, weight)
+        ctx.eps = eps
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        gx, gw, gb = _FoldedBatchNormBackward.apply(grad, x, weight, ctx.eps)
+        return gx, gw, gb, None
+
+    @staticmethod
+    def vmap(info, in_dims, x, weight, bias, eps):
+        b = info.batch_size
+        out = F.batch_norm(_fold(x, in_dims[0], b), None, None, _fold_channels(weight, in_dims[1], b),
+                           _fold_channels(bias, in_dims[2], b), True, 0.0, eps)
+        return _unfold(out, b), 0
+
+
+class _FoldedBatchNormBackward(torch.autograd.Function):
+    """The fused batch-norm backward, folded the same way under vmap. Its physical call is recorded
+    by the enclosing autograd with torch's own double-backward formula, which is what makes the
+    second-order meta-gradient through it exact."""
+
+    generate_vmap_rule = False
+
+    @staticmethod
+    def forward(grad, x, weight, eps):
+        mean, invstd = _saved_statistics(x, eps)
+        return torch.ops.aten.native_batch_norm_backward(grad, x, weight, None, None, mean, invstd, True, eps,
+                                                         [True, True, True])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        # _transform_mode sends nested grad levels to the plain formula, so this is never reached
+        raise NotImplementedError("third derivatives of the folded task batch norm")
+
+    @staticmethod
+    def vmap(info, in_dims, grad, x, weight, eps):
+        b = info.batch_size
+        xf = _fold(x, in_dims[1], b)
+        mean, invstd = _saved_statistics(xf, eps)
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            _fold(grad, in_dims[0], b), xf, _fold_channels(weight, in_dims[2], b), None, None, mean, invstd, True,
+            eps, [True, True, True])
+        return (_unfold(gx, b), gw.reshape(b, -1), gb.reshape(b, -1)), (0, 0, 0)

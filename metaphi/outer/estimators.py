@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from ..functional import Params, detach, grads_or_zeros, prefixed
+from ..inner.adapt import inner_checkpointing
 from ..tasks import Task
 
 
@@ -35,17 +36,60 @@ class Unrolled:
     ``first_order=False``: exact (second-order) meta-gradient, MAML.
     ``first_order=True``: the inner gradients are held constant (first-order MAML).
     ``vectorize``: tasks are run as one ``vmap`` batch instead of a Python loop; same result.
+    In the loop each task's gradient is taken before the next task is run, so memory holds one
+    task's graph, not the meta-batch's.
+    ``checkpoint``: inner loops are gradient-checkpointed (``metaphi.inner.adapt``), for long inner
+    loops that would not fit otherwise; tasks then run in the loop.
+    ``chunk``: with ``vectorize``, at most this many tasks per ``vmap`` batch, each chunk's gradient
+    taken before the next is run: memory grows with the chunk, not with the meta-batch.
     """
 
-    def __init__(self, first_order: bool = False, vectorize: bool = False):
+    def __init__(self, first_order: bool = False, vectorize: bool = False, checkpoint: bool = False,
+                 chunk: int | None = None):
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.first_order = first_order
-        self.vectorize = vectorize
+        self.vectorize = vectorize and not checkpoint
+        self.checkpoint = checkpoint
+        self.chunk = chunk
         self.name = "first-order" if first_order else "second-order"
 
     def __call__(self, algorithm, phi: Params, tasks: Task) -> tuple[Params, dict[str, float]]:
-        loss, metrics = _mean_task_loss(algorithm, phi, tasks, self.first_order, self.vectorize)
-        grads = grads_or_zeros(loss, phi)
-        return grads, {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
+        if self.vectorize:
+            n = _task_count(tasks)
+            if self.chunk is None or self.chunk >= n:
+                loss, metrics = _mean_task_loss(algorithm, phi, tasks, self.first_order, True)
+                grads = grads_or_zeros(loss, phi)
+                return grads, {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
+            grads = {k: torch.zeros_like(v) for k, v in phi.items()}
+            sums: dict[str, float] = {}
+            for start in range(0, n, self.chunk):
+                part = torch.utils._pytree.tree_map(lambda t: t[start:start + self.chunk], tasks)
+                share = _task_count(part) / n
+                loss, metrics = _mean_task_loss(algorithm, phi, part, self.first_order, True)
+                if loss.requires_grad:
+                    for k, g in grads_or_zeros(loss * share, phi).items():
+                        grads[k] += g
+                for k, v in {"loss": loss, **metrics}.items():
+                    sums[k] = sums.get(k, 0.0) + float(v.detach()) * share
+            return grads, sums
+        grads = {k: torch.zeros_like(v) for k, v in phi.items()}
+        total, sums = 0.0, {}
+        parts = tasks.unstack()
+        with inner_checkpointing(self.checkpoint):
+            for task in parts:
+                loss, metrics = algorithm.task_loss(phi, task, first_order=self.first_order)
+                if loss.requires_grad:
+                    for k, g in grads_or_zeros(loss / len(parts), phi).items():
+                        grads[k] += g
+                total += float(loss.detach())
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        return grads, {"loss": total / len(parts), **{k: v / len(parts) for k, v in sums.items()}}
+
+
+def _task_count(tasks: Task) -> int:
+    return torch.utils._pytree.tree_leaves(tasks)[0].shape[0]
 
 
 class Reptile:
@@ -80,12 +124,12 @@ class Reptile:
         return direction, {"loss": loss_sum / len(parts)}
 
 
-def second_order(vectorize: bool = False, **_) -> Unrolled:
-    return Unrolled(first_order=False, vectorize=vectorize)
+def second_order(vectorize: bool = False, checkpoint: bool = False, **_) -> Unrolled:
+    return Unrolled(first_order=False, vectorize=vectorize, checkpoint=checkpoint)
 
 
-def first_order(vectorize: bool = False, **_) -> Unrolled:
-    return Unrolled(first_order=True, vectorize=vectorize)
+def first_order(vectorize: bool = False, checkpoint: bool = False, **_) -> Unrolled:
+    return Unrolled(first_order=True, vectorize=vectorize, checkpoint=checkpoint)
 
 
 def reptile(steps: int | None = None, **_) -> Reptile:
