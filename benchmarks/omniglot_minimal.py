@@ -42,7 +42,7 @@ def main():
     for ways in args.ways:
         for method in args.methods:
             out = os.path.join("runs", "bench", "omniglot-small", f"{method}-{ways}w1s-seed{args.seed}")
-            extra = ["--meta-batch", "4", "--query", "2"] if ways >= 20 else []
+            extra = ["--meta-batch", "4", "--query", "2"] if ways >= 20 else ["--meta-batch", "8"]
             if not os.path.exists(os.path.join(out, "result.json")):
                 sh([metaphi, "run", method, "--benchmark", "omniglot-small", "--data-root", args.data_root,
                     "--ways", str(ways), "--shots", "1", "--iterations", str(args.iterations), "--eval-tasks",
@@ -57,7 +57,9 @@ def main():
     md = ["### Omniglot minimal splits: train on small1, test on small2's unseen alphabets", "",
           f"1-shot accuracy on {args.eval_tasks} fixed test tasks (eval seed 1234) drawn from Japanese (katakana), "
           f"Sanskrit and Tagalog, mean ± 95% CI; {args.iterations} meta-iterations, seed {args.seed}. Training: "
-          "4 alphabets of small1 (1 held out for validation), no rotations.", "",
+          "4 alphabets of small1 (1 held out for validation), no rotations; 5-way runs use meta-batch 8 and 5 "
+          "query images per class, 20-way runs meta-batch 4 and 2; every test task has 15 query images per class; "
+          "MAML adapts with 3 steps at α = 0.4 at test.", "",
           "| method | ways | across alphabets | within one alphabet | error within | meta-train s |",
           "|---|---|---|---|---|---|"]
     for r in rows:

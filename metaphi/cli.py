@@ -105,6 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--eval-steps", type=int, default=None)
     ev.add_argument("--eval-seed", type=int, default=None)
     ev.add_argument("--data-root", default=None)
+    ev.add_argument("--within-alphabet", action="store_true",
+                    help="test tasks take all their classes from one alphabet (group)")
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", default=None, help="write the result JSON here")
     ev.add_argument("--quiet", action="store_true")
@@ -247,7 +249,7 @@ def format_table(result: dict) -> str:
     for r in rows:
         scale, unit = (100.0, "%") if metric == "accuracy" else (1.0, "")
         value = f"{r['mean'] * scale:.2f} ± {r['ci95'] * scale:.2f}{unit}"
-        lines.append(f"{r['algorithm']:<10} {r['eval_steps']:>5} {value:>18} {r['train_seconds']:>13.1f} "
+        lines.append(f"{r['algorithm']:<10} {len(r['per_step']) - 1:>5} {value:>18} {r['train_seconds']:>13.1f} "
                      f"{r['test_seconds']:>8.1f}")
     return "\n".join(lines)
 
@@ -317,8 +319,10 @@ def cmd_eval(args) -> int:
     _positive("eval-steps", args.eval_steps, allow_zero=True)
     run = ck["run"]
     algo = build_algorithm(ck["algorithm"])
-    benchmark = build_benchmark(run["benchmark"], args.data_root or run.get("data_root"),
-                                **run.get("benchmark_options", {}))
+    options = dict(run.get("benchmark_options", {}))
+    if args.within_alphabet:
+        options["within_group"] = True
+    benchmark = build_benchmark(run["benchmark"], args.data_root or run.get("data_root"), **options)
     sampler = benchmark.episodes("test", run["ways"], run["eval_shots"], run["eval_query"])
     n = args.eval_tasks or run["eval_tasks"]
     seed = run["eval_seed"] if args.eval_seed is None else args.eval_seed

@@ -45,7 +45,10 @@ class TrainConfig:
     device: str = "cpu"
 
 
-def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
+def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer | None:
+    params = list(params)
+    if not params:  # a learner with nothing to meta-learn (pixel-nn)
+        return None
     if name == "adam":
         return torch.optim.Adam(params, lr=lr)
     if name == "sgd":
@@ -56,7 +59,7 @@ def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
 @dataclass
 class TrainState:
     phi: Params
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None
     generator: torch.Generator
     iteration: int = 0
     train_seconds: float = 0.0
@@ -69,7 +72,7 @@ def save_checkpoint(path: str, algorithm, state: TrainState, config: TrainConfig
         "format": CHECKPOINT_FORMAT,
         "algorithm": algorithm.spec(),
         "phi": {k: v.detach().cpu() for k, v in state.phi.items()},
-        "optimizer": state.optimizer.state_dict(),
+        "optimizer": state.optimizer.state_dict() if state.optimizer else None,
         "generator": state.generator.get_state(),
         "iteration": state.iteration,
         "train_seconds": state.train_seconds,
@@ -118,7 +121,8 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
             raise ValueError(f"--resume: {ck_path} was written by a different configuration ({ck['algorithm']['name']})")
         for k, v in ck["phi"].items():
             state.phi[k].data.copy_(v)
-        state.optimizer.load_state_dict(ck["optimizer"])
+        if state.optimizer:
+            state.optimizer.load_state_dict(ck["optimizer"])
         state.generator.set_state(ck["generator"])
         state.iteration, state.train_seconds, state.history = ck["iteration"], ck["train_seconds"], ck["history"]
         if ck.get("estimator") is not None and hasattr(estimator, "load_state_dict"):
