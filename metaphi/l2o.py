@@ -507,7 +507,7 @@ def tune_learning_rate(name: str, family, horizons: Iterable[int], problems: int
 
 
 def summarize(curve: Tensor, horizons: Iterable[int]) -> dict:
-    """Mean final loss ± 95% CI (normal approximation) over problems at each horizon."""
+    """Mean final loss ± 95% CI (normal approximation) over problems at each horizon, and each problem's."""
     from .evaluate import confidence95
 
     out = {}
@@ -515,5 +515,5 @@ def summarize(curve: Tensor, horizons: Iterable[int]) -> dict:
         values = curve[h]
         finite = torch.isfinite(values).all()
         out[str(h)] = {"mean": float(values.mean()), "ci95": confidence95(values) if finite else math.inf,
-                       "diverged": int((~torch.isfinite(values)).sum())}
+                       "diverged": int((~torch.isfinite(values)).sum()), "values": [float(v) for v in values]}
     return out
