@@ -3,14 +3,16 @@
 Methods: Prototypical Networks (trained with 20-way episodes), Matching Networks, Relation
 Networks, MAML, rotation-prediction pre-training then fine-tuning ("ssl-rotation"), MAML started
 from that self-supervised body ("maml@ssl-rotation"), SimCLR pre-training then fine-tuning
-("ssl-simclr"), and supervised pre-training on all training classes then fine-tuning ("pretrain"). Every method of a setting is tested on the same 600 fixed
-test tasks (eval seed 1234).
+("ssl-simclr"), and supervised pre-training on all training classes then fine-tuning
+("pretrain"). Rows "X+proto" use the pre-trained body of X as it is, as the embedding of a
+Prototypical Network (nearest class mean; no fine-tuning, no meta-training). Every method of a
+setting is tested on the same 600 fixed test tasks (eval seed 1234).
 
 The budgets are deliberately small (a few CPU minutes per method, see BUDGETS) so the whole table
 can be rerun on a laptop; the published numbers are for 60,000 iterations on full Omniglot.
-Label-free pre-training and supervised pre-training do not depend on the number of ways or shots,
-so each is trained once per benchmark (in its 5-way 1-shot setting) and the other settings
-fine-tune the same checkpoint (their rows say ``iterations 0`` and name the source).
+Label-free and supervised pre-training do not depend on the number of ways or shots, so each is
+trained once per benchmark (in its 5-way 1-shot setting) and the other settings fine-tune the
+same checkpoint (their rows say ``iterations 0`` and name the source).
 
     .venv/bin/python benchmarks/metric_learners.py glyphs-5w1s glyphs-5w5s [--methods protonet ...]
     .venv/bin/python benchmarks/metric_learners.py --report
@@ -79,7 +81,8 @@ BUDGETS = {
 #: ProtoNets train with more ways than they test (Snell et al.): 20-way episodes, with as many
 #: images per step as the others' (fewer tasks per meta-batch)
 PROTONET_TRAIN_WAYS = 20
-ORDER = ("protonet", "matching", "relation", "maml", "ssl-rotation", "maml@ssl-rotation", "ssl-simclr", "pretrain")
+ORDER = ("protonet", "matching", "relation", "maml", "ssl-rotation", "maml@ssl-rotation", "ssl-simclr", "pretrain",
+         "ssl-rotation+proto", "ssl-simclr+proto", "pretrain+proto")
 # Full Omniglot, Conv4, from the papers (see /work/shared/REFERENCES.md); Relation Net's figures unverified there.
 PUBLISHED = {
     "protonet": ("Snell et al. 2017", [98.8, 99.7, 96.0, 98.9]),
@@ -121,6 +124,11 @@ def methods_for(setting: str) -> list[str]:
             out[name] = f"{name}={name}@{shared_ck[name]}:{options({**budget[name], 'iterations': 0})}"
         out["maml@ssl-rotation"] = (f"maml@ssl-rotation=maml@{shared_ck['ssl-rotation']}:"
                                     f"{options({**episodic, **budget['maml']})}")
+    # the pre-trained bodies used as they are, as a Prototypical Network's embedding (no training):
+    # what the features are worth without the fine-tuning's few noisy steps
+    for name in PRETRAINED:
+        source_ref = name if setting == source else shared_ck[name]
+        out[f"{name}+proto"] = f"{name}+proto=protonet@{source_ref}:iterations=0"
     return [out[name] for name in ORDER]
 
 
@@ -133,9 +141,8 @@ def shared_settings(setting: str) -> dict:
 def run(setting: str, only: list[str] | None) -> dict:
     methods = methods_for(setting)
     if only:
-        wanted = set(only)
-        if "maml@ssl-rotation" in wanted and setting in PRETRAIN_IN.values():
-            wanted.add("ssl-rotation")  # it starts from that run's body
+        parsed = {parse_method(m).label: parse_method(m) for m in methods}
+        wanted = set(only) | {parsed[name].init for name in only if parsed[name].init in parsed}
         methods = [m for m in methods if parse_method(m).label in wanted]
     started = time.perf_counter()
     summary = compare(methods, shared_settings(setting), os.path.join(RUNS, setting), reuse=True,
@@ -209,13 +216,13 @@ def report(machine_info: dict) -> None:
     with open(os.path.join(RESULTS, "metric_learners.json"), "w") as f:
         json.dump({"machine": machine_info, "budgets": BUDGETS, "common": COMMON, "settings": summaries}, f, indent=2)
         f.write("\n")
-    fig, axes = plt.subplots(len(done), 2, figsize=(13, 3.6 * len(done)), squeeze=False,
+    fig, axes = plt.subplots(len(done), 2, figsize=(15, 3.8 * len(done)), squeeze=False,
                              gridspec_kw={"width_ratios": [1, 1.2]})
     for (left, right), s in zip(axes, done):
         plot_axes(summaries[s], left, right)
         left.set_title(s, fontsize=10, loc="left")
     fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, "metric_learners.png"), dpi=90)
+    fig.savefig(os.path.join(RESULTS, "metric_learners.png"), dpi=90, bbox_inches="tight")
     plt.close(fig)
     print(markdown)
 

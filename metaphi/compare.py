@@ -200,7 +200,7 @@ def plot(summary: dict, path: str) -> None:
     fig.suptitle(f"{summary['benchmark']} {summary['ways']}-way {summary['eval_shots']}-shot, "
                  f"{summary['eval_tasks']} test tasks")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
 
@@ -213,7 +213,7 @@ def plot_axes(summary: dict, left, right) -> None:
     unit = " (%)" if scale == 100 else ""
     labels = summary["methods"]
     results = [summary["results"][k] for k in labels]
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = list(plt.get_cmap("tab10").colors) + ["black", "darkgoldenrod", "navy", "darkgreen", "maroon"]
     y = list(range(len(labels)))[::-1]
     for i, (yi, r) in enumerate(zip(y, results)):
         left.errorbar(r["mean"] * scale, yi, xerr=r["ci95"] * scale, fmt="o", capsize=4, color=colors[i % len(colors)])
@@ -236,7 +236,7 @@ def plot_axes(summary: dict, left, right) -> None:
     right.set_xlabel("inner steps at test")
     right.set_ylabel(f"{summary['metric']}{unit}")
     right.grid(alpha=0.3)
-    right.legend(fontsize=7, loc="best")
+    right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
 
 
 def register(subparsers) -> None:
