@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -79,7 +80,8 @@ def main(argv=None) -> int:
             print(f"steps {steps:3d} checkpoint {checkpoint!s:5}: peak {memory.peak / 2**20:8.1f} MB, "
                   f"{statistics.median(times):7.2f} s", flush=True)
         rows[-1]["float32_max_abs_diff"] = max(float((grads[True][k] - grads[False][k]).abs().max()) for k in phi)
-    summary = {"command": "python benchmarks/inner_checkpointing.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    command = " ".join(argv if argv is not None else sys.argv[1:])
+    summary = {"command": f"{os.path.relpath(sys.executable)} benchmarks/inner_checkpointing.py {command}",
                "machine": machine(torch.device("cpu")), "threads": args.threads, "load_before": load_before,
                "load_after": load_average(), "wall_seconds": time.perf_counter() - started, "rows": rows}
     Path(args.out + ".json").write_text(json.dumps(summary, indent=2) + "\n")

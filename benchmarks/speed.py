@@ -503,7 +503,8 @@ def main(argv=None) -> int:
     for name in args.workloads:
         results.append(bench_workload(WORKLOADS[name], args, peers, device))
         summary = {
-            "command": "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "command": f"{os.path.relpath(sys.executable)} benchmarks/speed.py "
+                       + " ".join(argv if argv is not None else sys.argv[1:]),
             "machine": machine(device), "device": device.type,
             "threads": torch.get_num_threads() if device.type == "cpu" else None,
             "load_before": load_before, "load_after": load_average(), "peers": peers, "repeats": args.repeats,
