@@ -92,7 +92,9 @@ def render(data: dict) -> str:
                 "peak of live tensor memory in torch's CPU allocator during one meta-gradient (profiler allocation "
                 "records); *process*: the peak resident set size of a fresh process over the meta-gradients minus its "
                 "size just before them (after a warm-up; see the script). The implicit estimator runs the inner "
-                "steps without a graph and then 5 conjugate-gradient steps.", ""]
+                "steps without a graph and then 5 conjugate-gradient steps. The machine was shared with other jobs (load "
+                "average 6 to 16 on 2 cores), so the times carry noise of tens of percent; the memory figures do not.",
+                ""]
         methods = list(dict.fromkeys(r["method"] for r in mem["rows"]))
         steps = sorted({r["inner_steps"] for r in mem["rows"]})
         by = {(r["method"], r["inner_steps"]): r for r in mem["rows"]}
@@ -104,7 +106,16 @@ def render(data: dict) -> str:
                 r = by.get((m, s))
                 cells.append(f"{r.get('torch_peak_mib', float('nan')):.1f} / {r['extra_mib']:.0f} / {r['seconds']:.2f}" if r else "–")
             out.append(f"| {s} | " + " | ".join(cells) + " |")
-        out += ["", f"Command: `{mem['command']}`  ", f"Machine: {mem['machine']}; wall time {mem['wall_seconds']:.0f} s.",
+        out += [""]
+        so = sorted((r for r in mem["rows"] if r["method"] == "second-order"), key=lambda r: r["inner_steps"])
+        im = [r["torch_peak_mib"] for r in mem["rows"] if r["method"] == "implicit" and "torch_peak_mib" in r]
+        if len(so) > 1 and im and "torch_peak_mib" in so[0]:
+            span = f"{min(im):.1f}" if min(im) == max(im) else f"{min(im):.1f}-{max(im):.1f}"
+            slope = (so[-1]["torch_peak_mib"] - so[0]["torch_peak_mib"]) / (so[-1]["inner_steps"] - so[0]["inner_steps"])
+            out += [f"Backpropagating through the inner loop holds about {slope:.1f} MiB more tensor memory per inner "
+                    f"step; the implicit meta-gradient holds {span} MiB whatever the number of "
+                    "steps, as first-order MAML does.", ""]
+        out += [f"Command: `{mem['command']}`  ", f"Machine: {mem['machine']}; wall time {mem['wall_seconds']:.0f} s.",
                 ""]
     acc = data.get("accuracy")
     if acc:

@@ -16,7 +16,11 @@ solved by ``inner_steps`` of gradient descent with step α, stopping early once
 ‖∇_θ g‖ ≤ ``inner_tol``; the same regularised descent, for ``eval_steps``, adapts to a test task.
 
 The published settings for Omniglot: λ = 2, 16 inner steps of α = 0.1 (5-way 1-shot), 5 CG steps,
-meta-batch 32, Adam with meta lr 1e-3. ``reg`` (λ) defaults to 2.
+meta-batch 32, Adam with meta lr 1e-3. ``reg`` (λ) defaults to 2. With a ReLU/batch-norm network the
+support loss is far from convex near the initialization (Hessian eigenvalues below −λ), so the CG
+system needs damping: ``metaphi run imaml --inner-lr 0.1 --inner-steps 5 --eval-steps 5
+--solver-damping 10`` is what benchmarks/imaml_accuracy.py runs (without flags the benchmark's
+inner-loop defaults apply, e.g. one step of 0.4 on glyphs).
 
 With the "second-order" estimator the meta-gradient backpropagates through the regularised inner
 loop instead (it converges to the implicit one as the inner problem is solved); "first-order" holds
