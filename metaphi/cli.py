@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--estimator", choices=list(ESTIMATORS),
                      help="how φ's update is estimated (default: the algorithm's own)")
     run.add_argument("--loop", action="store_true", help="run the tasks of a meta-batch one by one instead of as one vmap batch")
+    run.add_argument("--task-chunk", type=int, metavar="N",
+                     help="vmap at most N tasks at a time, each chunk's gradient taken before the next: memory of N "
+                          "tasks instead of the meta-batch (default: the whole meta-batch in one vmap)")
     run.add_argument("--checkpoint-inner", action="store_true",
                      help="gradient-checkpoint each inner step: memory for long second-order inner loops, for "
                           "about two more forwards and one more inner backward per step (tasks run one by one)")
@@ -213,7 +216,8 @@ def train_and_test(name: str, benchmark, s: dict, args, out_dir: str, estimator_
     solver_options = {k: getattr(args, k) for k in ("solver", "solver_steps", "solver_tol", "solver_damping",
                                                     "neumann_alpha") if getattr(args, k, None) is not None}
     estimator = build_estimator(estimator_name, vectorize=not args.loop,
-                                checkpoint=getattr(args, "checkpoint_inner", False), **solver_options)
+                                checkpoint=getattr(args, "checkpoint_inner", False),
+                                task_chunk=getattr(args, "task_chunk", None), **solver_options)
     state = meta_train(algo, estimator, sample_train, config, out_dir=out_dir, validate=validate,
                        resume=args.resume and os.path.exists(os.path.join(out_dir, "checkpoint.pt")), run=run,
                        progress=progress)
@@ -284,6 +288,7 @@ def _run(args, main_process: bool) -> int:
     for split, shots, query in (("train", s["shots"], s["query"]), ("test", s["eval_shots"], s["eval_query"])):
         benchmark.episodes(split, s["ways"], shots, query)
     _positive("train-ways", args.train_ways)
+    _positive("task-chunk", args.task_chunk)
     result = train_and_test(args.algorithm, benchmark, s, args, out_dir, args.estimator, progress=progress,
                             init=args.init, train_ways=args.train_ways)
     if not args.no_baselines:

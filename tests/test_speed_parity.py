@@ -176,3 +176,27 @@ def test_second_derivatives_through_the_vmapped_batch_norm_match_the_loop():
     looped = torch.autograd.grad(sum(task_value(x[i], w, b) for i in range(3)), (w, b))
     for a, r in zip(vmapped, looped):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-11)
+
+
+def test_run_with_task_chunks_trains_the_same_as_one_vmap(tmp_path):
+    from metaphi.cli import main
+    from metaphi.train import load_checkpoint
+
+    torch.set_default_dtype(torch.float32)
+    args = ["run", "maml", "--benchmark", "sinusoid", "--iterations", "2", "--meta-batch", "5", "--eval-tasks", "4",
+            "--eval-steps", "1", "--val-tasks", "2", "--no-baselines", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*args, "--task-chunk", "2", "--out", str(tmp_path / "chunks")]) == 0
+    a = load_checkpoint(str(tmp_path / "whole" / "checkpoint.pt"))["phi"]
+    b = load_checkpoint(str(tmp_path / "chunks" / "checkpoint.pt"))["phi"]
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    assert main([*args, "--task-chunk", "0", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_the_task_chunk_option_reaches_the_unrolled_estimators_only():
+    from metaphi.outer import build_estimator
+
+    assert build_estimator("second-order", vectorize=True, task_chunk=4).chunk == 4
+    assert build_estimator("first-order", vectorize=True, task_chunk=4).chunk == 4
+    assert build_estimator("second-order", vectorize=True).chunk is None

@@ -124,12 +124,12 @@ class Reptile:
         return direction, {"loss": loss_sum / len(parts)}
 
 
-def second_order(vectorize: bool = False, checkpoint: bool = False, **_) -> Unrolled:
-    return Unrolled(first_order=False, vectorize=vectorize, checkpoint=checkpoint)
+def second_order(vectorize: bool = False, checkpoint: bool = False, task_chunk: int | None = None, **_) -> Unrolled:
+    return Unrolled(first_order=False, vectorize=vectorize, checkpoint=checkpoint, chunk=task_chunk)
 
 
-def first_order(vectorize: bool = False, checkpoint: bool = False, **_) -> Unrolled:
-    return Unrolled(first_order=True, vectorize=vectorize, checkpoint=checkpoint)
+def first_order(vectorize: bool = False, checkpoint: bool = False, task_chunk: int | None = None, **_) -> Unrolled:
+    return Unrolled(first_order=True, vectorize=vectorize, checkpoint=checkpoint, chunk=task_chunk)
 
 
 def reptile(steps: int | None = None, **_) -> Reptile:
