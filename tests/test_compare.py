@@ -27,13 +27,15 @@ def test_parse_method(text, method):
 
 def test_compare_runs_every_method_on_the_same_test_tasks(tmp_path, monkeypatch, capsys):
     install_tiny(monkeypatch)
-    seen: dict[int, list] = {}
+    runs: list[list] = []
     original = evaluate_module.fixed_tasks
 
     def recording(sampler, n, seed):
+        if n == 7:  # the test tasks, not the validation ones
+            runs.append([])
         for task in original(sampler, n, seed):
-            if n == 7:  # the test tasks, not the validation ones
-                seen.setdefault(id(sampler), []).append(task)
+            if n == 7:
+                runs[-1].append(task)
             yield task
 
     monkeypatch.setattr(evaluate_module, "fixed_tasks", recording)
@@ -52,8 +54,7 @@ def test_compare_runs_every_method_on_the_same_test_tasks(tmp_path, monkeypatch,
     assert [len(results[k]["per_step"]) for k in labels] == [1, 1, 2, 3, 3]
     for r in results.values():
         assert r["parameters"] > 0 and r["wall_seconds"] > 0 and 0 <= r["mean"] <= 1
-    # five samplers, one sequence of test tasks
-    runs = list(seen.values())
+    # five methods, one sequence of test tasks
     assert len(runs) == 5 and all(len(r) == 7 for r in runs)
     for run in runs[1:]:
         for a, b in zip(runs[0], run):
