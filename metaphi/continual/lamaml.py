@@ -1,0 +1,77 @@
+"""La-MAML: look-ahead MAML for online continual learning (Gupta, Yadav & Paull 2020, NeurIPS).
+
+The weights θ and a learning rate α_i for every weight are learned online, with a replay memory M
+(reservoir sampling, as in :mod:`metaphi.continual.replay`). For each incoming mini-batch
+B = (b_1, ..., b_k) of the stream:
+
+    θ_0 = θ;  θ_j = θ_{j-1} − α ⊙ ∇ℓ(θ_{j-1}; b_j),  j = 1..k       (look-ahead: one example a step)
+    L_meta(θ, α) = ℓ(θ_k; B ∪ R),  R drawn from M                    (the batch and old examples)
+    α ← α − η ∇_α L_meta
+    θ ← θ − max(α, 0) ⊙ ∇_θ L_meta                                    (the learned rates, clipped)
+
+then B is offered to the memory. ∇_θ L_meta differentiates through the k inner steps (second
+order; ``first_order=True`` treats the inner gradients as constants), so an update of θ is judged
+by how it serves old examples after a look-ahead on new ones: as in MER (Riemer et al. 2019), the
+gradients of new and old data are pushed to align, and α shrinks along directions where they
+conflict. The inner loop is :func:`metaphi.inner.adapt.adapt` with the Meta-SGD rule (a learned
+step size per coordinate, :class:`metaphi.inner.rules.MetaSGD`), as φ = (θ, α) of Meta-SGD is
+learned here online instead of over a task distribution.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..inner.adapt import adapt
+from ..inner.rules import MetaSGD
+from .net import loss, minibatches
+from .replay import empty_memory, memory_sample, reservoir_add
+
+
+class LaMAML:
+    name = "lamaml"
+
+    def __init__(self, alpha: float = 0.1, alpha_lr: float = 0.3, batch: int = 10, epochs: int = 1,
+                 memory: int = 100, replay_batch: int | None = None, first_order: bool = False):
+        if alpha <= 0 or alpha_lr <= 0 or batch < 1 or epochs < 1 or memory < 1:
+            raise ValueError("alpha and alpha_lr must be positive, batch, epochs and memory at least 1")
+        self.alpha, self.alpha_lr, self.batch, self.epochs = float(alpha), float(alpha_lr), int(batch), int(epochs)
+        self.memory, self.replay_batch, self.first_order = int(memory), int(replay_batch or batch), bool(first_order)
+        self.rule = MetaSGD(self.alpha)
+
+    def spec(self) -> dict:
+        return {"name": self.name, "alpha": self.alpha, "alpha_lr": self.alpha_lr, "batch": self.batch,
+                "epochs": self.epochs, "memory": self.memory, "replay_batch": self.replay_batch,
+                "first_order": self.first_order}
+
+    def start(self, net, params, stream, generator, seed=0, workdir=None, progress=False) -> dict:
+        return {"params": params, "alpha": self.rule.meta_params(params),
+                "memory": empty_memory(stream.image_shape, self.memory)}
+
+    def step(self, net, params, alpha, x, y, rx, ry):
+        """One La-MAML update on the incoming batch ``x, y`` with replayed ``rx, ry``; new (θ, α)."""
+        theta = {k: v.detach().requires_grad_() for k, v in params.items()}
+        lr = {k: v.detach().requires_grad_() for k, v in alpha.items()}
+        fast = theta
+        for j in range(len(y)):
+            fast = adapt(lambda p, j=j: loss(net, p, x[j:j + 1], y[j:j + 1]), fast, self.rule, lr, 1,
+                         first_order=self.first_order)
+        meta_loss = loss(net, fast, torch.cat([x, rx]), torch.cat([y, ry]))
+        keys = list(theta)
+        grads = torch.autograd.grad(meta_loss, [theta[k] for k in keys] + [lr[k] for k in keys])
+        g_theta, g_alpha = dict(zip(keys, grads[:len(keys)])), dict(zip(keys, grads[len(keys):]))
+        new_alpha = {k: (alpha[k] - self.alpha_lr * g_alpha[k]).detach() for k in keys}
+        new_params = {k: (params[k] - new_alpha[k].clamp_min(0) * g_theta[k]).detach() for k in keys}
+        return new_params, new_alpha, float(meta_loss.detach())
+
+    def learn(self, net, state: dict, experience, generator) -> dict:
+        params, alpha, memory = state["params"], state["alpha"], state["memory"]
+        for epoch in range(self.epochs):
+            for x, y in minibatches(experience.train_x, experience.train_y, self.batch):
+                rx, ry = memory_sample(memory, self.replay_batch, generator)
+                params, alpha, _ = self.step(net, params, alpha, x, y, rx, ry)
+                if epoch == 0:
+                    memory = reservoir_add(memory, x, y, generator)
+        return {**state, "params": params, "alpha": alpha, "memory": memory}
+
+    def weights(self, state: dict):
+        return state["params"]
