@@ -33,7 +33,8 @@ def _algorithm_names():
 #: further subcommands: modules with ``register(subparsers)``, which adds a parser whose ``func``
 #: takes the parsed args and returns an exit code
 COMMANDS: tuple[str, ...] = ("metaphi.predict", "metaphi.compare", "metaphi.tune", "metaphi.l2o_cli", "metaphi.domaingen",
-                              "metaphi.distill", "metaphi.augment_cli", "metaphi.continual_cli", "metaphi.nas_cli")
+                              "metaphi.distill", "metaphi.augment_cli", "metaphi.continual_cli", "metaphi.nas_cli",
+                              "metaphi.reweight_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
