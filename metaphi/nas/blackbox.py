@@ -137,7 +137,7 @@ class RegularizedEvolution:
     def ask(self, generator: torch.Generator) -> list[int]:
         if len(self.members) < self.population:
             return self.space.uniform(generator)
-        picks = torch.randint(len(self.members), (self.sample,), generator=generator).tolist()
+        picks = torch.randperm(len(self.members), generator=generator)[:self.sample].tolist()  # S distinct
         parent = max((self.members[i] for i in picks), key=lambda m: m[1])
         return mutate(self.space, parent[0], generator)
 
