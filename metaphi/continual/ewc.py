@@ -16,6 +16,17 @@ learned with SGD on
 
 one penalty per earlier experience with its own anchor and Fisher (the paper's multi-task form, not
 the running-average "online EWC" of Schwarz et al. 2018).
+
+How the penalty is stepped (``step``): a plain gradient step on loss + penalty (``"gradient"``)
+diverges once η λ Σ_t F_t,i > 2 for some weight — the penalty is a stiff quadratic, and a Fisher
+entry of a bias can be near 1 — so large λ, where EWC protects most, are out of reach at a useful
+η. The default ``"proximal"`` takes the gradient step on the loss alone and then the exact proximal
+step of the penalty (backward Euler on the quadratic), in closed form per weight:
+
+    θ_i ← (θ'_i + η λ Σ_t F_t,i θ*_t,i) / (1 + η λ Σ_t F_t,i),   θ' = θ − η ∇ℓ(θ; B),
+
+the minimiser of ||θ − θ'||² / (2η) + penalty(θ). It minimises the same objective, agrees with the
+gradient step to first order in η, and is stable for every λ.
 """
 from __future__ import annotations
 
@@ -55,27 +66,43 @@ def penalty(params: Params, anchors: list[Params], fishers: list[Params], lam: f
     return 0.5 * lam * total
 
 
+def proximal(params: Params, anchors: list[Params], fishers: list[Params], lam: float, lr: float) -> Params:
+    """argmin_θ ||θ − params||² / (2 lr) + penalty(θ), in closed form (see the module docstring)."""
+    out = {}
+    for k, v in params.items():
+        weight = sum((f[k] for f in fishers), start=torch.zeros_like(v)) * (lr * lam)
+        pull = sum((f[k] * a[k] for a, f in zip(anchors, fishers)), start=torch.zeros_like(v)) * (lr * lam)
+        out[k] = (v + pull) / (1 + weight)
+    return out
+
+
 class EWC:
     name = "ewc"
 
-    def __init__(self, lr: float = 0.05, batch: int = 10, epochs: int = 1, lam: float = 100.0):
+    def __init__(self, lr: float = 0.05, batch: int = 10, epochs: int = 1, lam: float = 100.0,
+                 step: str = "proximal"):
         if lr <= 0 or batch < 1 or epochs < 1 or lam < 0:
             raise ValueError("lr must be positive, batch and epochs at least 1, lambda >= 0")
-        self.lr, self.batch, self.epochs, self.lam = float(lr), int(batch), int(epochs), float(lam)
+        if step not in ("proximal", "gradient"):
+            raise ValueError(f"step must be 'proximal' or 'gradient', got {step!r}")
+        self.lr, self.batch, self.epochs, self.lam, self.step = float(lr), int(batch), int(epochs), float(lam), step
 
     def spec(self) -> dict:
-        return {"name": self.name, "lr": self.lr, "batch": self.batch, "epochs": self.epochs, "lambda": self.lam}
+        return {"name": self.name, "lr": self.lr, "batch": self.batch, "epochs": self.epochs, "lambda": self.lam,
+                "step": self.step}
 
     def start(self, net, params, stream, generator, seed=0, workdir=None, progress=False) -> dict:
         return {"params": params, "anchors": [], "fishers": []}
 
     def learn(self, net, state: dict, experience, generator) -> dict:
         params, anchors, fishers = state["params"], state["anchors"], state["fishers"]
-        extra = (lambda p: penalty(p, anchors, fishers, self.lam)) if anchors else None
+        extra = (lambda p: penalty(p, anchors, fishers, self.lam)) if anchors and self.step == "gradient" else None
         for _ in range(self.epochs):
             for x, y in minibatches(experience.train_x, experience.train_y, self.batch):
                 g, _ = grad(net, params, x, y, extra=extra)
                 params = sgd(params, g, self.lr)
+                if anchors and self.step == "proximal":
+                    params = proximal(params, anchors, fishers, self.lam, self.lr)
         fisher = fisher_diagonal(net, params, experience.train_x)
         return {**state, "params": params, "anchors": anchors + [detach(params)], "fishers": fishers + [fisher]}
 
