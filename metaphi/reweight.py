@@ -341,7 +341,8 @@ def make_splits(data, meta_per_class: int, test_per_class: int, corruption: Corr
     """Per class: ``test_per_class`` clean test images, ``meta_per_class`` clean meta images, the rest
     training images, which are then made long-tailed and/or given noisy labels (metaphi.tasks.corrupt),
     all drawn from a generator seeded with ``seed``. Returns float images in [0, 1] and labels:
-    {"train": (x, y), "meta": (x, y), "test": (x, y), "noisy": bool [N_train], "train_counts": [...]}"""
+    {"train": (x, y), "meta": (x, y), "test": (x, y), "noisy": bool [N_train], "train_counts": [...],
+    "indices": {"train", "meta", "test"} into ``data``}"""
     from .tasks import corrupt
     g = torch.Generator().manual_seed(seed)
     labels = data.targets
@@ -368,7 +369,8 @@ def make_splits(data, meta_per_class: int, test_per_class: int, corruption: Corr
 
     return {"train": (images(train_idx), noisy_labels), "meta": (images(meta_idx), labels[meta_idx]),
             "test": (images(test_idx), labels[test_idx]), "noisy": noisy_labels != clean,
-            "train_counts": torch.bincount(clean, minlength=c).tolist()}
+            "train_counts": torch.bincount(clean, minlength=c).tolist(),
+            "indices": {"train": train_idx, "meta": meta_idx, "test": test_idx}}
 
 
 def build_model(spec: dict, num_classes: int, image_shape) -> nn.Module:
