@@ -220,8 +220,9 @@ def register(subparsers) -> None:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--w-lr", type=float, default=0.05, help="weights: momentum SGD step size, cosine (default 0.05)")
     p.add_argument("--alpha-lr", type=float, default=3e-3, help="DARTS: Adam step size of α (default 3e-3)")
-    p.add_argument("--arch-grad", default="finite-difference", choices=["finite-difference", "exact"],
-                   help="darts-2: DARTS's finite-difference Hessian-vector product or the exact one by autograd")
+    p.add_argument("--arch-grad", default="finite-difference", choices=["finite-difference", "exact", "implicit"],
+                   help="darts-2: DARTS's finite-difference Hessian-vector product, the exact one by autograd, or "
+                        "the implicit-function gradient at the current weights (5 CG steps, damping 0.1)")
     p.add_argument("--controller-lr", type=float, default=0.1, help="REINFORCE: Adam step size of the logits")
     p.add_argument("--samples", type=int, default=1, help="REINFORCE: architectures per controller update")
     p.add_argument("--population", type=int, default=8, help="evolution: population size P (default 8)")

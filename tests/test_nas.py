@@ -86,6 +86,54 @@ def test_darts_second_order_gradient_matches_autograd_and_finite_differences():
             assert float((approx[k] - exact[k]).norm()) < tol * gap
 
 
+def test_darts_implicit_gradient_matches_a_dense_solve():
+    """The implicit architecture gradient against the formula with the Hessian built and solved densely
+    (a one-node, one-channel network of a few dozen weights, float64)."""
+    config = NetworkConfig(in_channels=1, num_classes=3, channels=1, layers=1, nodes=1,
+                           ops=("zero", "skip", "conv_3x3", "avg_pool_3x3"))
+    g = torch.Generator().manual_seed(3)
+    net = Network(config)
+    w = init_params(net, g, torch.float64)
+    e, o = config.alpha_shape()
+    alpha = {k: 0.5 * torch.randn(e, o, generator=g, dtype=torch.float64) for k in ("normal", "reduce")}
+    train_b = (torch.rand(8, 1, 5, 5, generator=g, dtype=torch.float64), torch.randint(3, (8,), generator=g))
+    val_b = (torch.rand(8, 1, 5, 5, generator=g, dtype=torch.float64), torch.randint(3, (8,), generator=g))
+    keys = list(w)
+    shapes = [w[k].shape for k in keys]
+    flat_w = torch.cat([w[k].flatten() for k in keys])
+
+    def unflat(v):
+        out, i = {}, 0
+        for k, shp in zip(keys, shapes):
+            n = shp.numel()
+            out[k] = v[i:i + n].view(shp)
+            i += n
+        return out
+
+    def train_loss(v, a_normal):
+        return F.cross_entropy(call(net, unflat(v), train_b[0], {"normal": a_normal, "reduce": alpha["reduce"]}),
+                               train_b[1])
+
+    def val_loss(v, a_normal):
+        return F.cross_entropy(call(net, unflat(v), val_b[0], {"normal": a_normal, "reduce": alpha["reduce"]}),
+                               val_b[1])
+
+    a = alpha["normal"]
+    hess = torch.autograd.functional.hessian(lambda v: train_loss(v, a), flat_w)
+    damping = float(torch.linalg.eigvalsh(hess).min().clamp(max=0).abs()) + 0.5  # positive definite
+    f_w, f_a = torch.autograd.functional.jacobian(val_loss, (flat_w, a))
+    v = torch.linalg.solve(hess + damping * torch.eye(flat_w.numel(), dtype=torch.float64), f_w)
+    mixed = torch.autograd.functional.jacobian(
+        lambda a_: torch.autograd.functional.jacobian(lambda v_: train_loss(v_, a_), flat_w, create_graph=True) @ v,
+        a)
+    expected = f_a - mixed
+
+    got = _estimate(darts.Implicit(steps=200, damping=damping), net, w, alpha, train_b, val_b, 0.0)
+    torch.testing.assert_close(got["normal"], expected, rtol=1e-6, atol=1e-9)
+    assert float((got["normal"] - f_a).norm()) > 1e-3 * float(f_a.norm())  # the implicit term matters
+    assert float(got["reduce"].abs().max()) == 0.0  # no reduction cell in a one-layer network
+
+
 def test_darts_first_order_is_the_validation_gradient_at_w():
     net, w, alpha, train_b, val_b = _problem_data(1)
     first = _estimate(build_estimator("first-order"), net, w, alpha, train_b, val_b, 0.0)
@@ -251,6 +299,10 @@ def test_cli_search_arch(tmp_path, capsys):
     assert main(["search-arch", "retrain", "--genotype", str(out / "genotype.json"), "--out", str(again),
                  *common]) == 0
     assert json.loads((again / "result.json").read_text())["test_acc"] == result["test_acc"]
+    implicit = tmp_path / "implicit"
+    assert main(["search-arch", "darts-2", "--arch-grad", "implicit", "--budget", "14", "--out", str(implicit),
+                 *common]) == 0
+    assert json.loads((implicit / "result.json").read_text())["plan"]["iterations"] == 1
     # a second search into the same folder needs --resume
     assert main(["search-arch", "random", "--budget", "6", "--child-steps", "2", "--out", str(out), *common]) == 2
     assert main(["search-arch", "darts-1", "--budget", "1", "--out", str(tmp_path / "d"), *common]) == 2

@@ -19,6 +19,15 @@ differences of the training gradient,
 
 which costs two more gradients and no second derivatives (``FiniteDifference``).
 
+A third estimate (``Implicit``, ``arch_grad="implicit"``) takes the current w as the inner
+solution w* and differentiates the stationarity condition instead of the step, as in iDARTS (Zhang
+et al. 2021), with the library's ``metaphi.outer.implicit.hypergradient``:
+
+    ∇_α L_val(w, α) − ∇²_{α,w} L_train(w, α) v,     (∇²_{w,w} L_train(w, α) + δI) v = ∇_w L_val(w, α).
+
+DARTS's second-order gradient is this with the linear system solved by one term of the Neumann
+series, v ≈ ξ ∇_{w'} L_val (and evaluated at w' instead of w).
+
 This is one meta-learning task in this library's terms: φ = α, the task is (support = a training
 batch, query = a validation batch), and the inner loop is the one step from w. ``SearchProblem``
 states it as an algorithm (``task_loss``), so the library's own unrolled estimators compute the
@@ -32,6 +41,8 @@ order 3.00 ± 0.14% (1.5 GPU-days), random search in the same space 3.29 ± 0.15
 """
 from __future__ import annotations
 
+import math
+import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Callable
@@ -124,7 +135,42 @@ class FiniteDifference:
         return grads, {"loss": total / len(parts), "accuracy": acc / len(parts)}
 
 
+class Implicit:
+    """The implicit architecture gradient at the current weights (module docstring): conjugate
+    gradient for ``steps`` Hessian-vector products with damping δ; an estimator like the others."""
+
+    name = "darts-implicit"
+
+    def __init__(self, steps: int = 5, damping: float = 0.1):
+        self.steps, self.damping = int(steps), float(damping)
+
+    def __call__(self, problem: SearchProblem, phi: Params, tasks: Task) -> tuple[Params, dict[str, float]]:
+        from ..outer.implicit import hypergradient
+
+        grads = {k: torch.zeros_like(v) for k, v in phi.items()}
+        parts = tasks.unstack()
+        total, acc = 0.0, 0.0
+        for task in parts:
+            alpha, w = problem.split(phi)
+
+            def outer(w_, alpha_):
+                out = call(problem.net, w_, task.query[0], alpha_)
+                return (F.cross_entropy(out, task.query[1]),
+                        {"accuracy": (out.argmax(-1) == task.query[1]).to(out.dtype).mean()})
+
+            g, info = hypergradient(lambda w_, alpha_: problem.train_loss(w_, alpha_, task.support), w, outer, alpha,
+                                    solver="cg", steps=self.steps, damping=self.damping)
+            for k, v in g.items():
+                grads["alpha." + k] += v / len(parts)
+            total += info["loss"]
+            acc += info["accuracy"]
+        return grads, {"loss": total / len(parts), "accuracy": acc / len(parts)}
+
+
 # -- the search loop ----------------------------------------------------------------------------
+ARCH_GRADS = ("finite-difference", "exact", "implicit")
+
+
 @dataclass(frozen=True)
 class DartsSettings:
     """DARTS's optimizers (weights: momentum SGD, cosine step size, weight decay 3e-4, clipping 5;
@@ -133,7 +179,8 @@ class DartsSettings:
 
     iterations: int = 300
     order: int = 1                      # 1: first order (ξ = 0); 2: second order (ξ = the weights' step size)
-    arch_grad: str = "finite-difference"  # second order only: "finite-difference" (DARTS) or "exact" (autograd)
+    arch_grad: str = "finite-difference"  # second order only: "finite-difference" (DARTS), "exact" (autograd
+    #                                       through the step) or "implicit" (implicit function theorem)
     batch: int = 64
     w_lr: float = 0.05
     w_lr_min: float = 0.001
@@ -143,25 +190,29 @@ class DartsSettings:
     alpha_lr: float = 3e-3
     alpha_weight_decay: float = 1e-3
     epsilon: float = 0.01
+    implicit_steps: int = 5
+    implicit_damping: float = 0.1
 
     def __post_init__(self):
         if self.order not in (1, 2):
             raise ValueError(f"DARTS has first (1) and second (2) order, got {self.order}")
-        if self.arch_grad not in ("finite-difference", "exact"):
-            raise ValueError(f"arch_grad must be 'finite-difference' or 'exact', got {self.arch_grad!r}")
+        if self.arch_grad not in ARCH_GRADS:
+            raise ValueError(f"arch_grad must be one of {', '.join(ARCH_GRADS)}, got {self.arch_grad!r}")
         if self.iterations < 1 or self.batch < 1:
             raise ValueError("iterations and batch must be positive")
 
     def w_lr_at(self, t: int) -> float:
-        import math
         return self.w_lr_min + (self.w_lr - self.w_lr_min) * (1 + math.cos(math.pi * t / self.iterations)) / 2
 
     def grad_evals_per_iteration(self) -> int:
         """Minibatch gradient evaluations per iteration: the w step (1) and the α gradient (first
         order 1; finite differences: w' (1), the val gradient (1), two train gradients (2); exact:
-        w' (1) and one backward through it, counted as 2)."""
+        w' (1) and one backward through it, counted as 2; implicit: the val gradient (1), the train
+        gradient with its graph (1), 2 per Hessian-vector product and 1 for the mixed term)."""
         if self.order == 1:
             return 2
+        if self.arch_grad == "implicit":
+            return 4 + 2 * self.implicit_steps
         return 5 if self.arch_grad == "finite-difference" else 4
 
     def to_dict(self) -> dict:
@@ -174,6 +225,8 @@ def estimator_for(settings: DartsSettings):
         return build_estimator("first-order")
     if settings.arch_grad == "exact":
         return build_estimator("second-order")
+    if settings.arch_grad == "implicit":
+        return Implicit(settings.implicit_steps, settings.implicit_damping)
     return FiniteDifference(settings.epsilon)
 
 
@@ -196,7 +249,6 @@ def search(config: NetworkConfig, data: dict[str, Split], settings: DartsSetting
     velocity = {k: torch.zeros_like(v) for k, v in w.items()}
     state = {"iteration": 0, "history": [], "seconds": 0.0}
     run = {"config": config.to_dict(), "settings": settings.to_dict(), "seed": seed}
-    import os
     if checkpoint and os.path.exists(checkpoint):
         saved = torch.load(checkpoint, weights_only=False)
         if saved["run"] != run:
