@@ -2,7 +2,8 @@
 
 One data set is split, for every seed, into a few training and validation images per class and a
 test part (the rest). Each method yields a policy (metaphi/augment/policy.py): ``none`` (no
-augmentation), ``random`` (probabilities and magnitudes drawn uniformly), ``gradient`` (searched
+augmentation), ``random`` (probabilities and magnitudes drawn uniformly), ``start`` (the policy every
+search starts from, unsearched: the control that shows what a search adds), ``gradient`` (searched
 through the relaxed augmentation and the lookahead step with the second-order estimator),
 ``reinforce`` (searched with REINFORCE over discrete choices) and ``es`` (evolution strategies on the
 relaxed policy); see metaphi/augment/search.py. A searched policy is learned with the training part
@@ -18,7 +19,7 @@ import time
 import torch
 
 DATASETS = ("digits", "glyphs", "omniglot")
-METHODS = ("none", "random", "gradient", "reinforce", "es")
+METHODS = ("none", "random", "start", "gradient", "reinforce", "es")
 
 
 def load_data(name: str, data_root: str | None = None, classes: int | None = None, seed: int = 0):
@@ -66,13 +67,14 @@ def build_model(hidden: int, num_classes: int, image_shape, seed: int):
         return Conv4(c, num_classes, hidden=hidden, image_size=h)
 
 
-def run_experiment(data: str = "digits", methods=("none", "random", "gradient", "reinforce"), seeds=(0, 1, 2, 3, 4),
+def run_experiment(data: str = "digits", methods=("none", "random", "start", "gradient", "reinforce"),
+                   seeds=(0, 1, 2, 3, 4),
                    train_per_class: int = 10, val_per_class: int = 10, classes: int | None = None,
                    search=None, train_steps: int = 300, hidden: int = 32, data_root: str | None = None,
                    out: str | None = None, progress: bool = False, log=print) -> dict:
     """Every (seed, method) run; with ``out`` the finished runs (``out/checkpoint.pt``) and the
     searches in progress (``out/search-SEED-METHOD.pt``) are saved, and a rerun with the same settings
-    resumes. ``search``: a ``SearchConfig`` whose method and seed are set per run. Returns
+    resumes (and reuses the finished runs when it asks for more seeds or methods). ``search``: a ``SearchConfig`` whose method and seed are set per run. Returns
     {"config", "rows", "summary"}."""
     from dataclasses import replace
 
@@ -85,14 +87,15 @@ def run_experiment(data: str = "digits", methods=("none", "random", "gradient", 
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise ValueError(f"unknown method {', '.join(bad)} (valid: {', '.join(METHODS)})")
-    config = {"data": data, "methods": list(methods), "seeds": list(seeds), "train_per_class": train_per_class,
-              "val_per_class": val_per_class, "classes": classes, "train_steps": train_steps, "hidden": hidden,
-              "search": {k: v for k, v in search.to_dict().items() if k not in ("method", "seed")}}
+    settings = {"data": data, "train_per_class": train_per_class, "val_per_class": val_per_class,
+                "classes": classes, "train_steps": train_steps, "hidden": hidden,
+                "search": {k: v for k, v in search.to_dict().items() if k not in ("method", "seed")}}
+    config = {**settings, "methods": list(methods), "seeds": list(seeds)}
     rows: list[dict] = []
     ck = os.path.join(out, "checkpoint.pt") if out else None
     if ck and os.path.exists(ck):
         saved = torch.load(ck, weights_only=False)
-        if saved.get("config") != config:
+        if saved.get("settings") != settings:
             raise ValueError(f"{ck} holds runs with other settings; use another --out or delete it")
         rows = saved["rows"]
         log(f"resuming: {len(rows)} runs done")
@@ -112,6 +115,8 @@ def run_experiment(data: str = "digits", methods=("none", "random", "gradient", 
         history = None
         if method == "none":
             policy = P.no_policy()
+        elif method == "start":
+            policy = P.policy_of(P.init_relaxed(search.init_prob, search.init_magnitude))
         elif method == "random":
             policy = P.random_policy(torch.Generator().manual_seed(20_000 + seed))
         else:
@@ -144,12 +149,13 @@ def run_experiment(data: str = "digits", methods=("none", "random", "gradient", 
             row["search_val_loss_start"] = history[0]["val_loss"]
         rows.append(row)
         if ck:
-            atomic_save({"config": config, "rows": rows}, ck)
+            atomic_save({"settings": settings, "rows": rows}, ck)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(seed=seed, method=method, acc=f"{row['test_acc']:.3f}")
     if bar is not None:
         bar.close()
+    rows = [r for r in rows if r["seed"] in set(seeds) and r["method"] in set(methods)]
     return {"config": config, "rows": rows, "summary": summarize(rows, list(methods))}
 
 
@@ -216,6 +222,7 @@ def _ints(text: str, name: str) -> list[int]:
 
 
 def cmd_augment(args) -> int:
+    from .augment.policy import LEVELS
     from .augment.search import SearchConfig
     from .cli import UsageError, _positive, _writable_dir, write_json
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -232,6 +239,9 @@ def cmd_augment(args) -> int:
     for name in ("init_prob", "init_magnitude"):
         if not 0 < getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be strictly between 0 and 1, got {getattr(args, name)}")
+    if "reinforce" in methods and not 1 / LEVELS < args.init_magnitude < 1:
+        raise UsageError(f"--init-magnitude must lie strictly between {1 / LEVELS:g} and 1 with reinforce (the "
+                         f"expected level of its {LEVELS} magnitude levels), got {args.init_magnitude}")
     out = _writable_dir(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -265,7 +275,8 @@ def register(subparsers) -> None:
                               description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", nargs="?", default="digits", choices=DATASETS,
                    help="digits (shipped), glyphs (built in) or omniglot (the small1 minimal split under --data-root)")
-    p.add_argument("--methods", default="none,random,gradient,reinforce", help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--methods", default="none,random,start,gradient,reinforce",
+                   help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--seeds", default="0,1,2,3,4", help="each seed: its own split, initializations and batches")
     p.add_argument("--train-per-class", type=int, default=10, help="training images per class (default 10)")
     p.add_argument("--val-per-class", type=int, default=10,
@@ -280,7 +291,8 @@ def register(subparsers) -> None:
     p.add_argument("--temperature", type=float, default=0.5, help="relaxed gates' temperature (default 0.5)")
     p.add_argument("--straight-through", action="store_true", help="hard gates forward, relaxed gradient back")
     p.add_argument("--init-prob", type=float, default=0.2, help="initial probability of every operation")
-    p.add_argument("--init-magnitude", type=float, default=0.3, help="initial magnitude (relaxed policy)")
+    p.add_argument("--init-magnitude", type=float, default=0.3,
+                   help="initial magnitude of every operation (reinforce: the expected level)")
     p.add_argument("--samples", type=int, default=4, help="REINFORCE: sampled policies per step (default 4)")
     p.add_argument("--population", type=int, default=8, help="ES: antithetic pairs per step (default 8)")
     p.add_argument("--sigma", type=float, default=0.1, help="ES: perturbation of φ (default 0.1)")

@@ -250,7 +250,16 @@ def test_reinforce_estimator_on_the_discrete_policy():
     assert torch.allclose(grads["aug.level"].sum(-1), torch.zeros(len(P.OPS), dtype=D), atol=1e-12)
     pol = P.policy_of(phi)
     assert torch.allclose(pol.prob, torch.full((len(P.OPS),), 0.5)) and torch.allclose(pol.magnitude,
-                                                                                       torch.full((len(P.OPS),), 0.6))
+                                                                                       torch.full((len(P.OPS),), 0.3))
+
+
+@pytest.mark.parametrize("prob, magnitude", [(0.2, 0.3), (0.5, 0.6), (0.1, 0.9)])
+def test_both_parametrizations_start_from_the_same_policy(prob, magnitude):
+    relaxed, discrete = P.policy_of(P.init_relaxed(prob, magnitude)), P.policy_of(P.init_discrete(prob, magnitude))
+    assert torch.allclose(relaxed.prob, discrete.prob) and torch.allclose(relaxed.magnitude, discrete.magnitude)
+    assert torch.allclose(discrete.magnitude, torch.full((len(P.OPS),), magnitude), atol=1e-6)
+    with pytest.raises(ValueError, match="strictly between"):
+        P.init_discrete(prob, 0.1)
 
 
 # --- training and the search loop ------------------------------------------------------------------

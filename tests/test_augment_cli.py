@@ -32,8 +32,14 @@ def test_augment_runs_resumes_and_writes_results(tmp_path):
     assert main(["augment", "--methods", "none,random,gradient,reinforce", "--out", out, *TINY]) == 0
     again = json.load(open(os.path.join(out, "result.json")))
     assert again["rows"] == result["rows"]
-    # other settings in the same folder: a clear error
-    assert main(["augment", "--methods", "none", "--out", out, *TINY]) == 2
+    # more methods in the same folder reuse the finished runs; other settings are a clear error
+    assert main(["augment", "--methods", "none,start,gradient", "--out", out, *TINY]) == 0
+    more = json.load(open(os.path.join(out, "result.json")))["rows"]
+    assert [r for r in more if r["method"] != "start"] == [r for r in result["rows"] if r["method"] in
+                                                           ("none", "gradient")]
+    start = [r["policy"] for r in more if r["method"] == "start"]
+    assert len(start) == 2 and all(v == {"prob": 0.2, "magnitude": 0.3} for v in start[0].values())
+    assert main(["augment", "--methods", "none", "--out", out, *TINY[:-1], "--train-steps", "5", "--quiet"]) == 2
 
 
 def test_runs_are_deterministic_per_seed(tmp_path):
@@ -50,6 +56,7 @@ def test_runs_are_deterministic_per_seed(tmp_path):
     (["--search-steps", "0"], "--search-steps"),
     (["--init-prob", "1"], "--init-prob"),
     (["--lr", "-1"], "--lr"),
+    (["--methods", "reinforce", "--init-magnitude", "0.1"], "--init-magnitude"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
     assert main(["augment", "--out", str(tmp_path / "x"), *TINY, *argv]) == 2

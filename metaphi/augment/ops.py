@@ -50,7 +50,8 @@ def _matrix(n: int, like: Tensor, a, b, c, d, tx, ty) -> Tensor:
     that gradients flow to every entry."""
     def col(v):
         return _per_image(v, n, like)
-    zero, one = torch.zeros(n, dtype=like.dtype, device=like.device), torch.ones(n, dtype=like.dtype, device=like.device)
+    zero = torch.zeros(n, dtype=like.dtype, device=like.device)
+    one = torch.ones_like(zero)
     rows = [torch.stack([col(a), col(b), col(tx)], -1), torch.stack([col(c), col(d), col(ty)], -1),
             torch.stack([zero, zero, one], -1)]
     return torch.stack(rows, -2)

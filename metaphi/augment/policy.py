@@ -105,10 +105,24 @@ def init_relaxed(prob: float = 0.2, magnitude: float = 0.3, dtype=torch.float32)
             "aug.magnitude": torch.full((k,), _logit(magnitude), dtype=dtype, requires_grad=True)}
 
 
-def init_discrete(prob: float = 0.2, dtype=torch.float32) -> dict[str, Tensor]:
+def init_discrete(prob: float = 0.2, magnitude: float = 0.3, dtype=torch.float32) -> dict[str, Tensor]:
+    """Bernoulli logits at ``prob``; level logits −λ·level with λ chosen so that the expected
+    magnitude is ``magnitude`` (λ = 0, uniform levels, gives 0.6): the same starting policy as
+    ``init_relaxed(prob, magnitude)``."""
     k = len(OPS)
+    levels = level_values(torch.float64)
+    if not levels[0] < magnitude < levels[-1]:
+        raise ValueError(f"the discrete policy's levels are {', '.join(f'{v:g}' for v in levels.tolist())}; its initial "
+                         f"expected magnitude must lie strictly between {levels[0]:g} and 1, got {magnitude}")
+    low, high = -200.0, 200.0  # the expected level falls as λ grows: bisect
+    for _ in range(200):
+        lam = (low + high) / 2
+        if float(torch.softmax(-lam * levels, 0) @ levels) > magnitude:
+            low = lam
+        else:
+            high = lam
     return {"aug.apply": torch.full((k,), _logit(prob), dtype=dtype, requires_grad=True),
-            "aug.level": torch.zeros(k, LEVELS, dtype=dtype, requires_grad=True)}
+            "aug.level": (-lam * levels).to(dtype).expand(k, LEVELS).clone().requires_grad_()}
 
 
 def level_values(dtype=torch.float32, device=None) -> Tensor:
@@ -120,7 +134,8 @@ def policy_of(phi: dict[str, Tensor]) -> Policy:
     apply probabilities and the expected magnitude level."""
     with torch.no_grad():
         if "aug.logit" in phi:
-            return Policy(torch.sigmoid(phi["aug.logit"]).float().cpu(), torch.sigmoid(phi["aug.magnitude"]).float().cpu())
+            return Policy(torch.sigmoid(phi["aug.logit"]).float().cpu(),
+                          torch.sigmoid(phi["aug.magnitude"]).float().cpu())
         if "aug.apply" in phi:
             levels = torch.softmax(phi["aug.level"].double(), -1) @ level_values(torch.float64)
             return Policy(torch.sigmoid(phi["aug.apply"]).float().cpu(), levels.float().cpu())

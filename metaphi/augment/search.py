@@ -70,7 +70,7 @@ class LookaheadAugment:
     def init_meta_params(self, prob: float = 0.2, magnitude: float = 0.3) -> Params:
         if self.parametrization == "relaxed":
             return P.init_relaxed(prob, magnitude)
-        return P.init_discrete(prob)
+        return P.init_discrete(prob, magnitude)
 
     def gates_and_magnitudes(self, phi: Params, noise: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
         if self.parametrization == "relaxed":
