@@ -142,7 +142,7 @@ def test_reptile_direction_is_init_minus_trained_weights():
     algo = reptile(model, REGRESSION, inner_lr=0.05, inner_steps=4)
     phi = algo.init_meta_params()
     tasks = regression_tasks(n=2)
-    direction, _ = Reptile()(algo, phi, tasks)
+    direction, _ = Reptile(minibatches=False)(algo, phi, tasks)
     init = {k: v.detach() for k, v in prefixed(phi, "init").items()}
     expected = {k: torch.zeros_like(v) for k, v in init.items()}
     for (xs, ys), (xq, yq) in zip(zip(*tasks.support), zip(*tasks.query)):
@@ -156,6 +156,38 @@ def test_reptile_direction_is_init_minus_trained_weights():
             expected[k] += (init[k] - params[k].detach()) / 2
     for k in init:
         torch.testing.assert_close(direction["init." + k], expected[k], rtol=1e-10, atol=1e-12)
+
+
+def test_reptile_minibatches_take_a_different_part_of_the_task_at_each_step():
+    from metaphi.outer.es import derived_seed
+    model = small_mlp()
+    algo = reptile(model, REGRESSION, inner_lr=0.05, inner_steps=3)
+    phi = algo.init_meta_params()
+    tasks = regression_tasks(n=2)
+    estimator = Reptile(minibatches=True)
+    estimator.start(7)
+    direction, _ = estimator(algo, phi, tasks)
+    assert estimator.state_dict() == {"seed": 7, "step": 1}
+    generator = torch.Generator().manual_seed(derived_seed(7, 0))
+    init = {k: v.detach() for k, v in prefixed(phi, "init").items()}
+    expected = {k: torch.zeros_like(v) for k, v in init.items()}
+    for (xs, ys), (xq, yq) in zip(zip(*tasks.support), zip(*tasks.query)):
+        x, y = torch.cat([xs, xq]), torch.cat([ys, yq])
+        order = torch.randperm(x.shape[0], generator=generator)
+        seen = []
+        params = {k: v.clone().requires_grad_() for k, v in init.items()}
+        for batch in torch.tensor_split(order, 3):
+            seen += batch.tolist()
+            g = torch.autograd.grad(nn.functional.mse_loss(functional_call(model, params, (x[batch],)), y[batch]),
+                                    list(params.values()))
+            params = {k: (v - 0.05 * gi).detach().requires_grad_() for (k, v), gi in zip(params.items(), g)}
+        assert sorted(seen) == list(range(x.shape[0]))  # one pass over the task's data
+        for k in init:
+            expected[k] += (init[k] - params[k].detach()) / 2
+    for k in init:
+        torch.testing.assert_close(direction["init." + k], expected[k], rtol=1e-10, atol=1e-12)
+    full, _ = Reptile(minibatches=False)(algo, phi, tasks)
+    assert max((full[k] - direction[k]).abs().max() for k in full) > 1e-6
 
 
 def test_anil_adapts_the_head_only():

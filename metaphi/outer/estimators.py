@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..functional import Params, detach, grads_or_zeros, prefixed
+from ..functional import Params, detach, grads_or_zeros, prefixed, with_prefix
 from ..inner.adapt import inner_checkpointing
 from ..tasks import Task
 
@@ -101,21 +101,67 @@ class Reptile:
     The inner loop learns from all the task's data (support and query), as in the paper; the query
     loss of the support-adapted learner is reported for monitoring only. Only the initialization
     ("init.*") moves; other meta-parameters get a zero direction.
+
+    ``minibatches``: each of the k steps takes a different part of the task's data (a seeded
+    permutation split into k batches, one pass over the data; with fewer images than steps the
+    permutation repeats). The paper's analysis (section 5) shows why this matters: the term of the
+    update that rewards generalizing from one batch to another, E[H̄_i ḡ_j] for i < j, is only there
+    when the batches differ; with the same full batch at every step Reptile is much closer to joint
+    training, and on 1-shot tasks it barely learns. With ``minibatches=False`` every step sees all the
+    data. Randomness as in the ES estimator: call t draws from ``derived_seed(seed, t)``, and
+    ``start``/``state_dict``/``load_state_dict`` carry (seed, t) through checkpoints.
     """
 
     name = "reptile"
 
-    def __init__(self, steps: int | None = None):
+    def __init__(self, steps: int | None = None, minibatches: bool = True, seed: int | None = None):
         self.steps = steps
+        self.minibatches = minibatches
+        self.fixed_seed = seed
+        self.seed = 0 if seed is None else int(seed)
+        self.step = 0
+
+    def start(self, seed: int) -> None:
+        self.seed = int(seed) if self.fixed_seed is None else self.fixed_seed
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.step = int(state["seed"]), int(state["step"])
+
+    def _train(self, algorithm, phi_c: Params, data: tuple, generator: torch.Generator) -> Params:
+        if not self.minibatches:
+            return algorithm.learn(phi_c, data, steps=self.steps, first_order=True)
+        steps = algorithm.inner_steps if self.steps is None else self.steps
+        rule = getattr(algorithm, "rule", None)
+        if rule is not None and rule.init(prefixed(phi_c, "init")) is not None:
+            raise ValueError("Reptile with minibatches restarts the update rule at every step; "
+                             f"{type(rule).__name__} keeps state between steps, use minibatches=False")
+        n = data[0].shape[0]
+        order = torch.randperm(n, generator=generator)
+        if n < steps:
+            order = order.repeat(-(-steps // n))
+        rest = {k: v for k, v in phi_c.items() if not k.startswith("init.")}
+        params = prefixed(phi_c, "init")
+        for batch in torch.tensor_split(order, steps):
+            params = algorithm.learn({**rest, **with_prefix(params, "init")}, tuple(d[batch] for d in data),
+                                     steps=1, first_order=True)
+            params = detach(params)
+        return params
 
     def __call__(self, algorithm, phi: Params, tasks: Task) -> tuple[Params, dict[str, float]]:
+        from .es import derived_seed
         phi_c = detach(phi)
         init = prefixed(phi_c, "init")
         direction = {k: torch.zeros_like(v) for k, v in phi.items()}
         loss_sum, parts = 0.0, tasks.unstack()
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.step))
+        self.step += 1
         for task in parts:
             both = tuple(torch.cat([s, q]) for s, q in zip(task.support, task.query))
-            adapted = algorithm.learn(phi_c, both, steps=self.steps, first_order=True)
+            adapted = self._train(algorithm, phi_c, both, generator)
             for k, v in init.items():
                 direction["init." + k] += (v - adapted[k].detach()) / len(parts)
             with torch.no_grad():
@@ -132,5 +178,5 @@ def first_order(vectorize: bool = False, checkpoint: bool = False, task_chunk: i
     return Unrolled(first_order=True, vectorize=vectorize, checkpoint=checkpoint, chunk=task_chunk)
 
 
-def reptile(steps: int | None = None, **_) -> Reptile:
-    return Reptile(steps)
+def reptile(steps: int | None = None, minibatches: bool = True, seed: int | None = None, **_) -> Reptile:
+    return Reptile(steps, minibatches, seed)
