@@ -26,7 +26,6 @@ and ``accuracy.png`` (accuracy on all experiences seen so far after each experie
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
@@ -37,6 +36,15 @@ WHOLE_NETWORK = ("finetune", "ewc", "replay", "lamaml")
 
 def _csv(text: str | None, cast=str) -> list:
     return [cast(x.strip()) for x in text.split(",") if x.strip()] if text else []
+
+
+def _floats(text: str) -> list[float]:
+    import argparse
+
+    try:
+        return _csv(text, float)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") from None
 
 
 def method_options(name: str, args) -> dict:
@@ -139,15 +147,17 @@ def plot(summary: dict, path: str) -> None:
     plt.close(fig)
 
 
-def sweep(streams: list[str], methods: list[str], seeds: list[int], args, out_dir: str, log=print) -> dict:
-    """Every (stream, seed, method) run; writes and returns the summary."""
+def sweep(streams: list[str], methods: list[str], seeds: list[int], args, out_dir: str, log=print,
+          workdir: str | None = None) -> dict:
+    """Every (stream, seed, method) run; writes and returns the summary. Meta-training runs are kept in
+    ``workdir`` (default ``out_dir/meta``)."""
     from .cli import UsageError, machine, write_json
     from .continual import build_method
     from .continual.runner import SettingsMismatch, run_stream
     from .continual.streams import build_stream
 
     progress = not args.quiet and sys.stderr.isatty()
-    workdir = os.path.join(out_dir, "meta")
+    workdir = workdir or os.path.join(out_dir, "meta")
     init = pretrain_init(args) if args.init == "pretrain" else None
     stream_options = {"experiences": args.experiences, "classes_per_experience": args.classes_per_experience,
                       "classes": args.classes, "train_per_class": args.train_per_class,
@@ -222,7 +232,7 @@ def register(subparsers) -> None:
     g.add_argument("--experiences", type=int, help="experiences (default: 10 class-incremental, 5 domain)")
     g.add_argument("--classes-per-experience", type=int, default=5, help="class-incremental: new classes each")
     g.add_argument("--classes", type=int, default=10, help="rotated/permuted: classes in every experience")
-    g.add_argument("--angles", default="0,30,60,90,120", help="rotated-glyphs: the angles, one per experience")
+    g.add_argument("--angles", type=_floats, default=[0.0, 30.0, 60.0, 90.0, 120.0], help="rotated-glyphs: the angles, one per experience")
     g.add_argument("--train-per-class", type=int, default=15, help="images per class shown once (default 15)")
     g.add_argument("--test-per-class", type=int, default=5, help="held-out test images per class (default 5)")
     g.add_argument("--data-root", help="folder with the Omniglot archives (default: $METAPHI_DATA or "
@@ -266,9 +276,8 @@ def cmd_continual(args) -> int:
 
     try:
         seeds = _csv(args.seeds, int)
-        args.angles = _csv(args.angles, float)
     except ValueError as e:
-        raise UsageError(f"--seeds and --angles are comma lists of numbers ({e})") from None
+        raise UsageError(f"--seeds is a comma list of integers ({e})") from None
     methods, streams = _csv(args.method), _csv(args.stream)
     bad = [m for m in methods if m not in METHODS]
     if not methods or bad:

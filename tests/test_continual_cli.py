@@ -97,12 +97,17 @@ def test_cli_glyphs_with_meta_learners(tmp_path):
 
 @pytest.mark.parametrize("argv,message", [
     (["--method", "sgd"], "unknown method 'sgd'"),
-    (["--seeds", "a"], "comma lists"),
+    (["--seeds", "a"], "comma list of integers"),
+    (["--angles", "0,x"], "comma list of numbers"),
     (["--stream", "nope"], "unknown stream 'nope'"),
     (["--lr", "0"], "--lr must be positive"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(tmp_path, capsys, argv, message):
-    assert main(["continual", "--out", str(tmp_path), "--quiet", *argv]) == 2
+    try:
+        code = main(["continual", "--out", str(tmp_path), "--quiet", *argv])
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
 

@@ -2,7 +2,7 @@
 
 A continual learner updates on a few examples at a time, often one, so the network has no batch
 normalization (whose statistics of a batch of one are meaningless) and no running state: a plain
-stack of 3x3 stride-2 convolutions with ReLU (the representation, ``body``) and one linear layer over
+stack of 3x3 stride-2 convolutions with ReLU, He-initialized (the representation, ``body``) and one linear layer over
 the flattened features (the prediction head, ``head``, one output per class of the stream). OML's
 representation/prediction split (Javed & White 2019) is this ``body``/``head`` split. Its weights
 live outside it as ``dict[str, Tensor]`` and are passed in at every call (``metaphi.functional``).
@@ -25,7 +25,12 @@ class ConvNet(nn.Module):
         layers: list[nn.Module] = []
         channels, size = in_channels, image_size
         for _ in range(blocks):
-            layers += [nn.Conv2d(channels, hidden, 3, stride=2, padding=1), nn.ReLU()]
+            conv = nn.Conv2d(channels, hidden, 3, stride=2, padding=1)
+            # He initialization: with no normalization, torch's default (which shrinks the signal by
+            # about 2.4 per layer) leaves the deep end silent and the network stuck at chance
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+            layers += [conv, nn.ReLU()]
             channels, size = hidden, (size + 1) // 2
         self.body = nn.Sequential(*layers, nn.Flatten())
         self.feature_dim = hidden * size * size
