@@ -291,14 +291,15 @@ def test_reservoir_keeps_a_uniform_sample_of_fixed_size():
 
 
 # ------------------------------------------------------------------------------------------ La-MAML
-def test_lamaml_update_matches_an_autograd_loop():
+@pytest.mark.parametrize("clip", [100.0, 0.05])  # clipping inactive, and active everywhere
+def test_lamaml_update_matches_an_autograd_loop(clip):
     torch.manual_seed(0)
     net = ConvNet(1, 3, hidden=2, blocks=2, image_size=8).double()
     params = params_of(net, requires_grad=False)
-    method = build_method("lamaml", alpha=0.2, alpha_lr=0.5, batch=3)
+    method = build_method("lamaml", alpha=0.2, alpha_lr=0.5, batch=3, clip=clip)
     g = torch.Generator().manual_seed(0)
     alpha = {k: 0.2 + 0.1 * torch.rand(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
-    alpha["head.bias"][0] = -0.05  # a negative rate is clipped to 0 in θ's update
+    alpha["head.bias"][0] = -0.05  # a negative rate is clipped to 0
     x = torch.rand(3, 1, 8, 8, generator=g, dtype=torch.float64)
     y = torch.tensor([0, 1, 2])
     rx, ry = torch.rand(2, 1, 8, 8, generator=g, dtype=torch.float64), torch.tensor([2, 0])
@@ -306,19 +307,25 @@ def test_lamaml_update_matches_an_autograd_loop():
 
     theta = {k: v.clone().requires_grad_() for k, v in params.items()}
     lr = {k: v.clone().requires_grad_() for k, v in alpha.items()}
-    fast = theta
+    fast, meta = theta, 0.0
     for j in range(3):
         out = torch.func.functional_call(net, fast, (x[j:j + 1],))
         grads = torch.autograd.grad(F.cross_entropy(out, y[j:j + 1]), list(fast.values()), create_graph=True)
-        fast = {k: fast[k] - lr[k] * gk for k, gk in zip(fast, grads)}
-    meta = F.cross_entropy(torch.func.functional_call(net, fast, (torch.cat([x, rx]),)), torch.cat([y, ry]))
+        fast = {k: fast[k] - torch.relu(lr[k]) * torch.clamp(gk, -clip, clip) for k, gk in zip(fast, grads)}
+        meta = meta + F.cross_entropy(torch.func.functional_call(net, fast, (torch.cat([x, rx]),)),
+                                      torch.cat([y, ry])) / 3
     keys = list(theta)
     grads = torch.autograd.grad(meta, [theta[k] for k in keys] + [lr[k] for k in keys])
+    g_theta, g_alpha = grads[:len(keys)], grads[len(keys):]
+    scale_theta = min(1.0, clip / float(torch.sqrt(sum(t.square().sum() for t in g_theta))))
+    scale_alpha = min(1.0, clip / float(torch.sqrt(sum(t.square().sum() for t in g_alpha))))
+    assert (scale_theta < 1.0) == (clip < 1)
     for i, k in enumerate(keys):
-        ref_alpha = alpha[k] - 0.5 * grads[len(keys) + i]
-        torch.testing.assert_close(new_alpha[k], ref_alpha)
-        torch.testing.assert_close(new_params[k], params[k] - ref_alpha.clamp_min(0) * grads[i])
-    assert float(new_alpha["head.bias"][0]) < 0 and float(new_params["head.bias"][0]) == float(params["head.bias"][0])
+        ref_alpha = alpha[k] - 0.5 * scale_alpha * g_alpha[i]
+        torch.testing.assert_close(new_alpha[k], ref_alpha, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(new_params[k], params[k] - ref_alpha.clamp_min(0) * scale_theta * g_theta[i],
+                                   rtol=1e-5, atol=1e-7)
+    assert float(new_params["head.bias"][0]) == float(params["head.bias"][0])  # its rate stayed below 0
 
 
 # ------------------------------------------------------------------------------------------ OML

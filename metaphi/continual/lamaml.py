@@ -2,20 +2,24 @@
 
 The weights θ and a learning rate α_i for every weight are learned online, with a replay memory M
 (reservoir sampling, as in :mod:`metaphi.continual.replay`). For each incoming mini-batch
-B = (b_1, ..., b_k) of the stream:
+B = (b_1, ..., b_k) of the stream, with R drawn from M:
 
-    θ_0 = θ;  θ_j = θ_{j-1} − α ⊙ ∇ℓ(θ_{j-1}; b_j),  j = 1..k       (look-ahead: one example a step)
-    L_meta(θ, α) = ℓ(θ_k; B ∪ R),  R drawn from M                    (the batch and old examples)
-    α ← α − η ∇_α L_meta
-    θ ← θ − max(α, 0) ⊙ ∇_θ L_meta                                    (the learned rates, clipped)
+    θ_0 = θ;  θ_j = θ_{j-1} − max(α, 0) ⊙ clip(∇ℓ(θ_{j-1}; b_j)),  j = 1..k   (look-ahead, one example a step)
+    L_meta(θ, α) = (1/k) Σ_j ℓ(θ_j; B ∪ R)                                    (new and old examples)
+    α ← α − η clip_norm(∇_α L_meta)
+    θ ← θ − max(α, 0) ⊙ clip_norm(∇_θ L_meta)                                (the learned rates, clipped)
 
-then B is offered to the memory. ∇_θ L_meta differentiates through the k inner steps (second
-order; ``first_order=True`` treats the inner gradients as constants), so an update of θ is judged
-by how it serves old examples after a look-ahead on new ones: as in MER (Riemer et al. 2019), the
+then B is offered to the memory. ∇_θ L_meta differentiates through the inner steps (second order;
+``first_order=True`` treats the inner gradients as constants), so an update of θ is judged by how
+it serves old examples after a look-ahead on new ones: as in MER (Riemer et al. 2019), the
 gradients of new and old data are pushed to align, and α shrinks along directions where they
-conflict. The inner loop is :func:`metaphi.inner.adapt.adapt` with the Meta-SGD rule (a learned
-step size per coordinate, :class:`metaphi.inner.rules.MetaSGD`), as φ = (θ, α) of Meta-SGD is
-learned here online instead of over a task distribution.
+conflict. As in the authors' implementation (github.com/montrealrobotics/La-MAML), the meta-loss is
+averaged over the look-ahead steps, the inner gradients are clamped elementwise to ±``clip``, and
+the meta-gradients of θ and of α are each rescaled to a norm of at most ``clip``; without these the
+first few updates of α (whose gradient is a sum of products of gradients) throw it far past zero
+and the weights diverge. The inner loop is :func:`metaphi.inner.adapt.adapt` with the Meta-SGD
+rule (a learned step size per coordinate, :class:`metaphi.inner.rules.MetaSGD`) given max(α, 0):
+φ = (θ, α) of Meta-SGD, learned here online instead of over a task distribution.
 """
 from __future__ import annotations
 
@@ -31,9 +35,10 @@ class LaMAML:
     name = "lamaml"
 
     def __init__(self, alpha: float = 0.1, alpha_lr: float = 0.3, batch: int = 10, epochs: int = 1,
-                 memory: int = 100, replay_batch: int | None = None, first_order: bool = False):
-        if alpha <= 0 or alpha_lr <= 0 or batch < 1 or epochs < 1 or memory < 1:
-            raise ValueError("alpha and alpha_lr must be positive, batch, epochs and memory at least 1")
+                 memory: int = 100, replay_batch: int | None = None, first_order: bool = False, clip: float = 2.0):
+        if alpha <= 0 or alpha_lr <= 0 or batch < 1 or epochs < 1 or memory < 1 or clip <= 0:
+            raise ValueError("alpha, alpha_lr and clip must be positive, batch, epochs and memory at least 1")
+        self.clip = float(clip)
         self.alpha, self.alpha_lr, self.batch, self.epochs = float(alpha), float(alpha_lr), int(batch), int(epochs)
         self.memory, self.replay_batch, self.first_order = int(memory), int(replay_batch or batch), bool(first_order)
         self.rule = MetaSGD(self.alpha)
@@ -41,7 +46,7 @@ class LaMAML:
     def spec(self) -> dict:
         return {"name": self.name, "alpha": self.alpha, "alpha_lr": self.alpha_lr, "batch": self.batch,
                 "epochs": self.epochs, "memory": self.memory, "replay_batch": self.replay_batch,
-                "first_order": self.first_order}
+                "first_order": self.first_order, "clip": self.clip}
 
     def start(self, net, params, stream, generator, seed=0, workdir=None, progress=False) -> dict:
         return {"params": params, "alpha": self.rule.meta_params(params),
@@ -51,14 +56,18 @@ class LaMAML:
         """One La-MAML update on the incoming batch ``x, y`` with replayed ``rx, ry``; new (θ, α)."""
         theta = {k: v.detach().requires_grad_() for k, v in params.items()}
         lr = {k: v.detach().requires_grad_() for k, v in alpha.items()}
-        fast = theta
+        rates = {k: v.clamp_min(0) for k, v in lr.items()}
+        both_x, both_y = torch.cat([x, rx]), torch.cat([y, ry])
+        rule = _Clamped(self.rule, self.clip)
+        fast, meta_loss = theta, 0.0
         for j in range(len(y)):
-            fast = adapt(lambda p, j=j: loss(net, p, x[j:j + 1], y[j:j + 1]), fast, self.rule, lr, 1,
+            fast = adapt(lambda p, j=j: loss(net, p, x[j:j + 1], y[j:j + 1]), fast, rule, rates, 1,
                          first_order=self.first_order)
-        meta_loss = loss(net, fast, torch.cat([x, rx]), torch.cat([y, ry]))
+            meta_loss = meta_loss + loss(net, fast, both_x, both_y) / len(y)
         keys = list(theta)
         grads = torch.autograd.grad(meta_loss, [theta[k] for k in keys] + [lr[k] for k in keys])
-        g_theta, g_alpha = dict(zip(keys, grads[:len(keys)])), dict(zip(keys, grads[len(keys):]))
+        g_theta = _clip_norm(dict(zip(keys, grads[:len(keys)])), self.clip)
+        g_alpha = _clip_norm(dict(zip(keys, grads[len(keys):])), self.clip)
         new_alpha = {k: (alpha[k] - self.alpha_lr * g_alpha[k]).detach() for k in keys}
         new_params = {k: (params[k] - new_alpha[k].clamp_min(0) * g_theta[k]).detach() for k in keys}
         return new_params, new_alpha, float(meta_loss.detach())
@@ -75,3 +84,29 @@ class LaMAML:
 
     def weights(self, state: dict):
         return state["params"]
+
+
+class _Clamped:
+    """An update rule whose gradients are clamped elementwise to ±``clip`` before ``rule`` sees them."""
+
+    def __init__(self, rule, clip: float):
+        self.rule, self.clip = rule, clip
+
+    def meta_params(self, params):
+        return self.rule.meta_params(params)
+
+    def init(self, params):
+        return self.rule.init(params)
+
+    def update(self, params, grads, state, meta):
+        return self.rule.update(params, {k: g.clamp(-self.clip, self.clip) for k, g in grads.items()}, state, meta)
+
+    def spec(self):
+        return {"clamped": self.clip, **self.rule.spec()}
+
+
+def _clip_norm(grads: dict, max_norm: float) -> dict:
+    """``grads`` rescaled to a global norm of at most ``max_norm`` (torch's clip_grad_norm_, out of place)."""
+    norm = torch.sqrt(sum(g.square().sum() for g in grads.values()))
+    scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    return {k: g * scale for k, g in grads.items()}
