@@ -65,7 +65,7 @@ def run(streams, method, seeds, flags, out, data_root):
 
 
 def tune(quick: bool) -> dict:
-    chosen, trials = {}, {}
+    chosen, trials, seconds = {}, {}, 0.0
     seeds = [100]
     stream_flags = ["--experiences", "3"] if quick else []
     for method in ("finetune", "replay", "ewc", "lamaml", "pretrain", "oml"):
@@ -77,18 +77,20 @@ def tune(quick: bool) -> dict:
             tag = "_".join(s.lstrip("-") for s in setting)
             s = run(["glyphs-val"], method, seeds, flags, os.path.join(TMP, "tune", method, tag), None)
             acc = s["streams"]["glyphs-val"]["table"][method]["average_accuracy"]["mean"]
+            seconds += s["streams"]["glyphs-val"]["table"][method]["train_seconds"]
             rows.append({"flags": setting, "average_accuracy": acc})
             if best is None or acc > best[0]:
                 best = (acc, list(setting))
         chosen[method] = best[1]
         trials[method] = rows
-    return {"chosen": chosen, "trials": trials}
+    return {"chosen": chosen, "trials": trials, "stream_seconds": seconds}
 
 
 def meta_seconds() -> dict:
     """Mean meta-training (or pre-training) seconds per run, by method and meta-training data."""
     out: dict = {}
     folder = os.path.join(TMP, "meta")
+    # a run's train_seconds counts its steps only, also across a resumed run
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         ck = os.path.join(folder, name, "checkpoint.pt")
         if os.path.exists(ck):
@@ -129,8 +131,12 @@ def report(payload: dict) -> str:
         PUBLISHED, "",
         f"Machine: {payload['machine']['machine']}, {payload['machine']['cores']} cores shared with other jobs "
         f"(load {payload['machine']['load_average_at_start']:.1f} at start), torch {payload['machine']['torch']}, "
-        f"one thread. Wall time {payload['wall_seconds'] / 60:.1f} min, CPU time {payload['cpu_seconds'] / 60:.1f} "
-        f"min (tuning included). Meta-training per run (mean): {meta}. Seeds {payload['seeds']}.", "",
+        f"one thread. Time recorded by the runs (each counted once, also when reused): learning the streams "
+        f"(testing excluded) {payload['compute']['stream_minutes']:.1f} min (tuning "
+        f"{payload['compute']['tuning_stream_minutes']:.1f} min of it), meta-training and pre-training "
+        f"{payload['compute']['meta_minutes']:.1f} min; mean per meta-training run: {meta}. The last invocation of "
+        f"the script took {payload['wall_seconds'] / 60:.1f} min of wall time and "
+        f"{payload['cpu_seconds'] / 60:.1f} min of CPU time. Seeds {payload['seeds']}.", "",
         f"Command: `{payload['command']}`",
     ]
     return "\n".join(lines)
@@ -172,8 +178,12 @@ def main() -> int:
             summary["streams"].setdefault(stream, {"stream": s["streams"][stream]["stream"]})
             runs += [{**r, "method": method} for r in s["runs"]]
         summary["streams"][stream]["table"] = table
-    payload = {"name": "continual", "machine": info, "seeds": seeds, "streams": streams, "tuning": tuning,
-               "base_flags": BASE, "summary": summary, "runs": runs, "meta_seconds": meta_seconds(),
+    metas = meta_seconds()
+    compute = {"stream_minutes": (sum(r["train_seconds"] for r in runs) + tuning["stream_seconds"]) / 60,
+               "tuning_stream_minutes": tuning["stream_seconds"] / 60,
+               "meta_minutes": sum(v["mean_seconds"] * v["runs"] for v in metas.values()) / 60}
+    payload = {"name": "continual", "machine": info, "compute": compute, "seeds": seeds, "streams": streams, "tuning": tuning,
+               "base_flags": BASE, "summary": summary, "runs": runs, "meta_seconds": metas,
                "wall_seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
                "command": " ".join([".venv/bin/python", "benchmarks/continual.py"] + sys.argv[1:]),
                "published": PUBLISHED}

@@ -110,6 +110,9 @@ class PretrainObjective(OMLObjective):
     name = "pretrain"
     estimators = ("first-order",)
 
+    def spec(self) -> dict:
+        return {"name": self.name, "net": self.net.spec, "seed": self.seed}
+
     def task_loss(self, phi: Params, task: Task, first_order: bool = False):
         params = prefixed(phi, "init")
         x = torch.cat([task.support[0], task.query[0]])
@@ -124,8 +127,8 @@ class OML:
     name = "oml"
     objective = OMLObjective
 
-    def __init__(self, online_lr: float = 0.1, meta_iterations: int = 1000, meta_batch: int = 4,
-                 meta_lr: float = 1e-3, inner_lr: float = 0.1, traj_classes: int = 2, traj_shots: int = 5,
+    def __init__(self, online_lr: float = 0.03, meta_iterations: int = 500, meta_batch: int = 4,
+                 meta_lr: float = 3e-3, inner_lr: float = 1.0, traj_classes: int = 2, traj_shots: int = 5,
                  remember: int = 16, estimator: str = "second-order"):
         if online_lr <= 0 or inner_lr <= 0 or meta_lr <= 0 or meta_iterations < 0 or meta_batch < 1:
             raise ValueError("learning rates must be positive, meta-iterations >= 0 and meta-batch >= 1")
@@ -138,9 +141,12 @@ class OML:
         return {"name": self.name, "online_lr": self.online_lr, **self.meta_spec()}
 
     def meta_spec(self) -> dict:
-        return {"meta_iterations": self.meta_iterations, "meta_batch": self.meta_batch, "meta_lr": self.meta_lr,
+        spec = {"meta_iterations": self.meta_iterations, "meta_batch": self.meta_batch, "meta_lr": self.meta_lr,
                 "inner_lr": self.inner_lr, "traj_classes": self.traj_classes, "traj_shots": self.traj_shots,
                 "remember": self.remember, "estimator": self.estimator}
+        if self.objective is PretrainObjective:  # no inner loop: these do not change what it learns
+            del spec["inner_lr"], spec["estimator"]
+        return spec
 
     def meta_folder(self, workdir: str, meta_train: ImageClasses, net_spec: dict, seed: int) -> str:
         """Meta-training depends only on the meta-training classes, the settings and the seed, so streams
