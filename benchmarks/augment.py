@@ -73,7 +73,8 @@ def main() -> None:
              f"Command: `{command}`  ",
              f"Machine: {info['cores']} cores ({info['machine']}), load average {info['load_average_at_start']:.1f} "
              f"at start, torch {info['torch']}, 1 thread, one process; "
-             f"total wall time {wall / 60:.1f} min (runs resumed from checkpoints count only their new part).", "",
+             f"wall time of this invocation {wall / 60:.1f} min (runs resumed from checkpoints are not rerun; each "
+             "configuration's heading gives the search and training time of all its runs).", "",
              "Each seed draws its own stratified split, model initializations and batches; within a seed every "
              "policy trains the same fresh model (Conv4 with task batch norm, SGD with momentum 0.9, step 0.05, "
              "batch 32) from the same initialization on the same batches, so the paired difference to `none` "
@@ -85,7 +86,9 @@ def main() -> None:
              "operation with probability 0.2 and magnitude 0.3), unsearched.", ""]
     for n in names:
         r = results[n]
-        parts += [f"### {n} (wall {r['wall_s'] / 60:.1f} min)", "", markdown(r), ""]
+        compute = sum(row["search_s"] + row["train_s"] for row in r["rows"])
+        parts += [f"### {n} ({len(r['rows'])} runs, {compute / 60:.1f} min of search and training in all)", "",
+                  markdown(r), ""]
     write("augment", {"machine": info, "command": command, "seeds": {n: results[n]["config"]["seeds"] for n in names},
                       "wall_s": wall,
                       "configs": {n: CONFIGS[n] for n in names}, "results": results}, "\n".join(parts))

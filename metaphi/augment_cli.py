@@ -160,8 +160,9 @@ def run_experiment(data: str = "digits", methods=("none", "random", "start", "gr
 
 
 def summarize(rows: list[dict], methods: list[str]) -> list[dict]:
-    """Per method: test accuracy mean ± 95% t-interval over seeds, the paired difference to ``none``
-    (same split, initialization and batches), mean search and training time, the mean policy."""
+    """Per method: test accuracy mean ± 95% t-interval over seeds, the paired differences to ``none``
+    and to ``start`` (same split, initialization and batches), mean search and training time, the
+    mean policy."""
     from .augment.policy import OPS
     from .domaingen import mean_ci
     by = {m: {r["seed"]: r for r in rows if r["method"] == m} for m in methods}
@@ -176,10 +177,11 @@ def summarize(rows: list[dict], methods: list[str]) -> list[dict]:
                  "train_s": sum(r["train_s"] for r in rs.values()) / len(rs),
                  "policy": {op: {k: sum(r["policy"][op][k] for r in rs.values()) / len(rs)
                                  for k in ("prob", "magnitude")} for op in OPS}}
-        common = [s for s in rs if s in by.get("none", {})]
-        if m != "none" and common:
-            entry["diff_vs_none"], entry["diff_ci"] = mean_ci([rs[s]["test_acc"] - by["none"][s]["test_acc"]
-                                                               for s in common])
+        for ref in ("none", "start"):
+            common = [s for s in rs if s in by.get(ref, {})]
+            if m != ref and common:
+                entry[f"diff_vs_{ref}"], entry[f"diff_{ref}_ci"] = mean_ci(
+                    [rs[s]["test_acc"] - by[ref][s]["test_acc"] for s in common])
         out.append(entry)
     return out
 
@@ -197,10 +199,12 @@ def markdown(result: dict) -> str:
              f"{c['val_per_class']} validation images per class, the rest for test; search "
              f"{c['search']['steps']} steps; final training {c['train_steps']} steps; {len(c['seeds'])} seeds; "
              "test accuracy mean ± 95% CI, t-interval)", "",
-             "| policy | test accuracy % | paired Δ vs none (points) | search s | train s |", "|---|---|---|---|---|"]
+             "| policy | test accuracy % | paired Δ vs none | paired Δ vs start | search s | train s |",
+             "|---|---|---|---|---|---|"]
     for e in result["summary"]:
-        diff = _pm(e["diff_vs_none"], e["diff_ci"], signed=True) if "diff_vs_none" in e else "—"
-        lines.append(f"| {e['method']} | {_pm(e['test_acc'], e['test_ci'])} | {diff} | "
+        diffs = [_pm(e[f"diff_vs_{ref}"], e[f"diff_{ref}_ci"], signed=True) if f"diff_vs_{ref}" in e else "—"
+                 for ref in ("none", "start")]
+        lines.append(f"| {e['method']} | {_pm(e['test_acc'], e['test_ci'])} | {diffs[0]} | {diffs[1]} | "
                      f"{e['search_s']:.1f} | {e['train_s']:.1f} |")
     lines += ["", "Mean policy over seeds (probability / magnitude):", "",
               "| policy | " + " | ".join(OPS) + " |", "|---|" + "---|" * len(OPS)]

@@ -26,6 +26,7 @@ def test_augment_runs_resumes_and_writes_results(tmp_path):
     rows = {(r["seed"], r["method"]): r["test_acc"] for r in result["rows"]}
     diff = sum(rows[(s, "gradient")] - rows[(s, "none")] for s in (0, 1)) / 2
     assert summary["gradient"]["diff_vs_none"] == pytest.approx(diff)
+    assert "diff_vs_start" not in summary["gradient"]  # no start runs asked for
     assert os.path.exists(os.path.join(out, "search-0-gradient.pt"))
     assert "| gradient |" in open(os.path.join(out, "result.md")).read()
     # a rerun with the same settings finds every run done and reproduces the file's rows
