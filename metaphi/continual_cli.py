@@ -126,8 +126,10 @@ def plot(summary: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from matplotlib.ticker import MaxNLocator
+
     streams = list(summary["streams"])
-    fig, axes = plt.subplots(1, len(streams), figsize=(5.2 * len(streams), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(streams), figsize=(4.6 * len(streams) + 1.6, 3.8), squeeze=False)
     for ax, stream in zip(axes[0], streams):
         for m, e in summary["streams"][stream]["table"].items():
             mean = [100 * p["mean"] for p in e["accuracy_over_time"]]
@@ -135,14 +137,16 @@ def plot(summary: dict, path: str) -> None:
             xs = list(range(1, len(mean) + 1))
             (line,) = ax.plot(xs, mean, marker="o", markersize=3, label=m)
             ax.fill_between(xs, [a - c for a, c in zip(mean, ci)], [a + c for a, c in zip(mean, ci)],
-                            color=line.get_color(), alpha=0.15)
+                            color=line.get_color(), alpha=0.12, linewidth=0)
         ax.set_title(stream)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("experiences learned")
         ax.set_ylabel("accuracy on all experiences seen (%)")
         ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1 - 1.5 / fig.get_figwidth(), 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
