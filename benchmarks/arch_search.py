@@ -105,7 +105,7 @@ def main() -> None:
                 r = json.load(f)
             runs.append({k: r[k] for k in ("method", "seed", "test_acc", "val_acc", "search_seconds", "grad_evals",
                                            "architectures_evaluated", "search_val_acc", "parameters",
-                                           "retrain_seconds", "genotype_text")})
+                                           "retrain_seconds", "wall_seconds", "genotype_text")})
     diag = fd_vs_exact(seeds, args.channels)
     summary = []
     random_by_seed = {r["seed"]: r["test_acc"] for r in runs if r["method"] == "random"}
@@ -124,7 +124,8 @@ def main() -> None:
                 [100 * (r["test_acc"] - random_by_seed[r["seed"]]) for r in rs])
         summary.append(row)
     wall = time.perf_counter() - started
-    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/arch_search.py " + " ".join(sys.argv[1:])
+    command = " ".join(["OMP_NUM_THREADS=1 .venv/bin/python benchmarks/arch_search.py", *sys.argv[1:]])
+    runs_wall = sum(r["wall_seconds"] for r in runs)
     lines = [f"**Architecture search on digits** (8x8, 10 classes; stratified split 898 / 450 / 449 train / val / "
              f"test, split seed 0). Search network: 3 cells (normal, reduction, reduction) of 3 nodes, "
              f"{args.channels} channels, 7 operations. Budget {args.budget} model evaluations per search "
@@ -146,11 +147,13 @@ def main() -> None:
               f"second-order term relative to the exact term: {mean_ci([r['fd_term_error'] for r in d])[0]:.2f}.",
               "", f"Command: `{command}`", "",
               f"Machine: {info['machine']}, {info['cores']} cores shared with other jobs (load average "
-              f"{info['load_average_at_start']:.1f} at start), torch {info['torch']}, one thread; wall time "
-              f"{wall / 60:.1f} min for the runs not already in {os.path.relpath(args.work)}."]
+              f"{info['load_average_at_start']:.1f} at the start of this invocation), torch {info['torch']}, one "
+              f"thread. The {len(runs)} runs (search + retraining) took {runs_wall / 60:.1f} min of wall time in "
+              f"all; this invocation {wall / 60:.1f} min (finished runs in {os.path.relpath(args.work)} are "
+              f"reused)."]
     payload = {"machine": info, "command": command, "seeds": seeds, "methods": methods, "budget": args.budget,
                "child_steps": args.child_steps, "retrain_steps": args.retrain_steps, "channels": args.channels,
-               "wall_seconds": wall, "summary": summary, "runs": runs, "fd_vs_exact": diag}
+               "wall_seconds": wall, "runs_wall_seconds": runs_wall, "summary": summary, "runs": runs, "fd_vs_exact": diag}
     write(args.name, payload, "\n".join(lines))
 
 
