@@ -49,3 +49,10 @@ def test_stratified_split_is_disjoint_and_keeps_proportions():
     assert torch.bincount(labels[b]).tolist() == [3, 6, 9, 12]
     c, d = stratified_split(labels, [2, 3], torch.Generator().manual_seed(0))
     assert torch.bincount(labels[c]).tolist() == [2] * 4 and torch.bincount(labels[d]).tolist() == [3] * 4
+
+
+def test_fractions_summing_to_one_use_every_image_once():
+    labels = torch.arange(3).repeat_interleave(torch.tensor([182, 7, 9]))
+    parts = stratified_split(labels, [0.5, 0.25, 0.25], torch.Generator().manual_seed(0))
+    assert sum(p.numel() for p in parts) == labels.numel()
+    assert torch.equal(torch.sort(torch.cat(parts)).values, torch.arange(labels.numel()))

@@ -75,7 +75,11 @@ def stratified_split(labels: Tensor, parts: Sequence[float | int], generator: to
         idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.randperm(idx.numel(), generator=generator)]
         n = idx.numel()
-        sizes = [int(p) if by_count else int(round(p * n)) for p in parts]
+        if by_count:
+            sizes = [int(p) for p in parts]
+        else:  # round the running total, so that fractions summing to 1 use every image exactly once
+            ends = [int(round(sum(parts[: i + 1]) * n)) for i in range(len(parts))]
+            sizes = [e - b for b, e in zip([0] + ends[:-1], ends)]
         if sum(sizes) > n:
             raise ValueError(f"class {c} has {n} images, fewer than the {sum(sizes)} the split asks for")
         start = 0
