@@ -18,29 +18,11 @@ import time
 
 import torch
 
-DATASETS = ("digits", "glyphs", "omniglot")
+from .cli import int_list as _ints
+from .tasks.named import NAMED as DATASETS
+from .tasks.named import load_named as load_data
+
 METHODS = ("none", "random", "start", "gradient", "reinforce", "es")
-
-
-def load_data(name: str, data_root: str | None = None, classes: int | None = None, seed: int = 0):
-    """An ``ImageClasses`` store: ``digits`` (shipped), ``glyphs`` (built in) or ``omniglot`` (the
-    small1 minimal split under ``data_root``); ``classes`` keeps that many classes, drawn by ``seed``."""
-    if name == "digits":
-        from .tasks.digits import load_digits
-        data = load_digits()
-    elif name == "glyphs":
-        from .tasks.glyphs import load_glyphs
-        data = load_glyphs()
-    elif name == "omniglot":
-        from .benchmarks import default_data_root
-        from .tasks import omniglot
-        data = omniglot.read(data_root or default_data_root(), "small1")
-    else:
-        raise ValueError(f"unknown data set {name!r} (known: {', '.join(DATASETS)})")
-    if classes is not None and classes < data.num_classes:
-        pick = torch.randperm(data.num_classes, generator=torch.Generator().manual_seed(seed))[:classes]
-        data = data.subset(sorted(pick.tolist()))
-    return data
 
 
 def split(data, train: int, val: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -212,17 +194,6 @@ def markdown(result: dict) -> str:
         lines.append(f"| {e['method']} | " + " | ".join(f"{e['policy'][op]['prob']:.2f} / "
                                                        f"{e['policy'][op]['magnitude']:.2f}" for op in OPS) + " |")
     return "\n".join(lines)
-
-
-def _ints(text: str, name: str) -> list[int]:
-    from .cli import UsageError
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"--{name} must be a comma list of integers, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise UsageError(f"--{name} must list non-negative integers, got {text!r}")
-    return values
 
 
 def cmd_augment(args) -> int:

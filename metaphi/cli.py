@@ -137,6 +137,17 @@ def _writable_dir(path: str) -> str:
     return path
 
 
+def int_list(text: str, name: str) -> list[int]:
+    """A comma list of non-negative integers from option ``--name`` (``"0,1,2"``), or a UsageError."""
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"--{name} must be a comma list of integers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise UsageError(f"--{name} must list non-negative integers, got {text!r}")
+    return values
+
+
 def write_json(obj, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")

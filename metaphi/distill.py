@@ -16,7 +16,9 @@ import time
 import torch
 
 from .algorithms.distill import METHODS, DistillConfig, accuracy, train_student
+from .cli import int_list as _ints
 from .functional import params_of
+from .tasks.named import load_named as load_data
 
 PAIRS = {
     # a wide convnet teaching a narrow Conv4; a wide two-layer MLP teaching a one-layer MLP
@@ -31,23 +33,6 @@ def build(spec: dict, num_classes: int, image_shape) -> torch.nn.Module:
     if spec["name"] == "conv4":
         return Conv4(c, num_classes, hidden=spec["hidden"], image_size=h)
     return MLP(c * h * w, num_classes, tuple(spec["hidden"]))
-
-
-def load_data(name: str, data_root: str | None = None, classes: int | None = None, seed: int = 0):
-    """An ``ImageClasses`` store: ``glyphs`` (built in) or ``omniglot`` (the small1 minimal split)."""
-    if name == "glyphs":
-        from .tasks.glyphs import load_glyphs
-        data = load_glyphs()
-    elif name == "omniglot":
-        from .benchmarks import default_data_root
-        from .tasks import omniglot
-        data = omniglot.read(data_root or default_data_root(), "small1")
-    else:
-        raise ValueError(f"unknown data set {name!r} (known: glyphs, omniglot)")
-    if classes is not None and classes < data.num_classes:
-        pick = torch.randperm(data.num_classes, generator=torch.Generator().manual_seed(seed))[:classes]
-        data = data.subset(sorted(pick.tolist()))
-    return data
 
 
 def class_split(data, per_class: tuple[int, int, int], seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -188,17 +173,6 @@ def markdown(result: dict) -> str:
         lines.append(f"| {e['method']} | {e['teacher_epochs'] or '—'} | {t} | "
                      f"{100 * e['student_acc']:.1f} ± {100 * e['student_ci']:.1f} | {after} |")
     return "\n".join(lines)
-
-
-def _ints(text: str, name: str) -> list[int]:
-    from .cli import UsageError
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"--{name} must be a comma list of integers, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise UsageError(f"--{name} must list non-negative integers, got {text!r}")
-    return values
 
 
 def cmd_distill(args) -> int:

@@ -19,32 +19,10 @@ import os
 import sys
 import time
 
+from .tasks.named import NAMED as DATA
+from .tasks.named import load_named as load_store
+
 METHODS = ("darts-1", "darts-2", "reinforce", "evolution", "random", "retrain")
-DATA = ("digits", "glyphs", "omniglot")
-
-
-def load_store(name: str, data_root: str | None = None, classes: int | None = None, seed: int = 0):
-    """An ``ImageClasses`` store: digits (built in), glyphs (built in) or omniglot (the small1 split)."""
-    import torch
-
-    if name == "digits":
-        from .tasks.digits import load_digits
-        store = load_digits()
-    elif name == "glyphs":
-        from .tasks.glyphs import load_glyphs
-        store = load_glyphs()
-    elif name == "omniglot":
-        from .benchmarks import default_data_root
-        from .tasks import omniglot
-        store = omniglot.read(data_root or default_data_root(), "small1")
-    else:
-        raise ValueError(f"unknown data set {name!r} (valid: {', '.join(DATA)})")
-    if classes is not None:
-        if not 2 <= classes <= store.num_classes:
-            raise ValueError(f"--classes must be between 2 and {store.num_classes} for {name}, got {classes}")
-        pick = torch.randperm(store.num_classes, generator=torch.Generator().manual_seed(seed))[:classes]
-        store = store.subset(sorted(pick.tolist()))
-    return store
 
 
 def budget_plan(method: str, budget: int, child_steps: int, darts_settings=None, samples: int = 1) -> dict:

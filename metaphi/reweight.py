@@ -58,6 +58,7 @@ from .algorithms.base import Algorithm
 from .functional import Params, call, detach, params_of
 from .inner import SGD, adapt
 from .tasks import Task
+from .tasks.named import load_named as load_data
 
 METHODS = ("plain", "plain-meta", "l2rw", "mwnet")
 L2RW_MODES = ("jvp", "lookahead")
@@ -296,28 +297,6 @@ def train(method: str, model: nn.Module, params: Params, train_set: tuple[Tensor
 
 
 # -- the data of one run: a clean test split, a clean meta split and a corrupted training split --
-
-def load_data(name: str, data_root: str | None = None, classes: int | None = None, seed: int = 0):
-    """An ``ImageClasses`` store: ``digits`` (built in), ``glyphs`` (built in) or ``omniglot`` (small1)."""
-    if name == "digits":
-        from .tasks.digits import load_digits
-        data = load_digits()
-    elif name == "glyphs":
-        from .tasks.glyphs import load_glyphs
-        data = load_glyphs()
-    elif name == "omniglot":
-        from .benchmarks import default_data_root
-        from .tasks import omniglot
-        data = omniglot.read(data_root or default_data_root(), "small1")
-    else:
-        raise ValueError(f"unknown data set {name!r} (known: digits, glyphs, omniglot)")
-    if classes is not None:
-        if not 2 <= classes <= data.num_classes:
-            raise ValueError(f"--classes must be between 2 and {data.num_classes} for {name}, got {classes}")
-        pick = torch.randperm(data.num_classes, generator=torch.Generator().manual_seed(seed))[:classes]
-        data = data.subset(sorted(pick.tolist()))
-    return data
-
 
 @dataclass
 class Corruption:

@@ -12,18 +12,8 @@ import argparse
 import os
 import time
 
+from .cli import int_list as _ints
 from .reweight import MWNET_ESTIMATORS, METHODS, L2RW_MODES
-
-
-def _ints(text: str, name: str) -> list[int]:
-    from .cli import UsageError
-    try:
-        values = [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"--{name} must be a comma list of integers, got {text!r}") from None
-    if not values or any(v < 0 for v in values):
-        raise UsageError(f"--{name} must list non-negative integers, got {text!r}")
-    return values
 
 
 def cmd_reweight(args) -> int:
