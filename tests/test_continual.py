@@ -291,12 +291,13 @@ def test_reservoir_keeps_a_uniform_sample_of_fixed_size():
 
 
 # ------------------------------------------------------------------------------------------ La-MAML
+@pytest.mark.parametrize("inner_clip", ["norm", "value"])
 @pytest.mark.parametrize("clip", [100.0, 0.05])  # clipping inactive, and active everywhere
-def test_lamaml_update_matches_an_autograd_loop(clip):
+def test_lamaml_update_matches_an_autograd_loop(clip, inner_clip):
     torch.manual_seed(0)
     net = ConvNet(1, 3, hidden=2, blocks=2, image_size=8).double()
     params = params_of(net, requires_grad=False)
-    method = build_method("lamaml", alpha=0.2, alpha_lr=0.5, batch=3, clip=clip)
+    method = build_method("lamaml", alpha=0.2, alpha_lr=0.5, batch=3, clip=clip, inner_clip=inner_clip)
     g = torch.Generator().manual_seed(0)
     alpha = {k: 0.2 + 0.1 * torch.rand(v.shape, generator=g, dtype=torch.float64) for k, v in params.items()}
     alpha["head.bias"][0] = -0.05  # a negative rate is clipped to 0
@@ -311,7 +312,12 @@ def test_lamaml_update_matches_an_autograd_loop(clip):
     for j in range(3):
         out = torch.func.functional_call(net, fast, (x[j:j + 1],))
         grads = torch.autograd.grad(F.cross_entropy(out, y[j:j + 1]), list(fast.values()), create_graph=True)
-        fast = {k: fast[k] - torch.relu(lr[k]) * torch.clamp(gk, -clip, clip) for k, gk in zip(fast, grads)}
+        if inner_clip == "value":
+            grads = [torch.clamp(gk, -clip, clip) for gk in grads]
+        else:
+            norm = torch.sqrt(sum(gk.square().sum() for gk in grads))
+            grads = [gk * torch.clamp(clip / (norm + 1e-6), max=1.0) for gk in grads]
+        fast = {k: fast[k] - torch.relu(lr[k]) * gk for k, gk in zip(fast, grads)}
         meta = meta + F.cross_entropy(torch.func.functional_call(net, fast, (torch.cat([x, rx]),)),
                                       torch.cat([y, ry])) / 3
     keys = list(theta)

@@ -14,12 +14,16 @@ then B is offered to the memory. ∇_θ L_meta differentiates through the inner 
 it serves old examples after a look-ahead on new ones: as in MER (Riemer et al. 2019), the
 gradients of new and old data are pushed to align, and α shrinks along directions where they
 conflict. As in the authors' implementation (github.com/montrealrobotics/La-MAML), the meta-loss is
-averaged over the look-ahead steps, the inner gradients are clamped elementwise to ±``clip``, and
-the meta-gradients of θ and of α are each rescaled to a norm of at most ``clip``; without these the
-first few updates of α (whose gradient is a sum of products of gradients) throw it far past zero
-and the weights diverge. The inner loop is :func:`metaphi.inner.adapt.adapt` with the Meta-SGD
-rule (a learned step size per coordinate, :class:`metaphi.inner.rules.MetaSGD`) given max(α, 0):
-φ = (θ, α) of Meta-SGD, learned here online instead of over a task distribution.
+averaged over the look-ahead steps and the meta-gradients of θ and of α are each rescaled to a norm
+of at most ``clip``; without this the first updates of α (whose gradient is a sum of products of
+gradients) throw it far past zero and the weights diverge. The authors clamp each coordinate of an
+inner gradient to ±``clip`` (``inner_clip="value"``); the default here rescales each inner gradient
+to a norm of at most ``clip`` (``inner_clip="norm"``), which bounds the look-ahead's step whatever
+the scale of the features: with elementwise clamping a step size tuned on one data set blew the
+look-ahead up on another whose (unnormalized) features were four times larger, and nothing was
+learned. The inner loop is :func:`metaphi.inner.adapt.adapt` with the Meta-SGD rule (a learned step
+size per coordinate, :class:`metaphi.inner.rules.MetaSGD`) given max(α, 0): φ = (θ, α) of
+Meta-SGD, learned here online instead of over a task distribution.
 """
 from __future__ import annotations
 
@@ -35,7 +39,11 @@ class LaMAML:
     name = "lamaml"
 
     def __init__(self, alpha: float = 0.1, alpha_lr: float = 0.3, batch: int = 10, epochs: int = 1,
-                 memory: int = 100, replay_batch: int | None = None, first_order: bool = False, clip: float = 2.0):
+                 memory: int = 100, replay_batch: int | None = None, first_order: bool = False, clip: float = 2.0,
+                 inner_clip: str = "norm"):
+        if inner_clip not in ("value", "norm"):
+            raise ValueError(f"inner_clip must be 'value' or 'norm', got {inner_clip!r}")
+        self.inner_clip = inner_clip
         if alpha <= 0 or alpha_lr <= 0 or batch < 1 or epochs < 1 or memory < 1 or clip <= 0:
             raise ValueError("alpha, alpha_lr and clip must be positive, batch, epochs and memory at least 1")
         self.clip = float(clip)
@@ -46,7 +54,7 @@ class LaMAML:
     def spec(self) -> dict:
         return {"name": self.name, "alpha": self.alpha, "alpha_lr": self.alpha_lr, "batch": self.batch,
                 "epochs": self.epochs, "memory": self.memory, "replay_batch": self.replay_batch,
-                "first_order": self.first_order, "clip": self.clip}
+                "first_order": self.first_order, "clip": self.clip, "inner_clip": self.inner_clip}
 
     def start(self, net, params, stream, generator, seed=0, workdir=None, progress=False) -> dict:
         return {"params": params, "alpha": self.rule.meta_params(params),
@@ -58,7 +66,7 @@ class LaMAML:
         lr = {k: v.detach().requires_grad_() for k, v in alpha.items()}
         rates = {k: v.clamp_min(0) for k, v in lr.items()}
         both_x, both_y = torch.cat([x, rx]), torch.cat([y, ry])
-        rule = _Clamped(self.rule, self.clip)
+        rule = _Clamped(self.rule, self.clip, by_norm=self.inner_clip == "norm")
         fast, meta_loss = theta, 0.0
         for j in range(len(y)):
             fast = adapt(lambda p, j=j: loss(net, p, x[j:j + 1], y[j:j + 1]), fast, rule, rates, 1,
@@ -89,8 +97,8 @@ class LaMAML:
 class _Clamped:
     """An update rule whose gradients are clamped elementwise to ±``clip`` before ``rule`` sees them."""
 
-    def __init__(self, rule, clip: float):
-        self.rule, self.clip = rule, clip
+    def __init__(self, rule, clip: float, by_norm: bool = False):
+        self.rule, self.clip, self.by_norm = rule, clip, by_norm
 
     def meta_params(self, params):
         return self.rule.meta_params(params)
@@ -99,6 +107,8 @@ class _Clamped:
         return self.rule.init(params)
 
     def update(self, params, grads, state, meta):
+        if self.by_norm:
+            return self.rule.update(params, _clip_norm(grads, self.clip), state, meta)
         return self.rule.update(params, {k: g.clamp(-self.clip, self.clip) for k, g in grads.items()}, state, meta)
 
     def spec(self):
