@@ -43,6 +43,32 @@ def derived_seed(seed: int, step: int) -> int:
     return (int(seed) * 6364136223846793005 + int(step) * 1442695040888963407 + _STREAM) % (2 ** 63)
 
 
+class SeededSteps:
+    """Randomness of an estimator that draws afresh at every call: call t uses a generator seeded with
+    ``derived_seed(seed, t)``. ``start(seed)`` (the trainer calls it with the run's seed on a fresh run)
+    resets t, unless a seed was fixed at construction; ``state_dict``/``load_state_dict`` carry (seed, t)
+    through checkpoints, so a resumed run draws what an uninterrupted one would have."""
+
+    def _init_seed(self, seed: int | None) -> None:
+        self.fixed_seed = seed
+        self.seed = 0 if seed is None else int(seed)
+        self.step = 0
+
+    def start(self, seed: int) -> None:
+        self.seed = int(seed) if self.fixed_seed is None else self.fixed_seed
+        self.step = 0
+
+    def state_dict(self) -> dict:
+        return {"seed": self.seed, "step": self.step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed, self.step = int(state["seed"]), int(state["step"])
+
+    def generator(self) -> torch.Generator:
+        """The generator of the current call (does not advance t)."""
+        return torch.Generator().manual_seed(derived_seed(self.seed, self.step))
+
+
 def centered_ranks(values: Tensor) -> Tensor:
     """The rank of each value, scaled to [−0.5, 0.5] (smallest −0.5, largest 0.5)."""
     n = values.numel()
@@ -102,7 +128,7 @@ def unflatten(flat: Tensor, like: Params, keys: Sequence[str]) -> Params:
     return out
 
 
-class EvolutionStrategies:
+class EvolutionStrategies(SeededSteps):
     """The ES estimator: ``(algorithm, phi, tasks) -> (grads, metrics)`` from task-loss values only.
 
     ``population`` perturbations (an even number: population/2 antithetic pairs) of the entries of φ
@@ -131,27 +157,10 @@ class EvolutionStrategies:
             raise ValueError(f"sigma must be positive, got {sigma}")
         shape_fitness(torch.zeros(2), shaping)  # fail now on a bad name, not at the first step
         self.population, self.sigma, self.shaping = population, float(sigma), shaping
-        self.fixed_seed = seed
-        self.seed = 0 if seed is None else int(seed)
-        self.step = 0
+        self._init_seed(seed)
         self.vectorize, self.chunk = vectorize, chunk
         self.prefixes = tuple(prefixes) if prefixes else None
         self._vmap_ok = True
-
-    # -- state -------------------------------------------------------------------------------
-    def start(self, seed: int) -> None:
-        """Begin a fresh run: the run's seed, unless one was given to the constructor."""
-        self.seed = int(seed) if self.fixed_seed is None else self.fixed_seed
-        self.step = 0
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed, self.step = int(state["seed"]), int(state["step"])
-
-    def generator(self) -> torch.Generator:
-        return torch.Generator().manual_seed(derived_seed(self.seed, self.step))
 
     # -- scoring a population ---------------------------------------------------------------
     def _keys(self, phi: Params) -> list[str]:

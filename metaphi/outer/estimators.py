@@ -12,6 +12,7 @@ from torch import Tensor
 from ..functional import Params, detach, grads_or_zeros, prefixed, with_prefix
 from ..inner.adapt import inner_checkpointing
 from ..tasks import Task
+from .es import SeededSteps
 
 
 def _mean_task_loss(algorithm, phi: Params, tasks: Task, first_order: bool, vectorize: bool
@@ -92,7 +93,7 @@ def _task_count(tasks: Task) -> int:
     return torch.utils._pytree.tree_leaves(tasks)[0].shape[0]
 
 
-class Reptile:
+class Reptile(SeededSteps):
     """Reptile's update direction (Nichol, Achiam & Schulman 2018, "On First-Order Meta-Learning
     Algorithms"): train on the task for k steps from θ₀ = φ to θ_k, then move φ toward θ_k.
 
@@ -117,19 +118,7 @@ class Reptile:
     def __init__(self, steps: int | None = None, minibatches: bool = True, seed: int | None = None):
         self.steps = steps
         self.minibatches = minibatches
-        self.fixed_seed = seed
-        self.seed = 0 if seed is None else int(seed)
-        self.step = 0
-
-    def start(self, seed: int) -> None:
-        self.seed = int(seed) if self.fixed_seed is None else self.fixed_seed
-        self.step = 0
-
-    def state_dict(self) -> dict:
-        return {"seed": self.seed, "step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.seed, self.step = int(state["seed"]), int(state["step"])
+        self._init_seed(seed)
 
     def _train(self, algorithm, phi_c: Params, data: tuple, generator: torch.Generator) -> Params:
         if not self.minibatches:
@@ -152,12 +141,11 @@ class Reptile:
         return params
 
     def __call__(self, algorithm, phi: Params, tasks: Task) -> tuple[Params, dict[str, float]]:
-        from .es import derived_seed
         phi_c = detach(phi)
         init = prefixed(phi_c, "init")
         direction = {k: torch.zeros_like(v) for k, v in phi.items()}
         loss_sum, parts = 0.0, tasks.unstack()
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.step))
+        generator = self.generator()
         self.step += 1
         for task in parts:
             both = tuple(torch.cat([s, q]) for s, q in zip(task.support, task.query))

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ..functional import Params, grads_or_zeros
 from ..tasks import Task
-from .es import derived_seed
+from .es import SeededSteps
 
 KINDS = ("categorical", "bernoulli")
 
@@ -97,7 +97,7 @@ def reinforce_gradient(logits: Tensor, z: Tensor, losses: Tensor, baseline: floa
     return (adv * s).mean(0)
 
 
-class Reinforce:
+class Reinforce(SeededSteps):
     """The REINFORCE estimator: ``(algorithm, phi, tasks) -> (grads, metrics)``.
 
     The algorithm names the logits in φ with ``algorithm.discrete = {key: "categorical" | "bernoulli"}``
@@ -120,21 +120,19 @@ class Reinforce:
         if not 0 <= decay < 1:
             raise ValueError(f"decay must be in [0, 1), got {decay}")
         self.samples, self.decay, self.pathwise = samples, float(decay), pathwise
-        self.fixed_seed = seed
-        self.seed = 0 if seed is None else int(seed)
-        self.step = 0
+        self._init_seed(seed)
         self.baseline = baseline_init()
 
     def start(self, seed: int) -> None:
-        self.seed = int(seed) if self.fixed_seed is None else self.fixed_seed
-        self.step = 0
+        super().start(seed)
         self.baseline = baseline_init()
 
     def state_dict(self) -> dict:
-        return {"seed": self.seed, "step": self.step, "baseline": dict(self.baseline)}
+        return {**super().state_dict(), "baseline": dict(self.baseline)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.seed, self.step, self.baseline = int(state["seed"]), int(state["step"]), dict(state["baseline"])
+        super().load_state_dict(state)
+        self.baseline = dict(state["baseline"])
 
     def __call__(self, algorithm, phi: Params, tasks: Task) -> tuple[Params, dict[str, float]]:
         discrete = dict(getattr(algorithm, "discrete", {}) or {})
@@ -143,7 +141,7 @@ class Reinforce:
                              "REINFORCE has nothing to sample")
         for kind in discrete.values():
             _check(kind)
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, self.step))
+        generator = self.generator()
         self.step += 1
         draws = {k: sample(phi[k], kind, generator, self.samples) for k, kind in discrete.items()}
         continuous = {k: v for k, v in phi.items() if k not in discrete}
