@@ -38,10 +38,10 @@ BASE = ["--hidden", "32", "--blocks", "4", "--batch", "10", "--epochs", "1", "--
         "--test-per-class", "5", "--threads", "1", "--quiet"]
 GRID = {  # method -> list of flag settings tried on glyphs-val
     "finetune": [["--lr", v] for v in ("0.003", "0.01", "0.03", "0.1")],
-    "replay": [["--lr", v] for v in ("0.01", "0.03", "0.1")],
-    "ewc": [["--ewc-lambda", v] for v in ("10", "100", "1000", "10000")],  # at finetune's chosen lr
-    "lamaml": [["--alpha", a, "--alpha-lr", b] for a in ("0.01", "0.03", "0.1") for b in ("0.1", "0.3")],
-    "pretrain": [["--online-lr", v] for v in ("0.01", "0.03", "0.1", "0.3")],
+    "replay": [["--lr", v] for v in ("0.01", "0.03", "0.1", "0.3")],
+    "ewc": [["--ewc-lambda", v] for v in ("1", "3", "10", "100", "1000", "10000")],  # at finetune's chosen lr
+    "lamaml": [["--alpha", a, "--alpha-lr", b] for a in ("0.01", "0.03", "0.1", "0.3", "1.0") for b in ("0.1", "0.3")],
+    "pretrain": [["--online-lr", v] for v in ("0.01", "0.03", "0.1", "0.3", "1.0")],
     "oml": [["--online-lr", v] for v in ("0.003", "0.01", "0.03", "0.1")],
 }
 PUBLISHED = ("Published context (class-incremental Omniglot, one pass, meta-training on the 963 background "
@@ -118,8 +118,10 @@ def report(payload: dict) -> str:
         "train alphabets; Omniglot small1), then freezes it and learns a fresh head online. `pretrain` trains the "
         "same body by plain cross-entropy on the same batches, then does the same. `finetune`, `ewc`, `replay` "
         "and `lamaml` start from pretrain's body (`--init pretrain`) and train the whole network; "
-        "`finetune-scratch` starts from random weights. Replay and La-MAML keep 100 images (reservoir). EWC uses "
-        "the exact per-experience Fisher and its proximal step.", "",
+        "`finetune-scratch` starts from random weights. Replay and La-MAML keep 100 images (reservoir) and replay "
+        "10 with each mini-batch. La-MAML looks ahead one image at a time through the mini-batch (second order), "
+        "with meta-gradients and inner gradients rescaled to a norm of at most 2. EWC uses the exact "
+        "per-experience Fisher and the proximal step of its penalty.", "",
         f"Chosen on the glyphs-val stream (validation alphabets, seed 100), by final average accuracy: "
         + "; ".join(f"{m} {' '.join(f)}" for m, f in t["chosen"].items()) + f". Tried (final average accuracy %): "
         f"{tried}.", "",
