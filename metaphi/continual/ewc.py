@@ -79,7 +79,7 @@ def proximal(params: Params, anchors: list[Params], fishers: list[Params], lam: 
 class EWC:
     name = "ewc"
 
-    def __init__(self, lr: float = 0.05, batch: int = 10, epochs: int = 1, lam: float = 100.0,
+    def __init__(self, lr: float = 0.01, batch: int = 10, epochs: int = 1, lam: float = 1.0,
                  step: str = "proximal"):
         if lr <= 0 or batch < 1 or epochs < 1 or lam < 0:
             raise ValueError("lr must be positive, batch and epochs at least 1, lambda >= 0")

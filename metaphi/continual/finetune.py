@@ -14,7 +14,7 @@ from .net import grad, minibatches, sgd
 class Finetune:
     name = "finetune"
 
-    def __init__(self, lr: float = 0.05, batch: int = 10, epochs: int = 1):
+    def __init__(self, lr: float = 0.01, batch: int = 10, epochs: int = 1):
         if lr <= 0 or batch < 1 or epochs < 1:
             raise ValueError("lr must be positive, batch and epochs at least 1")
         self.lr, self.batch, self.epochs = float(lr), int(batch), int(epochs)

@@ -38,7 +38,7 @@ from .replay import empty_memory, memory_sample, reservoir_add
 class LaMAML:
     name = "lamaml"
 
-    def __init__(self, alpha: float = 0.1, alpha_lr: float = 0.3, batch: int = 10, epochs: int = 1,
+    def __init__(self, alpha: float = 0.3, alpha_lr: float = 0.3, batch: int = 10, epochs: int = 1,
                  memory: int = 100, replay_batch: int | None = None, first_order: bool = False, clip: float = 2.0,
                  inner_clip: str = "norm"):
         if inner_clip not in ("value", "norm"):

@@ -48,7 +48,7 @@ def memory_sample(memory: dict, n: int, generator: torch.Generator) -> tuple[Ten
 class Replay:
     name = "replay"
 
-    def __init__(self, lr: float = 0.05, batch: int = 10, epochs: int = 1, memory: int = 100,
+    def __init__(self, lr: float = 0.1, batch: int = 10, epochs: int = 1, memory: int = 100,
                  replay_batch: int | None = None):
         if lr <= 0 or batch < 1 or epochs < 1 or memory < 1:
             raise ValueError("lr must be positive, batch, epochs and memory at least 1")
