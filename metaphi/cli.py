@@ -37,6 +37,29 @@ COMMANDS: tuple[str, ...] = ("metaphi.predict", "metaphi.compare", "metaphi.tune
                               "metaphi.reweight_cli")
 
 
+THREADS_HELP = ("torch CPU threads (default: torch's choice, lowered to the cores left free by other work, "
+                "judged by the 1-minute load average; OMP_NUM_THREADS, if set, is respected)")
+
+
+def auto_threads(cpus: int, load: float, default: int) -> int:
+    """Threads for this process: torch's ``default``, but no more than the cores that other work leaves
+    free (``cpus`` minus the 1-minute ``load``), and at least one. Intra-op threads that have to share a
+    core with another busy process wait on each other at every operation: on a 2-core machine with one
+    other busy process, two threads ran meta-training several times slower than one."""
+    free = cpus - int(round(load))
+    return max(1, min(default, free))
+
+
+def set_threads(requested: int | None) -> None:
+    import torch
+    if requested is not None:
+        if requested < 1:
+            raise UsageError(f"--threads must be a positive number, got {requested}")
+        torch.set_num_threads(requested)
+    elif not os.environ.get("OMP_NUM_THREADS") and hasattr(os, "getloadavg"):
+        torch.set_num_threads(auto_threads(os.cpu_count() or 1, os.getloadavg()[0], torch.get_num_threads()))
+
+
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
@@ -94,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--val-every", type=int, default=100, help="validate every this many iterations")
     run.add_argument("--val-tasks", type=int, default=100)
     run.add_argument("--seed", type=int, default=0)
+    run.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     run.add_argument("--eval-seed", type=int, default=1234, help="seed of the fixed test tasks")
     run.add_argument("--device", default="cpu")
     run.add_argument("--out", default=None, help="output folder (default: runs/ALGO-BENCHMARK-...)")
@@ -106,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("eval", help="re-evaluate a saved run on its fixed test tasks")
     ev.add_argument("checkpoint")
     ev.add_argument("--eval-tasks", type=int, default=None)
+    ev.add_argument("--threads", type=int, metavar="N", help=THREADS_HELP)
     ev.add_argument("--eval-steps", type=int, default=None)
     ev.add_argument("--eval-seed", type=int, default=None)
     ev.add_argument("--data-root", default=None)
@@ -159,7 +184,8 @@ def write_json(obj, path: str) -> None:
 
 def machine() -> str:
     import torch
-    return f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__}"
+    return (f"{platform.machine()} {os.cpu_count()} cores, {platform.system()}, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} thread(s)")
 
 
 def resolve_run_settings(args, benchmark) -> dict:
@@ -364,6 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and args.command != "run":
             raise UsageError(f"only 'metaphi run' runs on several processes (torchrun); run '{args.command}' "
                              "as one process")
+        set_threads(getattr(args, "threads", None) or None)
         return args.func(args)
     except (UsageError, DataError) as e:
         print(f"metaphi: error: {e}", file=sys.stderr)

@@ -67,3 +67,26 @@ def test_bad_input_exits_2_with_one_line(args, message):
 def test_estimator_must_fit_the_algorithm(tmp_path):
     proc = run_cli("run", "maml", *FAST, "--estimator", "reptile", "--out", str(tmp_path))
     assert proc.returncode == 2 and "does not apply to maml" in proc.stderr
+
+
+def test_threads_leave_the_cores_that_other_work_uses():
+    from metaphi.cli import auto_threads
+    assert auto_threads(cpus=2, load=0.3, default=2) == 2
+    assert auto_threads(cpus=2, load=1.2, default=2) == 1
+    assert auto_threads(cpus=2, load=9.0, default=2) == 1
+    assert auto_threads(cpus=16, load=3.0, default=8) == 8
+    assert auto_threads(cpus=16, load=12.0, default=8) == 4
+
+
+def test_threads_option_sets_torch_threads(tmp_path):
+    import torch
+
+    from metaphi.cli import UsageError, set_threads
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(UsageError, match="--threads must be a positive number"):
+            set_threads(-2)
+    finally:
+        torch.set_num_threads(before)
