@@ -199,11 +199,8 @@ def markdown(result: dict) -> str:
 def cmd_augment(args) -> int:
     from .augment.policy import LEVELS
     from .augment.search import SearchConfig
-    from .cli import UsageError, _positive, _writable_dir, write_json
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise UsageError(f"--methods: unknown {', '.join(bad) or '(none)'} (valid: {', '.join(METHODS)})")
+    from .cli import UsageError, _positive, _writable_dir, name_list, write_result
+    methods = name_list(args.methods, METHODS)
     for name in ("train_per_class", "val_per_class", "search_steps", "batch", "val_batch", "hidden", "samples",
                  "population", "classes"):
         _positive(name.replace("_", "-"), getattr(args, name))
@@ -233,15 +230,7 @@ def cmd_augment(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
     result["wall_s"] = time.perf_counter() - t0
-    from .cli import machine
-    result["machine"] = machine()
-    write_json(result, os.path.join(out, "result.json"))
-    table = markdown(result)
-    with open(os.path.join(out, "result.md"), "w") as f:
-        f.write(table + "\n")
-    if not args.quiet:
-        print(table)
-        print(f"wrote {os.path.join(out, 'result.json')}")
+    write_result(result, out, markdown(result), args.quiet)
     return 0
 
 

@@ -173,6 +173,27 @@ def int_list(text: str, name: str) -> list[int]:
     return values
 
 
+def name_list(text: str, valid, name: str = "methods") -> list[str]:
+    """A comma list of names from option ``--name``, each one of ``valid``, or a UsageError."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    bad = [m for m in names if m not in valid]
+    if bad or not names:
+        raise UsageError(f"--{name}: unknown {', '.join(bad) or '(none)'} (valid: {', '.join(valid)})")
+    return names
+
+
+def write_result(result: dict, out: str, table: str, quiet: bool, also: str = "") -> None:
+    """``out``/result.json (with the machine) and ``out``/result.md (``table``); the table is printed unless
+    ``quiet``, with the files written (``also`` names the others)."""
+    result["machine"] = machine()
+    write_json(result, os.path.join(out, "result.json"))
+    with open(os.path.join(out, "result.md"), "w") as f:
+        f.write(table + "\n")
+    if not quiet:
+        print(table)
+        print(f"wrote {os.path.join(out, 'result.json')}, result.md{also}")
+
+
 def write_json(obj, path: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")

@@ -176,11 +176,8 @@ def markdown(result: dict) -> str:
 
 
 def cmd_distill(args) -> int:
-    from .cli import UsageError, _writable_dir, write_json
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise UsageError(f"--methods: unknown {', '.join(bad) or '(none)'} (valid: {', '.join(METHODS)})")
+    from .cli import UsageError, _writable_dir, name_list, write_result
+    methods = name_list(args.methods, METHODS)
     teacher_epochs = _ints(args.teacher_epochs, "teacher-epochs")
     if min(teacher_epochs) < 1:
         raise UsageError("--teacher-epochs must be positive")
@@ -202,12 +199,7 @@ def cmd_distill(args) -> int:
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
     result["wall_s"] = time.perf_counter() - t0
-    write_json(result, os.path.join(out, "result.json"))
-    table = markdown(result)
-    with open(os.path.join(out, "result.md"), "w") as f:
-        f.write(table + "\n")
-    if not args.quiet:
-        print(table)
+    write_result(result, out, markdown(result), args.quiet)
     return 0
 
 

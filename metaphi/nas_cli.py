@@ -14,7 +14,6 @@ search cost in seconds and model evaluations, validation and test accuracy, sett
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

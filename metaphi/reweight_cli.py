@@ -19,14 +19,11 @@ from .reweight import MWNET_ESTIMATORS, METHODS, L2RW_MODES
 def cmd_reweight(args) -> int:
     import torch
 
-    from .cli import UsageError, _writable_dir, write_json
+    from .cli import UsageError, _writable_dir, name_list, write_result
     from .reweight import Corruption, ReweightConfig, markdown, run_experiment
     from .tasks import DataError
 
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise UsageError(f"--methods: unknown {', '.join(bad) or '(none)'} (valid: {', '.join(METHODS)})")
+    methods = name_list(args.methods, METHODS)
     if not 0 <= args.noise_rate <= 1:
         raise UsageError(f"--noise-rate must be in [0, 1], got {args.noise_rate}")
     if args.noise != "none" and args.noise_rate == 0:
@@ -63,15 +60,7 @@ def cmd_reweight(args) -> int:
     except FloatingPointError as e:
         raise UsageError(f"{e} (the finished runs are kept in {os.path.join(out, 'checkpoint.pt')})") from e
     result["wall_s"] = time.perf_counter() - t0
-    from .cli import machine
-    result["machine"] = machine()
-    write_json(result, os.path.join(out, "result.json"))
-    table = markdown(result)
-    with open(os.path.join(out, "result.md"), "w") as f:
-        f.write(table + "\n")
-    if not args.quiet:
-        print(table)
-        print(f"wrote {os.path.join(out, 'result.json')}, result.md and checkpoint.pt")
+    write_result(result, out, markdown(result), args.quiet, also=" and checkpoint.pt")
     return 0
 
 
