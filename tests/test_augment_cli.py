@@ -6,6 +6,7 @@ import os
 import pytest
 
 from metaphi.cli import main
+import shared_data
 
 TINY = ["--seeds", "0,1", "--search-steps", "3", "--train-steps", "4", "--hidden", "4", "--batch", "16",
         "--val-batch", "20", "--samples", "2", "--quiet"]
@@ -71,7 +72,7 @@ def test_unwritable_out_exits_2(tmp_path, capsys):
     assert main(["augment", "--out", str(blocker / "sub"), *TINY]) == 2
 
 
-OMNIGLOT = os.environ.get("METAPHI_DATA", "/work/shared/data/omniglot")
+OMNIGLOT = str(shared_data.OMNIGLOT)
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(OMNIGLOT, "images_background_small1.zip")),

@@ -17,8 +17,9 @@ from metaphi.continual.runner import run_stream
 from metaphi.functional import params_of
 from metaphi.tasks import DataError
 from metaphi.tasks.glyphs import generate_glyphs
+import shared_data
 
-OMNIGLOT = "/work/shared/data/omniglot"
+OMNIGLOT = str(shared_data.OMNIGLOT)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +130,7 @@ def test_glyph_streams_hold_out_their_classes_from_meta_training():
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(OMNIGLOT, "images_background_small2.zip")),
-                    reason="the Omniglot minimal archives (small1, small2) are not in /work/shared/data/omniglot")
+                    reason="the Omniglot minimal archives (small1, small2) are not in ../shared/data/omniglot")
 def test_omniglot_stream_is_small2_alphabets_small1_lacks():
     s = st.build_stream("omniglot", seed=0, experiences=4, data_root=OMNIGLOT)
     meta_alphabets = {n.split("/")[0] for n in s.meta_train.classes}

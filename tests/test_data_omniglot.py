@@ -11,8 +11,9 @@ from PIL import Image, ImageDraw
 
 from metaphi.tasks import DataError, EpisodeSampler, ImageClasses
 from metaphi.tasks import imageio, omniglot
+import shared_data
 
-REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+REAL = shared_data.OMNIGLOT
 
 
 def drawing(char: int, k: int) -> Image.Image:

@@ -6,8 +6,9 @@ import torch
 
 from metaphi.tasks import DataError, ImageClasses
 from metaphi.tasks import domains as dm
+import shared_data
 
-OMNIGLOT = "/work/shared/data/omniglot"
+OMNIGLOT = str(shared_data.OMNIGLOT)
 
 
 @pytest.fixture(autouse=True)
@@ -198,7 +199,7 @@ def test_folder_domains(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(OMNIGLOT, "images_background_small1.zip")),
-                    reason="the Omniglot small1 archive is not in /work/shared/data/omniglot")
+                    reason="the Omniglot small1 archive is not in ../shared/data/omniglot")
 def test_rotated_omniglot_characters():
     data = dm.omniglot_classes(OMNIGLOT, ["Greek"])
     assert data.num_classes == 24 and set(data.groups) == {"Greek"}

@@ -17,6 +17,7 @@ from metaphi.nas.space import (OPS, DiscreteSpace, Genotype, Network, NetworkCon
                                init_params, load_exported, parameter_count)
 from metaphi.outer import build_estimator
 from metaphi.tasks import Task
+import shared_data
 
 TINY = NetworkConfig(in_channels=1, num_classes=3, channels=2, layers=3, nodes=2,
                      ops=("zero", "skip", "max_pool_3x3", "avg_pool_3x3", "conv_3x3"))
@@ -313,11 +314,11 @@ def test_cli_search_arch(tmp_path, capsys):
     assert all(len(line) < 300 for line in err.splitlines())
 
 
-OMNIGLOT = os.environ.get("METAPHI_OMNIGLOT", "/work/shared/data/omniglot")
+OMNIGLOT = str(shared_data.OMNIGLOT)
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(OMNIGLOT, "images_background_small1.zip")),
-                    reason="the Omniglot archive images_background_small1.zip is not in /work/shared/data/omniglot")
+                    reason="the Omniglot archive images_background_small1.zip is not in ../shared/data/omniglot")
 def test_omniglot_small1_as_a_many_class_search_task(tmp_path):
     from metaphi.nas_cli import load_store
 

@@ -13,6 +13,7 @@ from metaphi.functional import call, params_of
 from metaphi.models import MLP
 from metaphi.outer import build_estimator
 from metaphi.tasks import Task
+import shared_data
 
 
 def _problem(seed: int = 0, n: int = 12, m: int = 10, dtype=torch.float64):
@@ -220,7 +221,7 @@ def test_cli_reweight(tmp_path, capsys):
         assert "error" in capsys.readouterr().err
 
 
-OMNIGLOT = os.environ.get("METAPHI_OMNIGLOT", "/work/shared/data/omniglot")
+OMNIGLOT = str(shared_data.OMNIGLOT)
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(OMNIGLOT, "images_background_small1.zip")),
