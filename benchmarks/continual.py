@@ -1,6 +1,6 @@
 """Continual learning: finetune, EWC, replay, La-MAML, OML and its pre-training control on the same streams.
 
-    .venv/bin/python benchmarks/continual.py [--data-root /work/shared/data/omniglot] [--quick]
+    .venv/bin/python benchmarks/continual.py [--data-root ../shared/data/omniglot] [--quick]
 
 1. Tuning, on a stream of the glyphs *validation* alphabets (``glyphs-val``, seed 100), never on
    the test streams: each method's step size (and EWC's λ, La-MAML's α and its step size) from a
@@ -146,7 +146,7 @@ def report(payload: dict) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", default="/work/shared/data/omniglot")
+    parser.add_argument("--data-root", default=os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../shared/data/omniglot")))
     parser.add_argument("--seeds", default="0,1,2,3,4")
     parser.add_argument("--quick", action="store_true", help="a smoke test of the script (not a result)")
     a = parser.parse_args()

@@ -79,7 +79,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
     p.add_argument("--workers", type=int, default=4)
-    p.add_argument("--data-root", default=os.environ.get("METAPHI_DATA", "/work/shared/data/omniglot"))
+    p.add_argument("--data-root", default=os.environ.get("METAPHI_DATA", os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../shared/data/omniglot"))))
     p.add_argument("--teacher-ce-weight", type=float, default=0.0)
     p.add_argument("--checkpoints", default="/tmp/metaphi-distill-bench",
                    help="folder of per-configuration checkpoints; a rerun resumes from them")

@@ -1,6 +1,6 @@
 """Domain generalization on rotated Omniglot: ERM ("Deep-All") against MLDG (second and first order).
 
-    .venv/bin/python benchmarks/domain_generalization.py [--data-root /work/shared/data/omniglot]
+    .venv/bin/python benchmarks/domain_generalization.py [--data-root ../shared/data/omniglot]
 
 Ten characters of the Greek alphabet of Omniglot's minimal set small1, each rotated by 0°, 15°, 30°,
 45°, 60° and 75° (the Rotated-MNIST protocol: six domains). Every domain is held out in turn; the
@@ -98,7 +98,7 @@ def report(summary: dict, argv: list[str], wall: float, cpu: float, quick: bool)
 
 def run(argv_in=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-root", default="/work/shared/data/omniglot")
+    parser.add_argument("--data-root", default=os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../shared/data/omniglot")))
     parser.add_argument("--out", default="runs/domain_generalization")
     parser.add_argument("--results", default=os.path.join(HERE, "results"))
     parser.add_argument("--quick", action="store_true", help="a few iterations only, to check the script")

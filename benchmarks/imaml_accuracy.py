@@ -6,7 +6,7 @@ go into benchmarks/results/implicit.json (key "accuracy") as each run finishes, 
 rewritten.
 
     python benchmarks/imaml_accuracy.py                          # glyphs: MAML, then iMAML
-    python benchmarks/imaml_accuracy.py --benchmark omniglot-small --data-root /work/shared/data/omniglot
+    python benchmarks/imaml_accuracy.py --benchmark omniglot-small --data-root ../shared/data/omniglot
     python benchmarks/imaml_accuracy.py --only imaml --iterations 100 --inner-steps 8
 
 MAML keeps the benchmark's defaults (1 inner step, α = 0.4; 3 at test). iMAML uses the published
@@ -54,7 +54,7 @@ NOTES = [
     "MAML 1 step of α = 0.4 (3 at test). metrics.jsonl of each run (under benchmarks/results/tmp/imaml/) logs the "
     "residual and ‖∇_θ g(θ*)‖ of every meta-batch; *final residual* in the table is the mean over the last 20.",
     "Driver: `python benchmarks/imaml_accuracy.py` (glyphs); `python benchmarks/imaml_accuracy.py --benchmark "
-    "omniglot-small --data-root /work/shared/data/omniglot --iterations 150`; `python benchmarks/imaml_accuracy.py "
+    "omniglot-small --data-root ../shared/data/omniglot --iterations 150`; `python benchmarks/imaml_accuracy.py "
     "--only imaml --inner-lr 0.05 --inner-steps 10 --tag a0.05-k10`.",
     "Data: glyphs is the built-in procedurally generated set (Conv4 with 32 filters); omniglot-small trains on "
     "the minimal background set small1 less one validation alphabet (110 characters, no rotations) and tests on "

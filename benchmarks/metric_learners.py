@@ -36,7 +36,7 @@ from metaphi.compare import compare, markdown_table, parse_method, plot_axes  # 
 from common import RESULTS, machine  # noqa: E402
 
 RUNS = os.path.join("runs", "metric_learners")
-OMNIGLOT_ROOT = os.environ.get("OMNIGLOT_ROOT", "/work/shared/data/omniglot")
+OMNIGLOT_ROOT = os.environ.get("OMNIGLOT_ROOT", os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "../../shared/data/omniglot")))
 
 SETTINGS = {
     "glyphs-5w1s": dict(benchmark="glyphs", ways=5, shots=1),
@@ -83,7 +83,7 @@ BUDGETS = {
 PROTONET_TRAIN_WAYS = 20
 ORDER = ("protonet", "matching", "relation", "maml", "ssl-rotation", "maml@ssl-rotation", "ssl-simclr", "pretrain",
          "ssl-rotation+proto", "ssl-simclr+proto", "pretrain+proto")
-# Full Omniglot, Conv4, from the papers (see /work/shared/REFERENCES.md); Relation Net's figures unverified there.
+# Full Omniglot, Conv4, from the papers (see ../shared/REFERENCES.md); Relation Net's figures unverified there.
 PUBLISHED = {
     "protonet": ("Snell et al. 2017", [98.8, 99.7, 96.0, 98.9]),
     "matching": ("Vinyals et al. 2016", [98.1, 98.9, 93.8, 98.5]),
