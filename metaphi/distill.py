@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from .algorithms.distill import METHODS, DistillConfig, accuracy, train_student
+from .algorithms.distill import METHODS, DistillConfig, train_student
 from .cli import int_list as _ints
-from .functional import params_of
+from .functional import accuracy, params_of
 from .tasks.named import load_named as load_data
 
 PAIRS = {

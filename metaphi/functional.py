@@ -24,6 +24,19 @@ def call(module: nn.Module, params: Mapping[str, Tensor], *args, **kwargs):
     return functional_call(module, dict(params), args, kwargs)
 
 
+@torch.no_grad()
+def accuracy(module: nn.Module, params: Mapping[str, Tensor], x: Tensor, y: Tensor, chunk: int = 1024, *args) -> float:
+    """Classification accuracy of ``module`` run with ``params`` on (x, y), ``chunk`` examples at a time
+    (extra ``args`` go to every call). A model with batch statistics normalizes each chunk with its own,
+    so the chunk size is part of the result. NaN when there are no examples."""
+    if len(y) == 0:
+        return float("nan")
+    right = 0
+    for s in range(0, len(y), chunk):
+        right += int((call(module, params, x[s:s + chunk], *args).argmax(-1) == y[s:s + chunk]).sum())
+    return right / len(y)
+
+
 def tree_map(fn: Callable[..., Tensor], tree: Mapping[str, Tensor], *rest: Mapping[str, Tensor]) -> Params:
     return {k: fn(v, *(r[k] for r in rest)) for k, v in tree.items()}
 

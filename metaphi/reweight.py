@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .algorithms.base import Algorithm
-from .functional import Params, call, detach, params_of
+from .functional import Params, accuracy, call, detach, params_of
 from .inner import SGD, adapt
 from .tasks import Task
 from .tasks.named import load_named as load_data
@@ -191,14 +191,6 @@ class ReweightConfig:
 
 def lr_at(cfg: ReweightConfig, epoch: int) -> float:
     return cfg.lr * 0.1 ** sum(epoch >= round(f * cfg.epochs) for f in cfg.lr_decay_at)
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, params: Params, x: Tensor, y: Tensor, batch: int = 1024) -> float:
-    correct = 0
-    for i in range(0, len(y), batch):
-        correct += int((call(model, params, x[i:i + batch]).argmax(-1) == y[i:i + batch]).sum())
-    return correct / max(len(y), 1)
 
 
 def train(method: str, model: nn.Module, params: Params, train_set: tuple[Tensor, Tensor],

@@ -168,14 +168,6 @@ def meta_distill_step(student: nn.Module, student_params: Params, student_state:
     return student_params, student_state, teacher_params, teacher_state, {"loss": float(loss), "quiz": float(q)}
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, params: Params, x: Tensor, y: Tensor, batch: int = 1024) -> float:
-    correct = 0
-    for i in range(0, len(y), batch):
-        correct += int((call(model, params, x[i:i + batch]).argmax(-1) == y[i:i + batch]).sum())
-    return correct / max(len(y), 1)
-
-
 def train_student(student: nn.Module, params: Params, train: tuple[Tensor, Tensor], epochs: int, batch: int,
                   generator: torch.Generator, method: str = "alone", cfg: DistillConfig | None = None,
                   teacher: nn.Module | None = None, teacher_params: Params | None = None,

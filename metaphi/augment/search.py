@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..functional import Params, call, detach
+from ..functional import accuracy as functional_accuracy
 from ..inner import SGD, adapt
 from ..tasks import Task
 from . import policy as P
@@ -146,13 +147,9 @@ def train_model(model: nn.Module, params: Params, data: tuple[Tensor, Tensor], p
     return params
 
 
-@torch.no_grad()
 def accuracy(model: nn.Module, params: Params, x: Tensor, y: Tensor, chunk: int = 1000) -> float:
     """Accuracy in chunks of ``chunk`` images (the models' batch norm uses the chunk's statistics)."""
-    hits = 0
-    for s in range(0, len(y), chunk):
-        hits += int((call(model, params, x[s:s + chunk]).argmax(-1) == y[s:s + chunk]).sum())
-    return hits / len(y)
+    return functional_accuracy(model, params, x, y, chunk)
 
 
 # --- the search ---------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..functional import Params, call
+from ..functional import accuracy as functional_accuracy
 
 
 class ConvNet(nn.Module):
@@ -62,14 +63,8 @@ def loss(net: nn.Module, params: Params, x: Tensor, y: Tensor) -> Tensor:
     return F.cross_entropy(call(net, params, as_input(x)), y)
 
 
-@torch.no_grad()
 def accuracy(net: nn.Module, params: Params, x: Tensor, y: Tensor, chunk: int = 512) -> float:
-    if len(y) == 0:
-        return float("nan")
-    right = 0
-    for s in range(0, len(y), chunk):
-        right += int((call(net, params, as_input(x[s:s + chunk])).argmax(-1) == y[s:s + chunk]).sum())
-    return right / len(y)
+    return functional_accuracy(net, params, as_input(x), y, chunk)
 
 
 def minibatches(x: Tensor, y: Tensor, batch: int) -> Iterator[tuple[Tensor, Tensor]]:

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from ..functional import Params, call
+from ..functional import accuracy as functional_accuracy
 from ..outer.es import derived_seed
 
 Split = tuple[Tensor, Tensor]
@@ -125,15 +126,9 @@ def train(net: nn.Module, params: Params, data: Split, settings: TrainSettings, 
     return params
 
 
-@torch.no_grad()
 def accuracy(net: nn.Module, params: Mapping[str, Tensor], data: Split, *args, chunk: int = 1024) -> float:
     """Accuracy on ``data``, in fixed chunks (batch normalization uses each chunk's statistics)."""
-    x, y = data
-    correct = 0
-    for i in range(0, x.shape[0], chunk):
-        out = call(net, params, x[i:i + chunk], *args)
-        correct += int((out.argmax(-1) == y[i:i + chunk]).sum())
-    return correct / x.shape[0]
+    return functional_accuracy(net, params, data[0], data[1], chunk, *args)
 
 
 def retrain(genotype, config, data: dict[str, Split], settings: TrainSettings, seed: int) -> dict:
