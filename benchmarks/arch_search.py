@@ -68,7 +68,7 @@ def fd_vs_exact(seeds, channels: int, batches: int = 3) -> dict:
 
 def main() -> None:
     from metaphi.cli import main as cli
-    from metaphi.domaingen import mean_ci
+    from metaphi.evaluate import mean_ci95 as mean_ci
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seeds", default="0,1,2,3,4")

@@ -146,7 +146,7 @@ def summarize(rows: list[dict], methods: list[str]) -> list[dict]:
     and to ``start`` (same split, initialization and batches), mean search and training time, the
     mean policy."""
     from .augment.policy import OPS
-    from .domaingen import mean_ci
+    from .evaluate import mean_ci95 as mean_ci
     by = {m: {r["seed"]: r for r in rows if r["method"] == m} for m in methods}
     out = []
     for m in methods:

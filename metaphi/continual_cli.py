@@ -77,7 +77,7 @@ def pretrain_init(args):
 
 def summarize(results: list[dict], methods: list[str]) -> dict:
     """Per method: mean ± 95% CI over seeds (Student t) of each metric and of accuracy over time."""
-    from .domaingen import mean_ci
+    from .evaluate import mean_ci95 as mean_ci
 
     table = {}
     for m in methods:

@@ -17,6 +17,7 @@ import torch
 
 from .algorithms.distill import METHODS, DistillConfig, train_student
 from .cli import int_list as _ints
+from .evaluate import mean_ci95
 from .functional import accuracy, params_of
 from .tasks.named import load_named as load_data
 
@@ -54,12 +55,6 @@ def class_split(data, per_class: tuple[int, int, int], seed: int) -> dict[str, t
         idx = torch.cat(chunks)
         out[name] = (data.images[idx].float() / 255.0, data.targets[idx])
     return out
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    from .evaluate import confidence95
-    t = torch.tensor(values, dtype=torch.float64)
-    return float(t.mean()), (confidence95(t) if len(values) > 1 else float("nan"))
 
 
 def run_experiment(data: str = "glyphs", pair: str = "mlp", methods=("alone", "kd", "meta"),
@@ -149,12 +144,12 @@ def summarize(rows: list[dict]) -> list[dict]:
         groups.setdefault((r["method"], r["teacher_epochs"]), []).append(r)
     out = []
     for (method, te), rs in sorted(groups.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1] or 0)):
-        s, s_ci = mean_ci([r["student_acc"] for r in rs])
+        s, s_ci = mean_ci95([r["student_acc"] for r in rs])
         entry = {"method": method, "teacher_epochs": te, "seeds": len(rs), "student_acc": s, "student_ci": s_ci}
         if te is not None:
-            entry["teacher_acc"], entry["teacher_ci"] = mean_ci([r["teacher_acc"] for r in rs])
+            entry["teacher_acc"], entry["teacher_ci"] = mean_ci95([r["teacher_acc"] for r in rs])
         if method.startswith("meta"):
-            entry["teacher_acc_after"], entry["teacher_after_ci"] = mean_ci([r["teacher_acc_after"] for r in rs])
+            entry["teacher_acc_after"], entry["teacher_after_ci"] = mean_ci95([r["teacher_acc_after"] for r in rs])
         out.append(entry)
     return out
 

@@ -33,21 +33,7 @@ import re
 import sys
 import time
 
-#: two-sided 95% quantiles of Student's t with 1..30 degrees of freedom
-_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-        2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042)
 DATASETS = ("rotated-omniglot", "rotated-glyphs", "glyph-styles")
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% confidence interval (Student t; nan for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, float("nan")
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    t = _T95[n - 2] if n - 1 <= len(_T95) else 1.96
-    return mean, t * sd / math.sqrt(n)
 
 
 def _csv(text: str | None, cast=str) -> list:
@@ -161,6 +147,7 @@ def run_one(domains, method: str, held_out: str, seed: int, settings: dict, fold
 def summarize(results: list[dict], methods: list[str], held_outs: list[str], shots: list[int]) -> dict:
     """Per method: mean ± 95% CI over seeds on each held-out domain and on the average over them
     (each seed's average over held-out domains, then over seeds), for DG and each K of adaptation."""
+    from .evaluate import mean_ci95
     table: dict = {}
     for method in methods:
         rows = [r for r in results if r["run"]["method"] == method]
@@ -173,14 +160,14 @@ def summarize(results: list[dict], methods: list[str], held_outs: list[str], sho
             for d in held_outs:
                 vals = [value(r) for r in rows if r["run"]["held_out"] == d]
                 if vals:
-                    m, ci = mean_ci(vals)
+                    m, ci = mean_ci95(vals)
                     per_domain[d] = {"mean": m, "ci95": ci, "seeds": len(vals)}
             averages = []
             for seed in seeds:
                 vals = [value(r) for r in rows if r["run"]["seed"] == seed]
                 if len(vals) == len(held_outs):
                     averages.append(sum(vals) / len(vals))
-            avg = dict(zip(("mean", "ci95"), mean_ci(averages))) if averages else None
+            avg = dict(zip(("mean", "ci95"), mean_ci95(averages))) if averages else None
             entry[key] = {"domains": per_domain, "average": avg and {**avg, "seeds": len(averages)}}
         entry["train_seconds"] = sum(r["train_seconds"] for r in rows)
         entry["wall_seconds"] = sum(r["wall_seconds"] for r in rows)

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .algorithms.base import Algorithm
+from .evaluate import mean_ci95
 from .functional import Params, accuracy, call, detach, params_of
 from .inner import SGD, adapt
 from .tasks import Task
@@ -355,32 +356,6 @@ def build_model(spec: dict, num_classes: int, image_shape) -> nn.Module:
 
 
 # -- many runs: methods × seeds, with checkpoints, and their summary --------------------------
-
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-
-def t_quantile_975(df: int) -> float:
-    """The 97.5% quantile of Student's t with ``df`` degrees of freedom (a table to 30, then the
-    Cornish-Fisher expansion, within 1e-3)."""
-    if df < 1:
-        raise ValueError("a t-interval needs at least two values")
-    if df <= 30:
-        return _T975[df - 1]
-    z = 1.959964
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-
-
-def mean_ci95(values) -> tuple[float, float]:
-    """Mean and half-width of the 95% t-interval of the mean (nan with one value)."""
-    v = [float(a) for a in values]
-    n = len(v)
-    m = sum(v) / n
-    if n < 2:
-        return m, float("nan")
-    sd = math.sqrt(sum((a - m) ** 2 for a in v) / (n - 1))
-    return m, t_quantile_975(n - 1) * sd / math.sqrt(n)
-
 
 def run_experiment(data: str = "digits", methods=("plain", "l2rw", "mwnet"), seeds=(0, 1, 2, 3, 4),
                    corruption: Corruption | None = None, model: dict | None = None, cfg: ReweightConfig | None = None,

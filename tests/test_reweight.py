@@ -14,6 +14,7 @@ from metaphi.models import MLP
 from metaphi.outer import build_estimator
 from metaphi.tasks import Task
 import shared_data
+from metaphi.evaluate import mean_ci95, t_quantile_975
 
 
 def _problem(seed: int = 0, n: int = 12, m: int = 10, dtype=torch.float64):
@@ -183,10 +184,10 @@ def test_reweighting_moves_weight_off_noisy_labels():
 
 
 def test_t_interval():
-    assert rw.t_quantile_975(4) == 2.776
+    assert t_quantile_975(4) == 2.776
     for df, q in ((40, 2.0211), (60, 2.0003), (120, 1.9799)):
-        assert rw.t_quantile_975(df) == pytest.approx(q, abs=1e-3)
-    m, ci = rw.mean_ci95([1.0, 2.0, 3.0, 4.0, 5.0])
+        assert t_quantile_975(df) == pytest.approx(q, abs=1e-3)
+    m, ci = mean_ci95([1.0, 2.0, 3.0, 4.0, 5.0])
     assert m == 3.0 and ci == pytest.approx(2.776 * (2.5 ** 0.5) / 5 ** 0.5)
 
 
