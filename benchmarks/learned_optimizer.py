@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -155,9 +156,10 @@ def cell(r: dict) -> str:
 
 def paired(a: list[float], b: list[float]) -> tuple[float, float, int]:
     """Mean of a − b over the same problems, the 95% CI half-width of that mean, and how often a < b."""
-    d = torch.tensor(a, dtype=torch.float64) - torch.tensor(b, dtype=torch.float64)
-    half = float(1.96 * d.std(unbiased=True) / len(a) ** 0.5) if len(a) > 1 else float("nan")
-    return float(d.mean()), half, int((d < 0).sum())
+    from metaphi.evaluate import mean_ci95
+    d = [x - y for x, y in zip(a, b)]
+    mean, half = mean_ci95(d)
+    return mean, half, sum(v < 0 for v in d)
 
 
 def verdicts(results: dict) -> list[str]:
@@ -236,6 +238,19 @@ def write_markdown(results: dict, training: dict, path: str, command: str, wall:
         f.write("\n".join(lines) + ("\n" + notes if notes else ""))
 
 
+def refresh_intervals(tree) -> None:
+    """Recompute every saved interval from its per-problem values (Student t, as ``l2o.summarize``)."""
+    from metaphi.evaluate import mean_ci95
+    if isinstance(tree, dict):
+        if "values" in tree and "ci95" in tree and all(math.isfinite(v) for v in tree["values"]):
+            tree["ci95"] = mean_ci95(tree["values"])[1]
+        for v in tree.values():
+            refresh_intervals(v)
+    elif isinstance(tree, list):
+        for v in tree:
+            refresh_intervals(v)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", choices=["all", "train", "eval", "report"], default="all",
@@ -263,6 +278,8 @@ def main() -> int:
         print("\n".join(verdicts(results)))
     if args.stage == "report":
         saved = json.load(open(os.path.join(args.out, "learned_optimizer.json")))
+        refresh_intervals(saved["results"])
+        write_json(saved, os.path.join(args.out, "learned_optimizer.json"))
         plot(saved["results"], os.path.join(args.out, "learned_optimizer_curves.png"))
         write_markdown(saved["results"], saved["training"], os.path.join(args.out, "learned_optimizer.md"),
                        saved["command"], saved["eval_wall_seconds"])

@@ -507,13 +507,13 @@ def tune_learning_rate(name: str, family, horizons: Iterable[int], problems: int
 
 
 def summarize(curve: Tensor, horizons: Iterable[int]) -> dict:
-    """Mean final loss ± 95% CI (normal approximation) over problems at each horizon, and each problem's."""
-    from .evaluate import confidence95
+    """Mean final loss ± 95% CI (Student t) over problems at each horizon, and each problem's."""
+    from .evaluate import mean_ci95
 
     out = {}
     for h in horizons:
         values = curve[h]
         finite = torch.isfinite(values).all()
-        out[str(h)] = {"mean": float(values.mean()), "ci95": confidence95(values) if finite else math.inf,
+        out[str(h)] = {"mean": float(values.mean()), "ci95": mean_ci95(values.tolist())[1] if finite else math.inf,
                        "diverged": int((~torch.isfinite(values)).sum()), "values": [float(v) for v in values]}
     return out
