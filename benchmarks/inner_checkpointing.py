@@ -6,7 +6,7 @@ with and without gradient checkpointing of the inner loop.
 Workload: Conv4 (64 filters, 28x28, stride 2), 5-way 5-shot with 15 queries per class, inner step
 size 0.1, one task per meta-gradient (the looped estimator holds one task's graph at a time, so a
 meta-batch of B takes B times as long and the same memory). Memory is the peak of the bytes held by
-tensors created during the meta-gradient (``PeakTensorMemory`` of benchmarks/speed.py: the autograd
+tensors created during the meta-gradient (``metaphi.memory.PeakTensorMemory``: the autograd
 graph counts, inputs and kernels' scratch do not); time is the median of ``--repeats`` calls.
 The float64 agreement of the two is a test (tests/test_inner_checkpoint.py); here the float32
 meta-gradients are compared as well and the largest difference is reported.
@@ -28,7 +28,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from speed import PeakTensorMemory, load_average, machine  # noqa: E402
+from speed import load_average, machine  # noqa: E402
+from metaphi.memory import PeakTensorMemory  # noqa: E402
 
 from metaphi.algorithms import CLASSIFICATION  # noqa: E402
 from metaphi.algorithms.maml import MAML  # noqa: E402

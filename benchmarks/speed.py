@@ -57,9 +57,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -67,6 +65,7 @@ from metaphi.algorithms import CLASSIFICATION  # noqa: E402
 from metaphi.algorithms.maml import MAML  # noqa: E402
 from metaphi.algorithms.protonet import ProtoNet  # noqa: E402
 from metaphi.inner import SGD  # noqa: E402
+from metaphi.memory import PeakTensorMemory  # noqa: E402
 from metaphi.models import Conv4  # noqa: E402
 from metaphi.outer import Unrolled  # noqa: E402
 from metaphi.tasks import Task  # noqa: E402
@@ -99,27 +98,6 @@ WORKLOADS = {w.name: w for w in [
 
 
 # --- memory -------------------------------------------------------------------------------------
-
-class PeakTensorMemory(TorchDispatchMode):
-    """The peak of the bytes held by tensors created inside the block (storages counted once)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.current, self.peak = {}, 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
-            self.current -= self.live.pop(key)[1]
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type != "meta":
-                storage = t.untyped_storage()
-                if storage._cdata not in self.live:
-                    self.live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
-                    self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-        return out
-
 
 def peak_memory(fn, device: torch.device) -> int:
     """Peak extra bytes of one call of ``fn`` (see the module docstring)."""

@@ -4,9 +4,6 @@ import json
 
 import pytest
 import torch
-from torch.multiprocessing.reductions import StorageWeakRef
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from metaphi.algorithms import CLASSIFICATION
 from metaphi.algorithms.maml import MAML
@@ -14,21 +11,14 @@ from metaphi.cli import main
 from metaphi.functional import call, prefixed
 from metaphi.inner import SGD, MetaSGD, adapt
 from metaphi.inner.adapt import inner_checkpointing
+from metaphi.memory import PeakTensorMemory
 from metaphi.models import Conv4
 from metaphi.outer import Unrolled, build_estimator
 from metaphi.tasks import Task
 from metaphi.train import load_checkpoint
 
 
-@pytest.fixture(autouse=True)
-def _float64_one_thread():
-    # one thread: these graphs are tiny, and on a shared machine a second thread only waits
-    old, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(old)
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("float64", "one_thread")
 
 
 def tasks(n=2, ways=3, shots=2, size=12, seed=0):
@@ -92,27 +82,6 @@ def test_checkpointed_steps_are_recomputed_in_the_backward():
     # one support loss per step, and again when checkpointed: for the outer backward, and (torch's
     # checkpoint hands out the step's saved tensors only by recomputing them) for the inner gradient
     assert counts == [3, 9]
-
-
-class PeakTensorMemory(TorchDispatchMode):
-    """The peak of the bytes held by tensors created inside the block (their storages, counted once)."""
-
-    def __init__(self):
-        super().__init__()
-        self.live, self.current, self.peak = {}, 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for key in [k for k, (ref, _) in self.live.items() if ref.expired()]:
-            self.current -= self.live.pop(key)[1]
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                if storage._cdata not in self.live:
-                    self.live[storage._cdata] = (StorageWeakRef(storage), storage.nbytes())
-                    self.current += storage.nbytes()
-        self.peak = max(self.peak, self.current)
-        return out
 
 
 def peak_bytes(steps, checkpoint, task):
