@@ -10,3 +10,21 @@ def _isolated_cache(tmp_path_factory):
     os.environ.setdefault("METAPHI_CACHE", str(tmp_path_factory.mktemp("metaphi-cache")))
     torch.set_num_threads(min(2, torch.get_num_threads()))
     yield
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors on a shared machine: a second intra-op thread only waits for the first."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def float64():
+    """Float64 by default, for comparisons with independent computations."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)

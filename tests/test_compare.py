@@ -8,7 +8,10 @@ import torch
 from metaphi import evaluate as evaluate_module
 from metaphi.cli import main
 from metaphi.compare import Method, parse_method
-from test_protonet import install_tiny, one_thread  # noqa: F401 (one_thread is a fixture)
+from test_protonet import install_tiny
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize("text, method", [

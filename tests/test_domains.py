@@ -8,16 +8,10 @@ from metaphi.tasks import DataError, ImageClasses
 from metaphi.tasks import domains as dm
 import shared_data
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 OMNIGLOT = str(shared_data.OMNIGLOT)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Small tensors on a shared machine: a second thread only waits for the first.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def store(n_classes=4, per_class=12, size=12, seed=0):

@@ -10,6 +10,9 @@ from metaphi.inner import SGD, MetaSGD
 from metaphi.functional import prefixed
 from metaphi.models import MLP, Conv4, TaskBatchNorm
 from metaphi.outer import Reptile, Unrolled
+from metaphi.tasks import Task
+
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def maml(model, problem, inner_lr, inner_steps):
@@ -30,16 +33,6 @@ def metasgd(model, problem, inner_lr, inner_steps):
 
 def reptile(model, problem, inner_lr, inner_steps):
     return MAML(model, problem, SGD(inner_lr), inner_steps, first_order=True, estimators=("reptile",))
-from metaphi.tasks import Task
-
-
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
 
 
 def regression_tasks(n=3, k=6, seed=0):

@@ -17,12 +17,7 @@ from metaphi.outer.implicit import Implicit, _masked_solve, conjugate_gradient, 
 from metaphi.tasks import Task
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def spd(n, seed, low=1.0, high=4.0):

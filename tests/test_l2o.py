@@ -16,14 +16,6 @@ from metaphi.optim import LearnedOptimizer, load_learned
 TINY_GLYPHS = {"alphabets": 3, "characters": 6, "drawers": 4, "size": 8}
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def tiny_glyph_mlp(**kw):
     return GlyphMLP(hidden=kw.pop("hidden", [3]), classes=3, batch_size=5, image_size=4, glyphs=TINY_GLYPHS, **kw)
 

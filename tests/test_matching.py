@@ -11,7 +11,10 @@ from metaphi.models import Conv4
 from metaphi.outer import build_estimator
 from metaphi.tasks import Task
 from metaphi.train import TrainConfig, load_checkpoint, meta_train
-from test_protonet import one_thread, random_task, tiny_benchmark  # noqa: F401 (one_thread is a fixture)
+from test_protonet import random_task, tiny_benchmark
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def float64_matching(fce: bool, scale: float = 1.0) -> MatchingNet:

@@ -15,21 +15,7 @@ from metaphi.tasks.domains import DomainSet, instance_split
 from metaphi.train import TrainConfig, meta_train
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny problems on a shared machine: a second thread only waits for the first.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_mlp(seed=0, features=4, classes=3):

@@ -16,13 +16,7 @@ from metaphi.tasks import ImageClasses, Task
 from metaphi.train import TrainConfig, load_checkpoint, meta_train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # these tensors are tiny: a second thread only adds synchronisation, which is slow on a busy machine
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_benchmark(classes=12, per_class=6, size=12, seed=0):

@@ -20,17 +20,10 @@ from metaphi.models.layers import task_batch_norm_reference
 from metaphi.outer import Unrolled
 from metaphi.tasks import Task
 
+
+pytestmark = pytest.mark.usefixtures("float64", "one_thread")
+
 HIDDEN, SIZE = 6, 28
-
-
-@pytest.fixture(autouse=True)
-def _float64_one_thread():
-    old, threads = torch.get_default_dtype(), torch.get_num_threads()
-    torch.set_default_dtype(torch.float64)
-    torch.set_num_threads(1)
-    yield
-    torch.set_default_dtype(old)
-    torch.set_num_threads(threads)
 
 
 def episodes(n, ways, shots, query, seed=0):

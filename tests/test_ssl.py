@@ -12,7 +12,10 @@ from metaphi.algorithms.ssl import StartFrom, augment, body_of, nt_xent, rotatio
 from metaphi.outer import build_estimator
 from metaphi.tasks import DataError
 from metaphi.train import TrainConfig, load_checkpoint, meta_train
-from test_protonet import install_tiny, one_thread, tiny_benchmark  # noqa: F401 (one_thread is a fixture)
+from test_protonet import install_tiny, tiny_benchmark
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_rotations_label_each_quarter_turn():
