@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--checkpoint-inner", action="store_true",
                      help="gradient-checkpoint each inner step: memory for long second-order inner loops, for "
                           "about two more forwards and one more inner backward per step (tasks run one by one)")
+    run.add_argument("--compile", action="store_true",
+                     help="compile each task's meta-gradient with torch.compile (second-order and first-order "
+                          "estimators): faster meta-iterations after a first one that compiles for tens of seconds")
     run.add_argument("--solver", choices=["cg", "neumann"], help="implicit estimator: linear solver (default cg)")
     run.add_argument("--solver-steps", type=int, help="implicit estimator: most Hessian-vector products (default 5)")
     run.add_argument("--solver-tol", type=float, help="implicit estimator: relative residual to stop at")
@@ -238,7 +241,7 @@ def train_and_test(name: str, benchmark, s: dict, args, out_dir: str, estimator_
     meta-training task when it differs from the test's (learners with ``any_ways`` only)."""
     from .algorithms import create_algorithm
     from .evaluate import evaluate
-    from .outer import BLACK_BOX, build_estimator
+    from .outer import BLACK_BOX, COMPILABLE, build_estimator
     from .train import TrainConfig, meta_train
 
     import torch
@@ -274,6 +277,13 @@ def train_and_test(name: str, benchmark, s: dict, args, out_dir: str, estimator_
     started = time.perf_counter()
     solver_options = {k: getattr(args, k) for k in ("solver", "solver_steps", "solver_tol", "solver_damping",
                                                     "neumann_alpha") if getattr(args, k, None) is not None}
+    if getattr(args, "compile", False):
+        if estimator_name not in COMPILABLE:
+            raise UsageError(f"--compile applies to the {' and '.join(COMPILABLE)} estimators, not '{estimator_name}'")
+        if getattr(args, "checkpoint_inner", False):
+            raise UsageError("--compile and --checkpoint-inner do not go together (a checkpointed inner loop runs "
+                             "eagerly)")
+        solver_options["compile"] = True
     estimator = build_estimator(estimator_name, vectorize=not args.loop,
                                 checkpoint=getattr(args, "checkpoint_inner", False),
                                 task_chunk=getattr(args, "task_chunk", None), **solver_options)

@@ -33,3 +33,22 @@ class PeakTensorMemory(TorchDispatchMode):
                     self.current += storage.nbytes()
         self.peak = max(self.peak, self.current)
         return out
+
+
+def cpu_allocator_peak(fn) -> tuple[int, object]:
+    """(peak bytes, result) of one call of ``fn``: the peak of what the CPU allocator handed out during
+    it above what was held before, from the profiler's allocation events. Unlike ``PeakTensorMemory``
+    it sees every allocation, those inside ``torch.compile``'d graphs (whose fused kernels do not go
+    through the dispatcher) and kernels' scratch included."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    cpu = torch._C._autograd.DeviceType.CPU
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                    if e.name() == "[memory]" and e.device_type() == cpu)
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    return peak, out

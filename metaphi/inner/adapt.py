@@ -51,7 +51,10 @@ def adapt_steps(
     state = rule.init(current)
     yield {**fixed, **current}
     fixed_const = detach(fixed) if first_order else fixed
-    checkpointed = (_CHECKPOINT.get() if checkpoint is None else checkpoint) and torch.is_grad_enabled()
+    if torch.compiler.is_compiling():  # compiled code is one graph: never checkpointed (Unrolled refuses both)
+        checkpointed = False
+    else:
+        checkpointed = (_CHECKPOINT.get() if checkpoint is None else checkpoint) and torch.is_grad_enabled()
     if checkpointed and torch._C._functorch.maybe_current_level() is not None:
         raise ValueError("a checkpointed inner loop runs one task at a time and cannot run under torch.func "
                          "transforms (vmap, grad); run the tasks in a loop (vectorize=False)")

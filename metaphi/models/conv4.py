@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .layers import TaskBatchNorm
+from .layers import Conv2d, TaskBatchNorm
 
 
 class Conv4(nn.Module):
@@ -24,10 +24,10 @@ class Conv4(nn.Module):
         channels, size = in_channels, image_size
         for _ in range(4):
             if pool == "stride":
-                layers += [nn.Conv2d(channels, hidden, 3, stride=2, padding=1), TaskBatchNorm(hidden), nn.ReLU()]
+                layers += [Conv2d(channels, hidden, 3, stride=2, padding=1), TaskBatchNorm(hidden), nn.ReLU()]
                 size = (size + 1) // 2
             else:
-                layers += [nn.Conv2d(channels, hidden, 3, padding=1), TaskBatchNorm(hidden), nn.ReLU(), nn.MaxPool2d(2)]
+                layers += [Conv2d(channels, hidden, 3, padding=1), TaskBatchNorm(hidden), nn.ReLU(), nn.MaxPool2d(2)]
                 size //= 2
             channels = hidden
         self.body = nn.Sequential(*layers)

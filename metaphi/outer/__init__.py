@@ -18,6 +18,8 @@ ESTIMATORS = {
     "es": "metaphi.outer.es:es",
     "reinforce": "metaphi.outer.reinforce:reinforce",
 }
+#: estimators that take ``compile=True`` (``metaphi run --compile``): the meta-gradient is one compiled graph
+COMPILABLE = ("second-order", "first-order")
 #: estimators that need only the values of ``task_loss``, so they fit every algorithm that trains
 BLACK_BOX = ("es",)
 
@@ -30,4 +32,4 @@ def build_estimator(name: str, **options):
     return getattr(importlib.import_module(module), factory)(**options)
 
 
-__all__ = ["Unrolled", "Reptile", "ESTIMATORS", "BLACK_BOX", "build_estimator"]
+__all__ = ["Unrolled", "Reptile", "ESTIMATORS", "BLACK_BOX", "COMPILABLE", "build_estimator"]
