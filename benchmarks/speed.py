@@ -31,12 +31,16 @@ is compared with the same computation written in plain PyTorch, one task at a ti
 2. Time: one meta-gradient of a meta-batch, implementations alternated round by round (the order
    rotates), ``--repeats`` rounds after a warm-up; median tasks/s.
 3. Memory: one more meta-gradient per implementation, apart from the timing: on CPU the peak of
-   the bytes held by tensors created during it (a dispatch mode that follows every tensor storage;
-   inputs and kernels' internal scratch are not counted, the autograd graph is); on CUDA
+   what the CPU allocator handed out during it (the profiler's allocation events,
+   ``metaphi.memory.cpu_allocator_peak``: the autograd graph, kernels' scratch and the buffers of
+   compiled graphs are all counted; inputs that existed before are not); on CUDA
    ``torch.cuda.max_memory_allocated`` above what was allocated before.
 
-On CUDA, metaphi's first-order and metric workloads are also run with the task loss compiled by
-``torch.compile`` (``--compile`` asks for it on CPU too).
+metaphi is also run with its compiled estimator (``Unrolled(compile=True)``, ``metaphi run
+--compile``): each task's meta-gradient compiled by ``torch.compile``, tasks in a loop, and on CUDA
+the whole meta-batch as one compiled vmap as well (``--no-compile`` leaves these out). The first
+call, which compiles, is timed apart and reported as "first call s"; the check compiles a float64
+graph of its own.
 
 Writes benchmarks/results/speed.json and speed.md (``--out`` changes the stem).
 """
@@ -65,7 +69,7 @@ from metaphi.algorithms import CLASSIFICATION  # noqa: E402
 from metaphi.algorithms.maml import MAML  # noqa: E402
 from metaphi.algorithms.protonet import ProtoNet  # noqa: E402
 from metaphi.inner import SGD  # noqa: E402
-from metaphi.memory import PeakTensorMemory  # noqa: E402
+from metaphi.memory import cpu_allocator_peak  # noqa: E402
 from metaphi.models import Conv4  # noqa: E402
 from metaphi.outer import Unrolled  # noqa: E402
 from metaphi.tasks import Task  # noqa: E402
@@ -109,10 +113,7 @@ def peak_memory(fn, device: torch.device) -> int:
         torch.cuda.synchronize(device)
         del out
         return torch.cuda.max_memory_allocated(device) - before
-    with PeakTensorMemory() as tracker:
-        out = fn()
-        del out
-    return tracker.peak
+    return cpu_allocator_peak(fn)[0]
 
 
 # --- data and the peers' network --------------------------------------------------------------
@@ -170,18 +171,8 @@ def metaphi_impl(w: Workload, state: dict, tasks: Task, vectorize: bool, compile
     def strip(grads):
         return {k.split(".", 1)[1]: v for k, v in grads.items()}
 
-    if not compiled:
-        estimator = Unrolled(first_order, vectorize=vectorize, chunk=chunk)
-        return lambda: strip(estimator(algo, phi, tasks)[0])
-
-    mean_loss = torch.compile(
-        lambda phi, tasks: torch.func.vmap(lambda t: algo.task_loss(phi, t, first_order=first_order)[0])(tasks).mean())
-    keys = list(phi)
-
-    def run():
-        grads = torch.autograd.grad(mean_loss(phi, tasks), [phi[k] for k in keys])
-        return strip(dict(zip(keys, grads)))
-    return run
+    estimator = Unrolled(first_order, vectorize=vectorize, chunk=chunk, compile=compiled)
+    return lambda: strip(estimator(algo, phi, tasks)[0])
 
 
 def _peer_net(w: Workload, state: dict, tasks: Task) -> PeerConv4:
@@ -293,8 +284,10 @@ def implementations(w: Workload, device: torch.device, compile_: bool) -> dict:
         "metaphi (loop)": (lambda s, t: metaphi_impl(w, s, t, vectorize=False), None),
         f"metaphi (vmap, chunks of {CHUNK})": (lambda s, t: metaphi_impl(w, s, t, vectorize=True, chunk=CHUNK), None),
     }
-    if compile_ and (w.first_order or w.algorithm == "protonet"):
-        impls["metaphi (vmap, compiled)"] = (lambda s, t: metaphi_impl(w, s, t, True, compiled=True), None)
+    if compile_:
+        impls["metaphi (loop, compiled)"] = (lambda s, t: metaphi_impl(w, s, t, False, compiled=True), None)
+        if device.type == "cuda":
+            impls["metaphi (vmap, compiled)"] = (lambda s, t: metaphi_impl(w, s, t, True, compiled=True), None)
     if w.algorithm == "maml":
         impls["higher"] = (lambda s, t: higher_impl(w, s, t), "higher")
         if not w.first_order:
@@ -368,8 +361,10 @@ def bench_workload(w: Workload, args, peers: dict, device: torch.device) -> dict
     reference32 = None
     for label in list(runs):
         try:
+            started = time.perf_counter()
             grads = runs[label]()
             sync(device)
+            out["rows"][label]["first_call_seconds"] = time.perf_counter() - started
         except Exception as e:
             out["errors"][label] = f"{type(e).__name__}: {e}"
             runs.pop(label)
@@ -422,16 +417,17 @@ def ratio_table(res: dict) -> str:
     ours = [k for k in rows if k.startswith("metaphi")]
     base = max(ours, key=lambda k: rows[k]["tasks_per_second"]) if ours else None
     lines = [f"| implementation | tasks/s (median) | s per meta-batch | peak memory MB | {base} speed ÷ this |"
-             f" this memory ÷ {base} | check: max abs diff (float64) |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             f" this memory ÷ {base} | check: max abs diff (float64) | first call s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, r in rows.items():
         speed = rows[base]["tasks_per_second"] / r["tasks_per_second"] if base else float("nan")
         mem, base_mem = r.get("peak_bytes"), rows[base].get("peak_bytes") if base else None
         mem_ratio = f"{mem / base_mem:.2f}" if mem and base_mem else "–"
         lines.append(f"| {label} | {r['tasks_per_second']:.2f} | {r['median_seconds']:.2f} | "
-                     f"{(mem or 0) / 2**20:.1f} | {speed:.2f}× | {mem_ratio} | {r['check_max_abs_diff_float64']:.1e} |")
+                     f"{(mem or 0) / 2**20:.1f} | {speed:.2f}× | {mem_ratio} | {r['check_max_abs_diff_float64']:.1e} | "
+                     f"{r.get('first_call_seconds', float('nan')):.1f} |")
     for label, err in res["errors"].items():
-        lines.append(f"| {label} | – | – | – | – | – | {err} |")
+        lines.append(f"| {label} | – | – | – | – | – | {err} | – |")
     return "\n".join(lines)
 
 
@@ -461,16 +457,14 @@ def main(argv=None) -> int:
                         help="torch intra-op threads on CPU (default 1: on a shared, loaded machine more threads "
                              "only wait for each other)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--compile", action="store_true",
-                        help="also time metaphi with torch.compile on first-order and metric workloads (on by "
-                             "default on CUDA)")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="leave out metaphi's compiled estimator (whose first call compiles for tens of seconds)")
     parser.add_argument("--out", default=str(HERE / "results" / "speed"), help="stem of the .json and .md written")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda":
         if not torch.cuda.is_available():
             parser.error("--device cuda: CUDA is not available here")
-        args.compile = True
     else:
         torch.set_num_threads(args.threads or 1)
     peers = peer_status()
