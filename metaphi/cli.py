@@ -284,6 +284,9 @@ def train_and_test(name: str, benchmark, s: dict, args, out_dir: str, estimator_
             raise UsageError("--compile and --checkpoint-inner do not go together (a checkpointed inner loop runs "
                              "eagerly)")
         solver_options["compile"] = True
+        if progress:
+            print(f"{name}: --compile: the first meta-iteration compiles the meta-gradient (tens of seconds to "
+                  "minutes on a CPU; cached on disk for runs with the same shapes)", file=sys.stderr, flush=True)
     estimator = build_estimator(estimator_name, vectorize=not args.loop,
                                 checkpoint=getattr(args, "checkpoint_inner", False),
                                 task_chunk=getattr(args, "task_chunk", None), **solver_options)
