@@ -107,10 +107,7 @@ class FiniteDifference:
         self.epsilon = float(epsilon)
 
     def __call__(self, problem: SearchProblem, phi: Params, tasks: Task) -> tuple[Params, dict[str, float]]:
-        grads = {k: torch.zeros_like(v) for k, v in phi.items()}
-        parts = tasks.unstack()
-        total, acc = 0.0, 0.0
-        for task in parts:
+        def one_task(task: Task):
             alpha, w = problem.split(phi)
             alpha = {k: v.detach().requires_grad_() for k, v in alpha.items()}
             w_prime = {k: v.detach().requires_grad_() for k, v in
@@ -128,11 +125,10 @@ class FiniteDifference:
                 g_plus = grads_or_zeros(problem.train_loss(w_plus, alpha, task.support), alpha)
                 g_minus = grads_or_zeros(problem.train_loss(w_minus, alpha, task.support), alpha)
                 g_alpha = {k: g_alpha[k] - problem.xi * (g_plus[k] - g_minus[k]) / (2 * r) for k in g_alpha}
-            for k, g in g_alpha.items():
-                grads["alpha." + k] += g.detach() / len(parts)
-            total += float(loss.detach())
-            acc += float((out.argmax(-1) == y).double().mean())
-        return grads, {"loss": total / len(parts), "accuracy": acc / len(parts)}
+            return ({k: g.detach() for k, g in g_alpha.items()}, float(loss.detach()),
+                    float((out.argmax(-1) == y).double().mean()))
+
+        return _mean_over_tasks(phi, tasks, one_task)
 
 
 class Implicit:
@@ -147,10 +143,7 @@ class Implicit:
     def __call__(self, problem: SearchProblem, phi: Params, tasks: Task) -> tuple[Params, dict[str, float]]:
         from ..outer.implicit import hypergradient
 
-        grads = {k: torch.zeros_like(v) for k, v in phi.items()}
-        parts = tasks.unstack()
-        total, acc = 0.0, 0.0
-        for task in parts:
+        def one_task(task: Task):
             alpha, w = problem.split(phi)
 
             def outer(w_, alpha_):
@@ -160,11 +153,24 @@ class Implicit:
 
             g, info = hypergradient(lambda w_, alpha_: problem.train_loss(w_, alpha_, task.support), w, outer, alpha,
                                     solver="cg", steps=self.steps, damping=self.damping)
-            for k, v in g.items():
-                grads["alpha." + k] += v / len(parts)
-            total += info["loss"]
-            acc += info["accuracy"]
-        return grads, {"loss": total / len(parts), "accuracy": acc / len(parts)}
+            return g, info["loss"], info["accuracy"]
+
+        return _mean_over_tasks(phi, tasks, one_task)
+
+
+def _mean_over_tasks(phi: Params, tasks: Task, one_task) -> tuple[Params, dict[str, float]]:
+    """The architecture gradient and metrics averaged over a batch of tasks; ``one_task(task)`` gives
+    (gradient of the α entries, query loss, query accuracy) for one."""
+    grads = {k: torch.zeros_like(v) for k, v in phi.items()}
+    parts = tasks.unstack()
+    total, acc = 0.0, 0.0
+    for task in parts:
+        g_alpha, loss, accuracy = one_task(task)
+        for k, g in g_alpha.items():
+            grads["alpha." + k] += g / len(parts)
+        total += loss
+        acc += accuracy
+    return grads, {"loss": total / len(parts), "accuracy": acc / len(parts)}
 
 
 # -- the search loop ----------------------------------------------------------------------------
