@@ -57,7 +57,7 @@ def args_for(flags: list[str]):
 
 
 def run(streams, method, seeds, flags, out, data_root):
-    from metaphi.continual_cli import sweep
+    from metaphi.cli.continual import sweep
 
     extra = ["--data-root", data_root] if data_root else []
     return sweep(streams, [method], seeds, args_for(flags + extra), out, log=lambda m: print(m, flush=True),
@@ -101,7 +101,7 @@ def meta_seconds() -> dict:
 
 
 def report(payload: dict) -> str:
-    from metaphi.continual_cli import markdown
+    from metaphi.cli.continual import markdown
 
     t = payload["tuning"]
     tried = "; ".join(f"{m}: " + ", ".join(f"{' '.join(r['flags'])} → {100 * r['average_accuracy']:.1f}"
@@ -189,7 +189,7 @@ def main() -> int:
                "wall_seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
                "command": " ".join([".venv/bin/python", "benchmarks/continual.py"] + sys.argv[1:]),
                "published": PUBLISHED}
-    from metaphi.continual_cli import plot
+    from metaphi.cli.continual import plot
 
     name = "continual-quick" if a.quick else "continual"
     out_dir = os.path.join(TMP, "report") if a.quick else RESULTS

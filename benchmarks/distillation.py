@@ -36,7 +36,7 @@ CONFIGS = {
 def run_one(name: str, data_root: str | None, teacher_ce_weight: float, checkpoints: str) -> dict:
     import torch
     from metaphi.algorithms.distill import DistillConfig
-    from metaphi.distill import run_experiment
+    from metaphi.experiments.distill import run_experiment
     torch.set_num_threads(1)
     t0 = time.perf_counter()
     result = run_experiment(**CONFIGS[name], seeds=SEEDS, data_root=data_root,
@@ -49,7 +49,7 @@ def run_one(name: str, data_root: str | None, teacher_ce_weight: float, checkpoi
 
 def collect(name: str, checkpoints: str) -> dict:
     import torch
-    from metaphi.distill import summarize
+    from metaphi.experiments.distill import summarize
     saved = torch.load(os.path.join(checkpoints, f"{name}.pt"), weights_only=False)
     rows = saved["rows"]
     return {"config": saved["config"], "rows": rows, "summary": summarize(rows), "name": name,
@@ -75,7 +75,7 @@ def best_teacher_table(result: dict) -> str:
 
 
 def main() -> None:
-    from metaphi.distill import markdown
+    from metaphi.experiments.distill import markdown
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
     p.add_argument("--workers", type=int, default=4)

@@ -24,7 +24,9 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from metaphi.cli import machine, main, write_json  # noqa: E402
+from metaphi.experiments.report import machine, write_json  # noqa: E402
+
+from metaphi.cli import main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PACS = {"source": "Li et al. 2018 (PACS, AlexNet, leave-one-domain-out)",
@@ -53,7 +55,7 @@ def compact(runs: list[dict]) -> list[dict]:
 
 
 def report(summary: dict, argv: list[str], wall: float, cpu: float, quick: bool) -> str:
-    from metaphi.domaingen import markdown
+    from metaphi.experiments.domaingen import markdown
 
     s = summary["settings"]
     lines = [

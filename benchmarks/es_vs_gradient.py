@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from metaphi.algorithms import create_algorithm  # noqa: E402
-from metaphi.benchmarks import build_benchmark  # noqa: E402
+from metaphi.tasks.registry import build_benchmark  # noqa: E402
 from metaphi.evaluate import evaluate  # noqa: E402
 from metaphi.outer import build_estimator  # noqa: E402
 from metaphi.train import TrainConfig, meta_train  # noqa: E402

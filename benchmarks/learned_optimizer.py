@@ -15,7 +15,7 @@ from the validation alphabets.
     python benchmarks/learned_optimizer.py --quick         # a smoke run of a minute or two
 
 Writes benchmarks/results/learned_optimizer.{md,json} and learned_optimizer_curves.png; the trained
-optimizers stay in --work (default runs/l2o-benchmark), loadable with metaphi.optim.LearnedOptimizer.
+optimizers stay in --work (default runs/l2o-benchmark), loadable with metaphi.inner.optim.LearnedOptimizer.
 """
 from __future__ import annotations
 
@@ -30,11 +30,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from metaphi.cli import machine, write_json  # noqa: E402
+from metaphi.experiments.report import machine, write_json  # noqa: E402
 from metaphi.inner.learned import LSTMRule, MLPRule, PerLayerSGD, ScheduledSGD  # noqa: E402
-from metaphi.l2o import L2OConfig, build_family, meta_train  # noqa: E402
-from metaphi.l2o_cli import compare, format_rows  # noqa: E402
-from metaphi.optim import load_learned  # noqa: E402
+from metaphi.experiments.l2o import L2OConfig, build_family, meta_train  # noqa: E402
+from metaphi.cli.l2o import compare, format_rows  # noqa: E402
+from metaphi.inner.optim import load_learned  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")

@@ -31,7 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from metaphi.compare import compare, markdown_table, parse_method, plot_axes  # noqa: E402
+from metaphi.experiments.compare import compare, markdown_table, parse_method, plot_axes  # noqa: E402
 
 from common import RESULTS, machine  # noqa: E402
 

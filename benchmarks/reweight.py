@@ -47,13 +47,13 @@ META_PER_CLASS, TEST_PER_CLASS, BATCH = 10, 50, 100
 
 
 def epochs_for(store, corruption, seed: int = 0) -> int:
-    from metaphi.reweight import make_splits
+    from metaphi.experiments.reweight import make_splits
     n = len(make_splits(store, META_PER_CLASS, TEST_PER_CLASS, corruption, seed)["train"][1])
     return max(1, round(STEPS / math.ceil(n / BATCH)))
 
 
 def paired_delta(rows, method: str, base: str = "plain"):
-    from metaphi.reweight import mean_ci95
+    from metaphi.experiments.reweight import mean_ci95
     by = {(r["seed"], r["method"]): r["test_acc"] for r in rows}
     d = [by[(s, method)] - by[(s, base)] for (s, m) in by if m == method and (s, base) in by]
     return mean_ci95(d) if len(d) > 1 else (float("nan"), float("nan"))
@@ -61,13 +61,13 @@ def paired_delta(rows, method: str, base: str = "plain"):
 
 def run_setting(name: str, corruption_kw: dict, seeds, lr: float, data: str = "digits", data_root=None,
                 model=None, meta_per_class=META_PER_CLASS, test_per_class=TEST_PER_CLASS, classes=None) -> dict:
-    from metaphi.reweight import Corruption, ReweightConfig, load_data, run_experiment
+    from metaphi.experiments.reweight import Corruption, ReweightConfig, load_data, run_experiment
     corruption = Corruption(**corruption_kw)
     store = load_data(data, data_root, classes)
     if data == "digits":
         epochs = epochs_for(store, corruption)
     else:
-        from metaphi.reweight import make_splits
+        from metaphi.experiments.reweight import make_splits
         n = len(make_splits(store, meta_per_class, test_per_class, corruption, 0)["train"][1])
         epochs = max(1, round(STEPS / math.ceil(n / BATCH)))
     cfg = ReweightConfig(epochs=epochs, batch=BATCH, lr=lr)
@@ -92,7 +92,7 @@ def step_timing(reps: int = 30) -> dict:
 
     import torch
     from metaphi.functional import params_of
-    from metaphi.reweight import Corruption, ReweightConfig, build_model, l2rw_scores, load_data, make_splits, train
+    from metaphi.experiments.reweight import Corruption, ReweightConfig, build_model, l2rw_scores, load_data, make_splits, train
     split = make_splits(load_data("digits"), META_PER_CLASS, TEST_PER_CLASS, Corruption("uniform", 0.4), 0)
     with torch.random.fork_rng():
         torch.manual_seed(0)

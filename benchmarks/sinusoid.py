@@ -19,7 +19,7 @@ import torch
 
 from common import machine, write
 from metaphi.algorithms import create_algorithm
-from metaphi.benchmarks import build_benchmark
+from metaphi.tasks.registry import build_benchmark
 from metaphi.evaluate import evaluate
 from metaphi.outer import build_estimator
 from metaphi.train import TrainConfig, meta_train

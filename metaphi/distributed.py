@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .functional import Params
-from .tasks import Task
+from metaphi.functional import Params
+from metaphi.tasks import Task
 
 #: how long a collective waits for the other ranks: rank 0 alone evaluates the test tasks while the
 #: others wait at the next meta-training's first collective

@@ -7,8 +7,8 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from .functional import Params
-from .tasks import Task
+from metaphi.functional import Params
+from metaphi.tasks import Task
 
 
 def confidence95(values: torch.Tensor) -> float:

@@ -22,9 +22,9 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from . import distributed
-from .functional import Params
-from .tasks import Task, atomic_save
+from metaphi import distributed
+from metaphi.functional import Params
+from metaphi.tasks import Task, atomic_save
 
 CHECKPOINT_FORMAT = 1
 

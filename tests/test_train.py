@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from metaphi.algorithms import build_algorithm, create_algorithm
-from metaphi.benchmarks import build_benchmark
+from metaphi.tasks.registry import build_benchmark
 from metaphi.evaluate import confidence95, evaluate
 from metaphi.outer import build_estimator
 from metaphi.train import NonFiniteLoss, TrainConfig, load_checkpoint, meta_train

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 
-from .base import CLASSIFICATION, REGRESSION, Algorithm, Problem, problem_named
+from metaphi.algorithms.base import CLASSIFICATION, REGRESSION, Algorithm, Problem, problem_named
 
 ALGORITHMS = {
     "maml": "metaphi.algorithms.maml:maml",

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..functional import Params
-from ..tasks import Task
+from metaphi.functional import Params
+from metaphi.tasks import Task
 
 
 @dataclass(frozen=True)

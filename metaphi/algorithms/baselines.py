@@ -15,12 +15,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..functional import Params, call, params_of, prefixed, with_prefix
-from ..inner import SGD, adapt, adapt_steps
-from ..models import build_model
-from ..tasks import Task
-from .base import Algorithm, Problem, problem_named
-from .maml import MAML, task_model
+from metaphi.functional import Params, call, params_of, prefixed, with_prefix
+from metaphi.inner import SGD, adapt, adapt_steps
+from metaphi.models import build_model
+from metaphi.tasks import Task
+from metaphi.algorithms.base import Algorithm, Problem, problem_named
+from metaphi.algorithms.maml import MAML, task_model
 
 
 def scratch(benchmark, ways: int, inner_lr: float, inner_steps: int = 0, eval_steps: int = 20) -> MAML:

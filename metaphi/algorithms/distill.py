@@ -39,8 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import Params, call, detach, grads_or_zeros, norm
-from ..inner import SGD, adapt
+from metaphi.functional import Params, call, detach, grads_or_zeros, norm
+from metaphi.inner import SGD, adapt
 
 METHODS = ("alone", "kd", "meta", "meta-fo")
 

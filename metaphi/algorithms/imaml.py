@@ -33,13 +33,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..functional import Params, call, detach, norm, prefixed
-from ..inner import SGD, adapt, adapt_steps
-from ..models import build_model
-from ..outer.implicit import Bilevel
-from ..tasks import Task
-from .base import Problem, problem_named
-from .maml import MAML, task_model
+from metaphi.functional import Params, call, detach, norm, prefixed
+from metaphi.inner import SGD, adapt, adapt_steps
+from metaphi.models import build_model
+from metaphi.outer.implicit import Bilevel
+from metaphi.tasks import Task
+from metaphi.algorithms.base import Problem, problem_named
+from metaphi.algorithms.maml import MAML, task_model
 
 DEFAULT_REG = 2.0
 

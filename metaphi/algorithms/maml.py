@@ -24,11 +24,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..functional import Params, call, params_of, prefixed, with_prefix
-from ..models import build_model
-from ..inner import SGD, MetaSGD, UpdateRule, adapt, adapt_steps, build_rule
-from ..tasks import Task
-from .base import Algorithm, Problem, problem_named
+from metaphi.functional import Params, call, params_of, prefixed, with_prefix
+from metaphi.models import build_model
+from metaphi.inner import SGD, MetaSGD, UpdateRule, adapt, adapt_steps, build_rule
+from metaphi.tasks import Task
+from metaphi.algorithms.base import Algorithm, Problem, problem_named
 
 
 class MAML(Algorithm):

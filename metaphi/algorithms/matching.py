@@ -32,9 +32,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..functional import Params, prefixed, with_prefix
-from ..models import build_model
-from .protonet import MetricLearner, _backbone, class_slots, cosine_similarities
+from metaphi.functional import Params, prefixed, with_prefix
+from metaphi.models import build_model
+from metaphi.algorithms.protonet import MetricLearner, _backbone, class_slots, cosine_similarities
 
 
 def attention(query_z: Tensor, support_z: Tensor, scale: float | Tensor = 1.0) -> Tensor:

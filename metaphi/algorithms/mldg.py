@@ -44,11 +44,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import Params, call, params_of, prefixed, with_prefix
-from ..inner import SGD, adapt, adapt_steps
-from ..models import build_model
-from ..tasks import Task
-from .base import CLASSIFICATION, Algorithm, Problem, problem_named
+from metaphi.functional import Params, call, params_of, prefixed, with_prefix
+from metaphi.inner import SGD, adapt, adapt_steps
+from metaphi.models import build_model
+from metaphi.tasks import Task
+from metaphi.algorithms.base import CLASSIFICATION, Algorithm, Problem, problem_named
 
 
 class GroupNorm(nn.Module):

@@ -8,9 +8,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..functional import Params
-from ..tasks import Task
-from .base import Algorithm, problem_named
+from metaphi.functional import Params
+from metaphi.tasks import Task
+from metaphi.algorithms.base import Algorithm, problem_named
 
 
 class PixelNN(Algorithm):

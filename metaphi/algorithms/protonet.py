@@ -33,10 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import Params, call, params_of, prefixed, with_prefix
-from ..models import build_model
-from ..tasks import DataError, Task
-from .base import CLASSIFICATION, Algorithm
+from metaphi.functional import Params, call, params_of, prefixed, with_prefix
+from metaphi.models import build_model
+from metaphi.tasks import DataError, Task
+from metaphi.algorithms.base import CLASSIFICATION, Algorithm
 
 
 class _Method(nn.Module):

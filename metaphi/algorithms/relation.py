@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import Params, call, prefixed, with_prefix
-from ..models import build_model
-from .protonet import MetricLearner, _backbone, class_slots, masked
+from metaphi.functional import Params, call, prefixed, with_prefix
+from metaphi.models import build_model
+from metaphi.algorithms.protonet import MetricLearner, _backbone, class_slots, masked
 
 
 def masked_batch_norm(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:

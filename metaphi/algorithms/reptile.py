@@ -8,8 +8,8 @@ k-step fine-tuning from the learned initialization.
 """
 from __future__ import annotations
 
-from ..inner import SGD
-from .maml import MAML, task_model
+from metaphi.inner import SGD
+from metaphi.algorithms.maml import MAML, task_model
 
 
 def reptile(benchmark, ways: int, inner_lr: float, inner_steps: int = 5, eval_steps=None) -> MAML:

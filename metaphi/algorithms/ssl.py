@@ -35,12 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import Params, call, params_of, prefixed, with_prefix
-from ..models import build_model
-from ..tasks import DataError, Task
-from .base import CLASSIFICATION
-from .baselines import Pretrain
-from .protonet import _Method
+from metaphi.functional import Params, call, params_of, prefixed, with_prefix
+from metaphi.models import build_model
+from metaphi.tasks import DataError, Task
+from metaphi.algorithms.base import CLASSIFICATION
+from metaphi.algorithms.baselines import Pretrain
+from metaphi.algorithms.protonet import _Method
 
 OBJECTIVES = ("rotation", "simclr")
 
@@ -214,7 +214,7 @@ def load_body(spec: str) -> tuple[Params, str]:
     """The body saved in a checkpoint named by ``spec`` = ``[ssl:]PATH`` (``ssl:`` insists on an SSL run)."""
     import os
 
-    from ..train import load_checkpoint
+    from metaphi.train import load_checkpoint
 
     kind, _, path = spec.partition(":") if spec.startswith("ssl:") else ("", "", spec)
     if not os.path.isfile(path):

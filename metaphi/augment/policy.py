@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import Tensor
 
-from . import ops
+from metaphi.augment import ops
 
 OPS = ("rotate", "translate", "scale", "shear", "elastic", "noise", "erase")
 #: magnitude levels of the discrete (REINFORCE) parametrization

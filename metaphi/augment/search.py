@@ -37,11 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import Params, call, detach
-from ..functional import accuracy as functional_accuracy
-from ..inner import SGD, adapt
-from ..tasks import Task
-from . import policy as P
+from metaphi.functional import Params, call, detach
+from metaphi.functional import accuracy as functional_accuracy
+from metaphi.inner import SGD, adapt
+from metaphi.tasks import Task
+from metaphi.augment import policy as P
 
 METHODS = ("gradient", "reinforce", "es")
 ESTIMATOR_OF = {"gradient": "second-order", "reinforce": "reinforce", "es": "es"}
@@ -142,7 +142,7 @@ def train_model(model: nn.Module, params: Params, data: tuple[Tensor, Tensor], p
         params, velocity, loss = train_step(model, params, velocity, x[idx], y[idx], policy, generator, lr, momentum,
                                             weight_decay, space)
         if not math.isfinite(loss):
-            from ..train import NonFiniteLoss
+            from metaphi.train import NonFiniteLoss
             raise NonFiniteLoss(f"training loss became {loss}; lower --lr")
     return params
 
@@ -180,7 +180,7 @@ class SearchConfig:
 
 def build_search(model: nn.Module, config: SearchConfig):
     """(algorithm, estimator, φ) for ``config.method``."""
-    from ..outer import build_estimator
+    from metaphi.outer import build_estimator
     if config.method not in METHODS:
         raise ValueError(f"unknown search method {config.method!r} (valid: {', '.join(METHODS)})")
     space = P.Space(**config.space)
@@ -196,7 +196,7 @@ def build_search(model: nn.Module, config: SearchConfig):
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    from ..outer.es import derived_seed
+    from metaphi.outer.es import derived_seed
     return torch.Generator().manual_seed(derived_seed(seed + 7919, step))
 
 
@@ -209,8 +209,8 @@ def search(model: nn.Module, init: Params, train: tuple[Tensor, Tensor], val: tu
     ``checkpoint_every`` steps and at the end, and a search with the same configuration resumes from
     it. A non-finite validation loss stops with ``NonFiniteLoss`` (the last checkpoint is kept).
     """
-    from ..tasks import atomic_save
-    from ..train import NonFiniteLoss
+    from metaphi.tasks import atomic_save
+    from metaphi.train import NonFiniteLoss
     algo, estimator, phi = build_search(model, config)
     optimizer = torch.optim.Adam(list(phi.values()), lr=config.policy_lr)
     theta, velocity = detach(init), {k: torch.zeros_like(v) for k, v in init.items()}

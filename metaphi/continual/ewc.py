@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..functional import Params, call, detach
-from .net import as_input, grad, minibatches, sgd
+from metaphi.functional import Params, call, detach
+from metaphi.continual.net import as_input, grad, minibatches, sgd
 
 
 def fisher_diagonal(net, params: Params, x: Tensor, chunk: int = 16) -> Params:

@@ -8,7 +8,7 @@ experience needs and forgets the rest.
 """
 from __future__ import annotations
 
-from .net import grad, minibatches, sgd
+from metaphi.continual.net import grad, minibatches, sgd
 
 
 class Finetune:

@@ -29,10 +29,10 @@ from __future__ import annotations
 
 import torch
 
-from ..inner.adapt import adapt
-from ..inner.rules import MetaSGD
-from .net import loss, minibatches
-from .replay import empty_memory, memory_sample, reservoir_add
+from metaphi.inner.adapt import adapt
+from metaphi.inner.rules import MetaSGD
+from metaphi.continual.net import loss, minibatches
+from metaphi.continual.replay import empty_memory, memory_sample, reservoir_add
 
 
 class LaMAML:

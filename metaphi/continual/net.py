@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import Params, call
-from ..functional import accuracy as functional_accuracy
+from metaphi.functional import Params, call
+from metaphi.functional import accuracy as functional_accuracy
 
 
 class ConvNet(nn.Module):

@@ -36,12 +36,12 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..algorithms.base import Algorithm
-from ..functional import Params, params_of, prefixed, with_prefix
-from ..inner.adapt import adapt
-from ..inner.rules import SGD
-from ..tasks.base import ImageClasses, Task
-from .net import ConvNet, as_input, grad, head_keys, loss, sgd
+from metaphi.algorithms.base import Algorithm
+from metaphi.functional import Params, params_of, prefixed, with_prefix
+from metaphi.inner.adapt import adapt
+from metaphi.inner.rules import SGD
+from metaphi.tasks.base import ImageClasses, Task
+from metaphi.continual.net import ConvNet, as_input, grad, head_keys, loss, sgd
 
 
 class TrajectoryTasks:
@@ -158,8 +158,8 @@ class OML:
 
     def meta_train_body(self, net: ConvNet, meta_train: ImageClasses, seed: int, workdir: str | None,
                         progress: bool) -> Params:
-        from ..outer import build_estimator
-        from ..train import TrainConfig, load_checkpoint, meta_train as train
+        from metaphi.outer import build_estimator
+        from metaphi.train import TrainConfig, load_checkpoint, meta_train as train
 
         spec = dict(net.spec, num_classes=meta_train.num_classes)
         with torch.random.fork_rng():  # the initial weights come from the seed alone

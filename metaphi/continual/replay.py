@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .net import grad, minibatches, sgd
+from metaphi.continual.net import grad, minibatches, sgd
 
 
 def empty_memory(image_shape, capacity: int) -> dict:

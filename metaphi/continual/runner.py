@@ -14,10 +14,10 @@ import time
 
 import torch
 
-from ..functional import params_of
-from ..tasks.base import atomic_save
-from . import metrics
-from .net import ConvNet, accuracy
+from metaphi.functional import params_of
+from metaphi.tasks.base import atomic_save
+from metaphi.continual import metrics
+from metaphi.continual.net import ConvNet, accuracy
 
 CHECKPOINT_FORMAT = 1
 
@@ -53,7 +53,7 @@ def run_stream(method, stream, seed: int, folder: str | None = None, hidden: int
     """
     from tqdm.auto import tqdm
 
-    from ..cli import write_json
+    from metaphi.experiments.report import write_json
 
     net = build_net(stream, hidden, blocks)
     if init is not None and method.name in ("oml", "pretrain"):

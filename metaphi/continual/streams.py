@@ -32,7 +32,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..tasks.base import DataError, ImageClasses
+from metaphi.tasks.base import DataError, ImageClasses
 
 KINDS = ("class-incremental", "domain-incremental")
 
@@ -176,7 +176,7 @@ def rotated(data: ImageClasses, angles: Sequence[float] = (0, 30, 60, 90, 120), 
             meta_train: ImageClasses | None = None) -> Stream:
     """The same ``classes`` classes in every experience, experience ``i`` rotated by ``angles[i]`` degrees
     (counter-clockwise, bilinear; :func:`metaphi.tasks.domains.rotate`)."""
-    from ..tasks.domains import rotate
+    from metaphi.tasks.domains import rotate
 
     g = torch.Generator().manual_seed(seed)
     transforms = [(f"{a:g} deg", (lambda x, a=a: rotate(x, a))) for a in angles]
@@ -206,7 +206,7 @@ def folder_sequence(root: str | os.PathLike, *, test_per_class: int = 5, channel
     new classes is class-incremental and the same classes in every folder are domain-incremental.
     ``test_per_class`` images of each class in each experience are held out for testing (drawn with
     the seed); the rest are shown once, shuffled."""
-    from ..tasks.folder import load_folder
+    from metaphi.tasks.folder import load_folder
 
     path = os.path.expanduser(os.fspath(root))
     if not os.path.isdir(path):
@@ -263,7 +263,7 @@ def build_stream(name: str, *, seed: int = 0, experiences: int | None = None, cl
       glyphs; meta-training classes are the train alphabets, as they are.
     """
     if name in ("glyphs", "glyphs-val", "rotated-glyphs", "permuted-glyphs"):
-        from ..tasks.glyphs import glyph_splits, load_glyphs
+        from metaphi.tasks.glyphs import glyph_splits, load_glyphs
 
         splits = glyph_splits(load_glyphs())
         data, meta = splits["val" if name == "glyphs-val" else "test"], splits["train"]
@@ -278,8 +278,8 @@ def build_stream(name: str, *, seed: int = 0, experiences: int | None = None, cl
         return permuted(data, experiences or 5, classes=classes, train_per_class=train_per_class,
                         test_per_class=test_per_class, seed=seed, name=name, meta_train=meta)
     if name == "omniglot":
-        from ..benchmarks import default_data_root
-        from ..tasks import omniglot
+        from metaphi.tasks.registry import default_data_root
+        from metaphi.tasks import omniglot
 
         root = data_root or default_data_root()
         small1 = omniglot.read(root, "small1", image_size)

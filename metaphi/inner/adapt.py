@@ -21,8 +21,8 @@ from torch import Tensor
 import torch.utils.checkpoint
 from torch.utils import _pytree as pytree
 
-from ..functional import Params, detach
-from .rules import UpdateRule
+from metaphi.functional import Params, detach
+from metaphi.inner.rules import UpdateRule
 
 
 def adapt_steps(

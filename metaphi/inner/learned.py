@@ -2,7 +2,7 @@
 
 The ladder, each rung a rule in the form of ``rules.py`` (``meta_params``, ``init``, ``update``,
 ``spec``) so that it runs in any inner loop (``adapt``), in the learned-optimizer trainer
-(``metaphi.l2o``) and, once meta-trained, as a ``torch.optim`` optimizer (``metaphi.optim``):
+(``metaphi.experiments.l2o``) and, once meta-trained, as a ``torch.optim`` optimizer (``metaphi.inner.optim``):
 
 * ``PerLayerSGD``     θ_k ← θ_k − α_k ∇_k              one learned step size per parameter tensor
 * ``ScheduledSGD``    θ ← θ − α_t ∇                     a learned step size for every inner step t
@@ -43,7 +43,7 @@ import math
 import torch
 from torch import Tensor
 
-from ..functional import Params
+from metaphi.functional import Params
 
 PREPROCESS_P = 10.0
 CHUNK = 4096

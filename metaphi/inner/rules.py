@@ -11,7 +11,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..functional import Params
+from metaphi.functional import Params
 
 
 class UpdateRule(Protocol):
@@ -67,7 +67,7 @@ def build_rule(spec: dict) -> UpdateRule:
     name = spec.pop("name")
     rules = {"sgd": SGD, "meta-sgd": MetaSGD}
     if name not in rules:
-        from .learned import RULES as learned
+        from metaphi.inner.learned import RULES as learned
         rules.update(learned)
     if name not in rules:
         raise ValueError(f"unknown update rule '{name}' (known: {', '.join(rules)})")

@@ -2,9 +2,9 @@
 
 They keep no running statistics, so a functional call is a pure function of (params, input).
 """
-from .layers import TaskBatchNorm
-from .conv4 import Conv4
-from .mlp import MLP
+from metaphi.models.layers import TaskBatchNorm
+from metaphi.models.conv4 import Conv4
+from metaphi.models.mlp import MLP
 
 __all__ = ["TaskBatchNorm", "Conv4", "MLP", "build_model"]
 

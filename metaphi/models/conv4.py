@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .layers import Conv2d, TaskBatchNorm
+from metaphi.models.layers import Conv2d, TaskBatchNorm
 
 
 class Conv4(nn.Module):

@@ -36,11 +36,11 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..functional import Params
-from ..outer.es import derived_seed
-from ..tasks import Task
-from .child import Split, TrainSettings, accuracy, train
-from .space import DiscreteSpace, Genotype, Network, NetworkConfig, init_params
+from metaphi.functional import Params
+from metaphi.outer.es import derived_seed
+from metaphi.tasks import Task
+from metaphi.nas.child import Split, TrainSettings, accuracy, train
+from metaphi.nas.space import DiscreteSpace, Genotype, Network, NetworkConfig, init_params
 
 METHODS = ("reinforce", "evolution", "random")
 
@@ -162,8 +162,8 @@ def search(method: str, config: NetworkConfig, data: dict[str, Split], candidate
     Candidate i of random search and evolution draws from ``derived_seed(seed, i)``; REINFORCE's draws
     come from the estimator's own seeded stream. With ``checkpoint`` the state is saved after every
     candidate (REINFORCE: every controller update) and a run resumes from it to the same result."""
-    from ..outer.reinforce import Reinforce
-    from ..tasks import atomic_save
+    from metaphi.outer.reinforce import Reinforce
+    from metaphi.tasks import atomic_save
 
     if method not in METHODS:
         raise ValueError(f"unknown black-box method '{method}' (valid: {', '.join(METHODS)})")

@@ -22,9 +22,9 @@ from typing import Mapping
 import torch
 from torch import Tensor, nn
 
-from ..functional import Params, call
-from ..functional import accuracy as functional_accuracy
-from ..outer.es import derived_seed
+from metaphi.functional import Params, call
+from metaphi.functional import accuracy as functional_accuracy
+from metaphi.outer.es import derived_seed
 
 Split = tuple[Tensor, Tensor]
 
@@ -32,7 +32,7 @@ Split = tuple[Tensor, Tensor]
 def split_data(store, fractions: tuple[float, float, float] = (0.5, 0.25, 0.25), seed: int = 0,
                dtype: torch.dtype = torch.float32) -> dict[str, Split]:
     """train / val / test of an ``ImageClasses`` store, stratified by class; images scaled to [0, 1]."""
-    from ..tasks.corrupt import stratified_split
+    from metaphi.tasks.corrupt import stratified_split
 
     if len(fractions) != 3 or min(fractions) <= 0:
         raise ValueError(f"three positive fractions train,val,test are needed, got {list(fractions)}")
@@ -117,7 +117,7 @@ def train(net: nn.Module, params: Params, data: Split, settings: TrainSettings, 
         x, y = batch_of(data, settings.batch, torch.Generator().manual_seed(derived_seed(seed, step)))
         loss, grads = loss_and_grads(net, params, x, y)
         if not torch.isfinite(loss):
-            from ..train import NonFiniteLoss
+            from metaphi.train import NonFiniteLoss
             raise NonFiniteLoss(f"the training loss became {float(loss)} at step {step}; lower the step size")
         params, velocity = sgd_step(params, grads, velocity, settings.lr_at(step), settings.momentum,
                                     settings.weight_decay, settings.grad_clip)
@@ -134,7 +134,7 @@ def accuracy(net: nn.Module, params: Mapping[str, Tensor], data: Split, *args, c
 def retrain(genotype, config, data: dict[str, Split], settings: TrainSettings, seed: int) -> dict:
     """The genotype's network trained from scratch (weights drawn from ``seed``) on ``train``, then
     scored on ``val`` and ``test``."""
-    from .space import Network, init_params, parameter_count
+    from metaphi.nas.space import Network, init_params, parameter_count
 
     net = Network(config, genotype)
     params = init_params(net, torch.Generator().manual_seed(derived_seed(seed, -1)),

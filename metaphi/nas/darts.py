@@ -51,12 +51,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..functional import Params, call, detach, grads_or_zeros, prefixed, with_prefix
-from ..inner import SGD, adapt
-from ..outer.es import derived_seed
-from ..tasks import Task
-from .child import Split, batch_of, loss_and_grads, sgd_step
-from .space import Network, NetworkConfig, alpha_init, derive, init_params
+from metaphi.functional import Params, call, detach, grads_or_zeros, prefixed, with_prefix
+from metaphi.inner import SGD, adapt
+from metaphi.outer.es import derived_seed
+from metaphi.tasks import Task
+from metaphi.nas.child import Split, batch_of, loss_and_grads, sgd_step
+from metaphi.nas.space import Network, NetworkConfig, alpha_init, derive, init_params
 
 
 class SearchProblem:
@@ -141,7 +141,7 @@ class Implicit:
         self.steps, self.damping = int(steps), float(damping)
 
     def __call__(self, problem: SearchProblem, phi: Params, tasks: Task) -> tuple[Params, dict[str, float]]:
-        from ..outer.implicit import hypergradient
+        from metaphi.outer.implicit import hypergradient
 
         def one_task(task: Task):
             alpha, w = problem.split(phi)
@@ -226,7 +226,7 @@ class DartsSettings:
 
 
 def estimator_for(settings: DartsSettings):
-    from ..outer import build_estimator
+    from metaphi.outer import build_estimator
     if settings.order == 1:
         return build_estimator("first-order")
     if settings.arch_grad == "exact":
@@ -243,7 +243,7 @@ def search(config: NetworkConfig, data: dict[str, Split], settings: DartsSetting
     Iteration t draws its training and validation batches from ``derived_seed(seed, t)``; the weights
     and α start from generators seeded by ``seed``. With ``checkpoint`` the state is saved every
     ``checkpoint_every`` iterations and a run resumes from it to the same result."""
-    from ..tasks import atomic_save
+    from metaphi.tasks import atomic_save
 
     net = Network(config)
     dtype = data["train"][0].dtype
@@ -287,7 +287,7 @@ def search(config: NetworkConfig, data: dict[str, Split], settings: DartsSetting
             opt.step()
         loss, w_grads = loss_and_grads(net, w, *train_batch, detach(alpha))
         if not finite or not torch.isfinite(loss):
-            from ..train import NonFiniteLoss
+            from metaphi.train import NonFiniteLoss
             raise NonFiniteLoss(f"DARTS diverged at iteration {t} (training loss {float(loss)}); "
                                  "lower --w-lr or --alpha-lr; the last checkpoint is kept")
         w, velocity = sgd_step(w, w_grads, velocity, lr, settings.w_momentum, settings.w_weight_decay,

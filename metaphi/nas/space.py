@@ -46,8 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..functional import Params
-from ..models.layers import TaskBatchNorm
+from metaphi.functional import Params
+from metaphi.models.layers import TaskBatchNorm
 
 OPS: tuple[str, ...] = ("zero", "skip", "max_pool_3x3", "avg_pool_3x3", "conv_3x3", "conv_5x5", "dil_conv_3x3")
 ZERO = "zero"

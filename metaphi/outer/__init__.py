@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 
-from .estimators import Reptile, Unrolled
+from metaphi.outer.estimators import Reptile, Unrolled
 
 ESTIMATORS = {
     "second-order": "metaphi.outer.estimators:second_order",

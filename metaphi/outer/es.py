@@ -31,8 +31,8 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..functional import Params
-from ..tasks import Task
+from metaphi.functional import Params
+from metaphi.tasks import Task
 
 #: keeps the perturbation stream of a run apart from its task stream, which is seeded with the same number
 _STREAM = 0x5DEECE66D

@@ -11,10 +11,10 @@ import types
 import torch
 from torch import Tensor
 
-from ..functional import Params, detach, grads_or_zeros, prefixed, with_prefix
-from ..inner.adapt import inner_checkpointing
-from ..tasks import Task
-from .es import SeededSteps
+from metaphi.functional import Params, detach, grads_or_zeros, prefixed, with_prefix
+from metaphi.inner.adapt import inner_checkpointing
+from metaphi.tasks import Task
+from metaphi.outer.es import SeededSteps
 
 
 def _mean_task_loss(algorithm, phi: Params, tasks: Task, first_order: bool, vectorize: bool

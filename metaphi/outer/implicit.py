@@ -46,7 +46,7 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
-from ..functional import Params, detach
+from metaphi.functional import Params, detach
 
 Vector = Sequence[Tensor]
 MatVec = Callable[[Vector], Vector]

@@ -25,9 +25,9 @@ from typing import Mapping
 import torch
 from torch import Tensor
 
-from ..functional import Params, grads_or_zeros
-from ..tasks import Task
-from .es import SeededSteps
+from metaphi.functional import Params, grads_or_zeros
+from metaphi.tasks import Task
+from metaphi.outer.es import SeededSteps
 
 KINDS = ("categorical", "bernoulli")
 

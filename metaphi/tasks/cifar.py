@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import DataError, ImageClasses
-from .download import download as fetch
-from .imageio import CacheDir, cached, pickle_entry, read_pickle, text
+from metaphi.tasks.base import DataError, ImageClasses
+from metaphi.tasks.download import download as fetch
+from metaphi.tasks.imageio import CacheDir, cached, pickle_entry, read_pickle, text
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
 ARCHIVE = "cifar-100-python.tar.gz"

@@ -17,7 +17,7 @@ from importlib import resources
 
 import torch
 
-from .base import DataError, ImageClasses
+from metaphi.tasks.base import DataError, ImageClasses
 
 ROWS = 1797
 

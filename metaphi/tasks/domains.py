@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import DataError, ImageClasses, Task
+from metaphi.tasks.base import DataError, ImageClasses, Task
 
 ANGLES = (0, 15, 30, 45, 60, 75)
 STYLES = ("plain", "bold", "slant", "noise", "inverted", "texture")
@@ -340,7 +340,7 @@ def choose_classes(data: ImageClasses, classes: int | None, seed: int = 0) -> Im
 def omniglot_classes(data_root: str | os.PathLike, alphabets: Sequence[str] | None = None,
                      which: str = "small1", image_size: int = 28, download: bool = False) -> ImageClasses:
     """The characters of the named alphabets of an Omniglot set (all its alphabets for None)."""
-    from . import omniglot
+    from metaphi.tasks import omniglot
 
     data = omniglot.read(data_root, which, image_size, download=download)
     if not alphabets:
@@ -354,7 +354,7 @@ def omniglot_classes(data_root: str | os.PathLike, alphabets: Sequence[str] | No
 
 def glyph_classes(classes: int = 60, alphabets: int = 2, seed: int = 0) -> ImageClasses:
     """``classes`` glyph characters from a small generated glyphs set (``alphabets`` x 30 characters)."""
-    from .glyphs import load_glyphs
+    from metaphi.tasks.glyphs import load_glyphs
 
     return choose_classes(load_glyphs(alphabets=alphabets, characters=30, drawers=20, seed=seed), classes, seed)
 
@@ -365,7 +365,7 @@ def folder_domains(root: str | os.PathLike, channels: int = 1, image_size: int =
 
     Each domain's images are split by instance on their own (they are different images).
     """
-    from .folder import load_folder
+    from metaphi.tasks.folder import load_folder
 
     root_path = os.path.expanduser(os.fspath(root))
     if not os.path.isdir(root_path):

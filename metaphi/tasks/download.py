@@ -17,7 +17,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from .base import DataError
+from metaphi.tasks.base import DataError
 
 CHUNK = 1 << 16
 

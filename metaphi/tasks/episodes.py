@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import DataError, ImageClasses, Task
+from metaphi.tasks.base import DataError, ImageClasses, Task
 
 
 class EpisodeSampler:

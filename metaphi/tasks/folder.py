@@ -20,8 +20,8 @@ from typing import Mapping, Sequence, Union
 
 import torch
 
-from .base import DataError, ImageClasses
-from .imageio import CacheDir, Size, as_size, cached, decode_many, list_images, mode_of, split_by_counts
+from metaphi.tasks.base import DataError, ImageClasses
+from metaphi.tasks.imageio import CacheDir, Size, as_size, cached, decode_many, list_images, mode_of, split_by_counts
 
 SPLITS = ("train", "val", "test")
 ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",

@@ -34,8 +34,8 @@ import time
 import torch
 from torch import Tensor
 
-from .base import DataError, ImageClasses
-from .episodes import EpisodeSampler
+from metaphi.tasks.base import DataError, ImageClasses
+from metaphi.tasks.episodes import EpisodeSampler
 
 # Bump whenever a change to the generator changes the images, so old caches are not reused.
 FORMAT_VERSION = 1

@@ -22,7 +22,7 @@ from typing import Callable, Sequence, Union
 import numpy as np
 import torch
 
-from .base import DataError, ImageClasses, atomic_save
+from metaphi.tasks.base import DataError, ImageClasses, atomic_save
 
 CACHE_VERSION = 1
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")

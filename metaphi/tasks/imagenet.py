@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .base import DataError, ImageClasses
-from .imageio import CacheDir, Size, as_size, cached, decode_many, pickle_entry, read_pickle, text
+from metaphi.tasks.base import DataError, ImageClasses
+from metaphi.tasks.imageio import CacheDir, Size, as_size, cached, decode_many, pickle_entry, read_pickle, text
 
 SPLITS = ("train", "val", "test")
 MINI_FOLDERS = ("", "mini-imagenet", "miniImageNet", "mini_imagenet", "miniimagenet")

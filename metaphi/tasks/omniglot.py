@@ -28,9 +28,9 @@ from typing import Sequence
 
 import torch
 
-from .base import DataError, ImageClasses
-from .download import download as fetch
-from .imageio import CacheDir, Size, as_size, cached, concat, decode_many, split_by_counts, split_by_groups
+from metaphi.tasks.base import DataError, ImageClasses
+from metaphi.tasks.download import download as fetch
+from metaphi.tasks.imageio import CacheDir, Size, as_size, cached, concat, decode_many, split_by_counts, split_by_groups
 
 URL = "https://github.com/brendenlake/omniglot/raw/master/python/{}.zip"
 

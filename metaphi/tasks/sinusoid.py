@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from .base import DataError, Task
+from metaphi.tasks.base import DataError, Task
 
 
 class SinusoidTasks:

@@ -1,0 +1,85 @@
+"""The command line: one thin module per command, each registering its parser.
+
+A command module has ``register(subparsers)``, which adds a parser whose ``func`` takes the parsed
+arguments and returns an exit code. Bad input exits with code 2 and one line that says what is wrong
+and what is valid; a run stopped by a non-finite loss exits with code 3 and keeps its last good
+checkpoint. Nothing in the library imports this package.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from metaphi.config import UsageError
+
+USAGE_ERROR, NONFINITE = 2, 3
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit code 2
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message}\n")
+
+
+THREADS_HELP = ("torch CPU threads (default: torch's choice, lowered to the cores left free by other work, "
+                "judged by the 1-minute load average; OMP_NUM_THREADS, if set, is respected)")
+
+
+#: the command modules, in the order ``metaphi --help`` lists them
+COMMANDS: tuple[str, ...] = ("metaphi.cli.run", "metaphi.experiments.predict", "metaphi.experiments.compare",
+                              "metaphi.experiments.tune", "metaphi.cli.l2o", "metaphi.experiments.domaingen",
+                              "metaphi.experiments.distill", "metaphi.cli.augment", "metaphi.cli.continual",
+                              "metaphi.cli.nas", "metaphi.cli.reweight")
+
+
+def auto_threads(cpus: int, load: float, default: int) -> int:
+    """Threads for this process: torch's ``default``, but no more than the cores that other work leaves
+    free (``cpus`` minus the 1-minute ``load``), and at least one. Intra-op threads that have to share a
+    core with another busy process wait on each other at every operation: on a 2-core machine with one
+    other busy process, two threads ran meta-training several times slower than one."""
+    free = cpus - int(round(load))
+    return max(1, min(default, free))
+
+
+def set_threads(requested: int | None) -> None:
+    import torch
+    if requested is not None:
+        if requested < 1:
+            raise UsageError(f"--threads must be a positive number, got {requested}")
+        torch.set_num_threads(requested)
+    elif not os.environ.get("OMP_NUM_THREADS") and hasattr(os, "getloadavg"):
+        torch.set_num_threads(auto_threads(os.cpu_count() or 1, os.getloadavg()[0], torch.get_num_threads()))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import importlib
+
+    parser = _Parser(prog="metaphi", description="Meta-learning on PyTorch.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for module in COMMANDS:
+        importlib.import_module(module).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from metaphi.tasks import DataError
+    from metaphi.train import NonFiniteLoss
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and args.command != "run":
+            raise UsageError(f"only 'metaphi run' runs on several processes (torchrun); run '{args.command}' "
+                             "as one process")
+        set_threads(getattr(args, "threads", None) or None)
+        return args.func(args)
+    except (UsageError, DataError) as e:
+        print(f"metaphi: error: {e}", file=sys.stderr)
+        return USAGE_ERROR
+    except NonFiniteLoss as e:
+        print(f"metaphi: stopped: {e}", file=sys.stderr)
+        return NONFINITE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

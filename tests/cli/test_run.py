@@ -1,0 +1,94 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from metaphi.cli import main
+
+FAST = ["--benchmark", "sinusoid", "--iterations", "4", "--meta-batch", "2", "--eval-tasks", "20", "--val-tasks",
+        "5", "--quiet"]
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "metaphi", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_run_writes_result_checkpoint_and_table(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "maml", *FAST, "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    for key in ("algorithm", "benchmark", "metric", "mean", "ci95", "per_step", "iterations", "wall_seconds", "seed"):
+        assert key in result
+    assert result["iterations"] == 4 and len(result["per_step"]) == result["eval_steps"] + 1
+    assert set(result["baselines"]) == {"scratch", "pretrain"}
+    assert (out / "checkpoint.pt").exists() and (out / "baselines" / "pretrain" / "checkpoint.pt").exists()
+    table = capsys.readouterr().out
+    assert "maml" in table and "scratch" in table and "pretrain" in table
+
+
+def test_eval_reproduces_the_saved_result(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "fomaml", *FAST, "--no-baselines", "--out", str(out)]) == 0
+    capsys.readouterr()
+    result = json.loads((out / "result.json").read_text())
+    assert main(["eval", str(out / "checkpoint.pt"), "--out", str(tmp_path / "e.json")]) == 0
+    again = json.loads((tmp_path / "e.json").read_text())
+    assert again["mean"] == pytest.approx(result["mean"], rel=1e-6)
+
+
+def test_resume_after_a_finished_run_keeps_its_result(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "maml", *FAST, "--no-baselines", "--out", str(out)]) == 0
+    first = json.loads((out / "result.json").read_text())
+    assert main(["run", "maml", *FAST, "--no-baselines", "--out", str(out), "--resume"]) == 0
+    second = json.loads((out / "result.json").read_text())
+    assert second["mean"] == first["mean"] and second["iterations"] == 4
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "nope"], "invalid choice: 'nope'"),
+    (["run", "maml", "--benchmark", "nope"], "unknown benchmark 'nope' (valid: glyphs, sinusoid"),
+    (["run", "maml", "--benchmark", "sinusoid", "--shots", "0"], "--shots must be a positive number, got 0"),
+    (["run", "maml", "--benchmark", "sinusoid", "--meta-batch", "-3"], "--meta-batch must be a positive number"),
+    (["run", "maml", "--benchmark", "sinusoid", "--iterations", "-1"], "--iterations must be >= 0"),
+    (["run", "maml", "--benchmark", "sinusoid", "--out", "/proc/forbidden"], "is not a writable folder"),
+    (["run", "reptile", "--benchmark", "sinusoid", "--estimator", "bogus"], "invalid choice: 'bogus'"),
+    (["eval", "/nonexistent/checkpoint.pt"], "no checkpoint at /nonexistent/checkpoint.pt"),
+])
+def test_bad_input_exits_2_with_one_line(args, message):
+    proc = run_cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], proc.stderr
+
+
+def test_estimator_must_fit_the_algorithm(tmp_path):
+    proc = run_cli("run", "maml", *FAST, "--estimator", "reptile", "--out", str(tmp_path))
+    assert proc.returncode == 2 and "does not apply to maml" in proc.stderr
+
+
+def test_threads_leave_the_cores_that_other_work_uses():
+    from metaphi.cli import auto_threads
+    assert auto_threads(cpus=2, load=0.3, default=2) == 2
+    assert auto_threads(cpus=2, load=1.2, default=2) == 1
+    assert auto_threads(cpus=2, load=9.0, default=2) == 1
+    assert auto_threads(cpus=16, load=3.0, default=8) == 8
+    assert auto_threads(cpus=16, load=12.0, default=8) == 4
+
+
+def test_threads_option_sets_torch_threads(tmp_path):
+    import torch
+
+    from metaphi.config import UsageError
+
+    from metaphi.cli import set_threads
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert torch.get_num_threads() == 1
+        with pytest.raises(UsageError, match="--threads must be a positive number"):
+            set_threads(-2)
+    finally:
+        torch.set_num_threads(before)

@@ -1,0 +1,34 @@
+"""Small fixtures shared by test modules: a learnable tiny image benchmark and a random float64 task."""
+import torch
+
+from metaphi.tasks import ImageClasses, Task
+from metaphi.tasks.registry import image_benchmark
+
+
+def tiny_benchmark(classes=12, per_class=6, size=12, seed=0):
+    """Images of a class are its own random template plus noise: learnable, and quick to run."""
+    g = torch.Generator().manual_seed(seed)
+    templates = torch.rand(classes, 1, size, size, generator=g)
+    noise = 0.3 * torch.rand(classes, per_class, 1, size, size, generator=g)
+    images = ((templates.unsqueeze(1) * 0.7 + noise).clamp(0, 1) * 255).to(torch.uint8).flatten(0, 1)
+    data = ImageClasses(images, torch.arange(classes).repeat_interleave(per_class), [f"c{i}" for i in range(classes)])
+    third = classes // 3
+    splits = {"train": data.subset(range(third)), "val": data.subset(range(third, 2 * third)),
+              "test": data.subset(range(2 * third, classes))}
+    defaults = dict(ways=3, shots=1, query=2, eval_shots=None, eval_query=None, inner_lr=0.1, inner_steps=1,
+                    eval_steps=2, meta_batch=2, iterations=2, eval_tasks=6, meta_lr=1e-3)
+    return image_benchmark("tiny", splits, defaults, hidden=8)
+
+
+def install_tiny(monkeypatch):
+    """Make ``--benchmark tiny`` name the tiny benchmark, for command-line tests."""
+    from metaphi.tasks import registry
+
+    monkeypatch.setitem(registry.BENCHMARKS, "tiny", lambda options: tiny_benchmark())
+
+
+def random_task(ways=3, shots=2, query=2, seed=0, size=10):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.rand(ways * shots, 1, size, size, generator=g, dtype=torch.float64)
+    xq = torch.rand(ways * query, 1, size, size, generator=g, dtype=torch.float64)
+    return Task((xs, torch.arange(ways).repeat_interleave(shots)), (xq, torch.arange(ways).repeat_interleave(query)))
