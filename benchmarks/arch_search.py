@@ -53,9 +53,9 @@ def fd_vs_exact(seeds, channels: int, batches: int = 3) -> dict:
                    **with_prefix(w, "w")}
             xi = darts.DartsSettings().w_lr
             flat = {}
-            for name, est, x in (("exact", build_estimator("second-order"), xi),
+            for name, est, x in (("exact", build_estimator("second-order", {"loop": True}), xi),
                                  ("fd", darts.FiniteDifference(0.01), xi),
-                                 ("first", build_estimator("first-order"), 0.0)):
+                                 ("first", build_estimator("first-order", {"loop": True}), 0.0)):
                 grads, _ = est(darts.SearchProblem(net, x), phi, task)
                 flat[name] = torch.cat([grads["alpha." + k].flatten() for k in ("normal", "reduce")])
             cos = torch.nn.functional.cosine_similarity

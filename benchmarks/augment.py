@@ -35,7 +35,7 @@ CONFIGS = {
 def run_config(name: str, seeds: list[int] | None, checkpoints: str) -> dict:
     import torch
     from metaphi.augment.search import SearchConfig
-    from metaphi.cli.augment import run_experiment
+    from metaphi.experiments.augment import run_experiment
     torch.set_num_threads(1)
     c = CONFIGS[name]
     search = SearchConfig(steps=c["search_steps"])
@@ -49,7 +49,7 @@ def run_config(name: str, seeds: list[int] | None, checkpoints: str) -> dict:
 
 
 def main() -> None:
-    from metaphi.cli.augment import markdown
+    from metaphi.experiments.augment import markdown
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--only", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
     p.add_argument("--seeds", help="comma list of seeds for every configuration (default: each one's own)")

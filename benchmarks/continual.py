@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, machine  # noqa: E402
+from metaphi import checkpoint  # noqa: E402
 
 TMP = os.path.join(RESULTS, "tmp", "continual")
 METHODS = ("finetune", "ewc", "replay", "lamaml", "pretrain", "oml")
@@ -50,18 +51,25 @@ PUBLISHED = ("Published context (class-incremental Omniglot, one pass, meta-trai
              "2019) about 18%.")
 
 
-def args_for(flags: list[str]):
+def config_for(flags: list[str]):
+    """The config of ``metaphi continual`` with BASE and ``flags``; BASE's method options that the run's
+    methods do not have are dropped (BASE is shared by every method)."""
     from metaphi.cli import build_parser
+    from metaphi.cli.continual import method_flags
+    from metaphi.config import resolve
+    from metaphi.experiments.continual import ContinualConfig, with_method_options
 
-    return build_parser().parse_args(["continual", *BASE, *flags])
+    args = build_parser().parse_args(["continual", *BASE, *flags])
+    return with_method_options(resolve(ContinualConfig, args), method_flags(args), drop_unused=True)
 
 
 def run(streams, method, seeds, flags, out, data_root):
-    from metaphi.cli.continual import sweep
+    from metaphi.experiments.continual import sweep
 
     extra = ["--data-root", data_root] if data_root else []
-    return sweep(streams, [method], seeds, args_for(flags + extra), out, log=lambda m: print(m, flush=True),
-                 workdir=os.path.join(TMP, "meta"))
+    config = config_for(flags + extra + ["--stream", ",".join(streams), "--method", method,
+                                         "--seeds", ",".join(map(str, seeds)), "--out", out])
+    return sweep(config, log=lambda m: print(m, flush=True), workdir=os.path.join(TMP, "meta"))
 
 
 def tune(quick: bool) -> dict:
@@ -94,14 +102,14 @@ def meta_seconds() -> dict:
     for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
         ck = os.path.join(folder, name, "checkpoint.pt")
         if os.path.exists(ck):
-            c = torch.load(ck, map_location="cpu", weights_only=False)
+            c = checkpoint.load(ck)
             key = f"{name.split('-')[0]} ({c['run'].get('meta_train_classes')} classes)"
             out.setdefault(key, []).append(c["train_seconds"])
     return {k: {"runs": len(v), "mean_seconds": sum(v) / len(v)} for k, v in out.items()}
 
 
 def report(payload: dict) -> str:
-    from metaphi.cli.continual import markdown
+    from metaphi.experiments.continual import markdown
 
     t = payload["tuning"]
     tried = "; ".join(f"{m}: " + ", ".join(f"{' '.join(r['flags'])} → {100 * r['average_accuracy']:.1f}"
@@ -189,7 +197,7 @@ def main() -> int:
                "wall_seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu,
                "command": " ".join([".venv/bin/python", "benchmarks/continual.py"] + sys.argv[1:]),
                "published": PUBLISHED}
-    from metaphi.cli.continual import plot
+    from metaphi.experiments.continual import plot
 
     name = "continual-quick" if a.quick else "continual"
     out_dir = os.path.join(TMP, "report") if a.quick else RESULTS

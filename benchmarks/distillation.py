@@ -22,35 +22,34 @@ from common import machine, write  # noqa: E402
 
 SEEDS = (0, 1, 2, 3, 4)
 CONFIGS = {
-    "glyphs-mlp": dict(data="glyphs", pair="mlp", classes=136, teacher_epochs=(1, 3, 10), epochs=5, batch=64,
-                       methods=("alone", "kd", "meta", "meta-fo")),
-    "omniglot-mlp": dict(data="omniglot", pair="mlp", classes=None, teacher_epochs=(1, 3, 10), epochs=5, batch=64,
-                         methods=("alone", "kd", "meta", "meta-fo")),
-    "glyphs-conv": dict(data="glyphs", pair="conv", classes=40, teacher_epochs=(5, 20), epochs=15, batch=32,
-                        methods=("alone", "kd", "meta")),
-    "omniglot-conv": dict(data="omniglot", pair="conv", classes=40, teacher_epochs=(5, 20), epochs=15, batch=32,
-                          methods=("alone", "kd", "meta")),
+    "glyphs-mlp": dict(data="glyphs", pair="mlp", classes=136, teacher_epochs=[1, 3, 10], epochs=5, batch=64,
+                       methods=["alone", "kd", "meta", "meta-fo"]),
+    "omniglot-mlp": dict(data="omniglot", pair="mlp", classes=None, teacher_epochs=[1, 3, 10], epochs=5, batch=64,
+                         methods=["alone", "kd", "meta", "meta-fo"]),
+    "glyphs-conv": dict(data="glyphs", pair="conv", classes=40, teacher_epochs=[5, 20], epochs=15, batch=32,
+                        methods=["alone", "kd", "meta"]),
+    "omniglot-conv": dict(data="omniglot", pair="conv", classes=40, teacher_epochs=[5, 20], epochs=15, batch=32,
+                          methods=["alone", "kd", "meta"]),
 }
 
 
 def run_one(name: str, data_root: str | None, teacher_ce_weight: float, checkpoints: str) -> dict:
     import torch
-    from metaphi.algorithms.distill import DistillConfig
-    from metaphi.experiments.distill import run_experiment
+    from metaphi.experiments.distill import DistillConfig, study
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    result = run_experiment(**CONFIGS[name], seeds=SEEDS, data_root=data_root,
-                            cfg=DistillConfig(teacher_ce_weight=teacher_ce_weight), log=lambda *a: None,
-                            checkpoint=os.path.join(checkpoints, f"{name}.pt"))
+    config = DistillConfig(**CONFIGS[name], seeds=list(SEEDS), data_root=data_root,
+                           teacher_ce_weight=teacher_ce_weight, quiet=True)
+    result = study(config, os.path.join(checkpoints, f"{name}.pt"), log=lambda *a: None)
     result["wall_s"] = time.perf_counter() - t0
     result["name"] = name
     return result
 
 
 def collect(name: str, checkpoints: str) -> dict:
-    import torch
+    from metaphi.checkpoint import load
     from metaphi.experiments.distill import summarize
-    saved = torch.load(os.path.join(checkpoints, f"{name}.pt"), weights_only=False)
+    saved = load(os.path.join(checkpoints, f"{name}.pt"))
     rows = saved["rows"]
     return {"config": saved["config"], "rows": rows, "summary": summarize(rows), "name": name,
             "wall_s": sum(r["wall_s"] for r in rows), "partial": True}

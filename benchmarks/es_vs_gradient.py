@@ -63,9 +63,9 @@ def main() -> None:
     val_sampler = bench.episodes("val", 1, d["eval_shots"], d["eval_query"])
     test_sampler = bench.episodes("test", 1, d["eval_shots"], d["eval_query"])
     methods = {
-        "gradient (second-order)": dict(estimator=build_estimator("second-order", vectorize=True), meta_lr=args.meta_lr),
+        "gradient (second-order)": dict(estimator=build_estimator("second-order"), meta_lr=args.meta_lr),
         f"ES (pop {args.population}, σ {args.sigma})": dict(
-            estimator=build_estimator("es", population=args.population, sigma=args.sigma), meta_lr=args.es_meta_lr),
+            estimator=build_estimator("es", {"population": args.population, "sigma": args.sigma}), meta_lr=args.es_meta_lr),
     }
     runs = {}
     for i, (name, m) in enumerate(methods.items()):
@@ -142,7 +142,7 @@ def pilot() -> None:
         torch.manual_seed(0)
         algo = create_algorithm("maml", bench, 1, 0.01, 1, 10)
         started = time.perf_counter()
-        state = meta_train(algo, build_estimator("es", population=population, sigma=sigma),
+        state = meta_train(algo, build_estimator("es", {"population": population, "sigma": sigma}),
                            algo.training_tasks(bench, 1, 10, 10), TrainConfig(iterations=150, meta_batch=25, meta_lr=lr),
                            progress=False)
         print(f"{lr:<7g} {sigma:<5g} {population:<10d} {val_loss(algo, state.phi):.3f} "

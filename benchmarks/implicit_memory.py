@@ -165,7 +165,7 @@ def worker(method: str, steps: int, repeats: int) -> dict:
     import torch
 
     from metaphi.algorithms import CLASSIFICATION
-    from metaphi.algorithms.imaml import IMAML
+    from metaphi.algorithms.imaml import IMAML, IMAMLOptions
     from metaphi.models import Conv4
     from metaphi.outer import build_estimator
     from metaphi.tasks import Task
@@ -173,14 +173,15 @@ def worker(method: str, steps: int, repeats: int) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = Conv4(1, 5, hidden=64, image_size=28)
-    make = lambda k: IMAML(model, CLASSIFICATION, inner_lr=0.1, inner_steps=k, reg=2.0)
+    make = lambda k: IMAML(model, CLASSIFICATION, inner_lr=0.1, inner_steps=k, options=IMAMLOptions(reg=2.0))
     algo = make(steps)
     phi = algo.init_meta_params()
     g = torch.Generator().manual_seed(0)
     ways, shots, query = 5, 1, 15
     task = Task((torch.rand(1, ways * shots, 1, 28, 28, generator=g), torch.arange(ways).repeat_interleave(shots)[None]),
                 (torch.rand(1, ways * query, 1, 28, 28, generator=g), torch.arange(ways).repeat_interleave(query)[None]))
-    estimator = build_estimator(method, solver="cg", solver_steps=5, solver_tol=0.0)
+    solver = {"solver": "cg", "solver_steps": 5, "solver_tol": 0.0} if method == "implicit" else {}
+    estimator = build_estimator(method, {"loop": True, **solver})
     # one-time costs (kernel selection, thread pools, lazy imports) stay out of both figures
     estimator(make(1), phi, task)
     with open("/proc/self/clear_refs", "w") as f:

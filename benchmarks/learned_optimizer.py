@@ -32,8 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from metaphi.experiments.report import machine, write_json  # noqa: E402
 from metaphi.inner.learned import LSTMRule, MLPRule, PerLayerSGD, ScheduledSGD  # noqa: E402
-from metaphi.experiments.l2o import L2OConfig, build_family, meta_train  # noqa: E402
-from metaphi.cli.l2o import compare, format_rows  # noqa: E402
+from metaphi.experiments.l2o import L2OConfig, build_family, compare, format_rows, meta_train  # noqa: E402
 from metaphi.inner.optim import load_learned  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))

@@ -31,7 +31,8 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from metaphi.experiments.compare import compare, markdown_table, parse_method, plot_axes  # noqa: E402
+from metaphi.experiments.compare import CompareConfig, compare, markdown_table, parse_method, plot_axes  # noqa: E402
+from metaphi.experiments.fewshot import RunConfig  # noqa: E402
 
 from common import RESULTS, machine  # noqa: E402
 
@@ -145,8 +146,8 @@ def run(setting: str, only: list[str] | None) -> dict:
         wanted = set(only) | {parsed[name].init for name in only if parsed[name].init in parsed}
         methods = [m for m in methods if parse_method(m).label in wanted]
     started = time.perf_counter()
-    summary = compare(methods, shared_settings(setting), os.path.join(RUNS, setting), reuse=True,
-                      log=lambda msg: print(f"[{setting}] {msg}", flush=True))
+    summary = compare(CompareConfig(methods, RunConfig(**shared_settings(setting)), os.path.join(RUNS, setting),
+                                    reuse=True), log=lambda msg: print(f"[{setting}] {msg}", flush=True))
     print(f"[{setting}] {time.perf_counter() - started:.0f} s", flush=True)
     return summary
 
@@ -163,8 +164,8 @@ def report(machine_info: dict) -> None:
     import matplotlib.pyplot as plt
 
     done = [s for s in SETTINGS if finished(s)]
-    summaries = {s: compare(methods_for(s), shared_settings(s), os.path.join(RUNS, s), reuse=True,
-                            log=lambda msg: None) for s in done}
+    summaries = {s: compare(CompareConfig(methods_for(s), RunConfig(**shared_settings(s)), os.path.join(RUNS, s),
+                                          reuse=True), log=lambda msg: None) for s in done}
     # iterations and wall time of a reused pre-training are its source run's
     for s, summary in summaries.items():
         source = PRETRAIN_IN[SETTINGS[s]["benchmark"]]

@@ -53,7 +53,7 @@ def epochs_for(store, corruption, seed: int = 0) -> int:
 
 
 def paired_delta(rows, method: str, base: str = "plain"):
-    from metaphi.experiments.reweight import mean_ci95
+    from metaphi.evaluate import mean_ci95
     by = {(r["seed"], r["method"]): r["test_acc"] for r in rows}
     d = [by[(s, method)] - by[(s, base)] for (s, m) in by if m == method and (s, base) in by]
     return mean_ci95(d) if len(d) > 1 else (float("nan"), float("nan"))
@@ -61,7 +61,7 @@ def paired_delta(rows, method: str, base: str = "plain"):
 
 def run_setting(name: str, corruption_kw: dict, seeds, lr: float, data: str = "digits", data_root=None,
                 model=None, meta_per_class=META_PER_CLASS, test_per_class=TEST_PER_CLASS, classes=None) -> dict:
-    from metaphi.experiments.reweight import Corruption, ReweightConfig, load_data, run_experiment
+    from metaphi.experiments.reweight import Corruption, TrainConfig, load_data, run_experiment
     corruption = Corruption(**corruption_kw)
     store = load_data(data, data_root, classes)
     if data == "digits":
@@ -70,7 +70,7 @@ def run_setting(name: str, corruption_kw: dict, seeds, lr: float, data: str = "d
         from metaphi.experiments.reweight import make_splits
         n = len(make_splits(store, meta_per_class, test_per_class, corruption, 0)["train"][1])
         epochs = max(1, round(STEPS / math.ceil(n / BATCH)))
-    cfg = ReweightConfig(epochs=epochs, batch=BATCH, lr=lr)
+    cfg = TrainConfig(epochs=epochs, batch=BATCH, lr=lr)
     ck = os.path.join("runs", "bench-reweight", f"{name}-lr{lr:g}.pt")
     os.makedirs(os.path.dirname(ck), exist_ok=True)
     t0 = time.perf_counter()
@@ -92,7 +92,8 @@ def step_timing(reps: int = 30) -> dict:
 
     import torch
     from metaphi.functional import params_of
-    from metaphi.experiments.reweight import Corruption, ReweightConfig, build_model, l2rw_scores, load_data, make_splits, train
+    from metaphi.algorithms.reweight import l2rw_scores
+    from metaphi.experiments.reweight import Corruption, TrainConfig, build_model, load_data, make_splits, train
     split = make_splits(load_data("digits"), META_PER_CLASS, TEST_PER_CLASS, Corruption("uniform", 0.4), 0)
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -112,7 +113,7 @@ def step_timing(reps: int = 30) -> dict:
         times = []
         for _ in range(3):
             t0 = time.perf_counter()
-            train(method, model, params, one_batch, split["meta"], ReweightConfig(epochs=reps, batch=BATCH),
+            train(method, model, params, one_batch, split["meta"], TrainConfig(epochs=reps, batch=BATCH),
                   torch.Generator().manual_seed(0))
             times.append((time.perf_counter() - t0) / reps)
         out[f"{method} training step"] = statistics.median(times)

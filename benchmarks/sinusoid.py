@@ -41,7 +41,7 @@ def main():
             torch.manual_seed(args.seed)
             algo = create_algorithm(name, bench, 1, 0.01, 1, 10)
         sample = algo.training_tasks(bench, 1, 10, 10)
-        est = build_estimator("second-order" if name == "maml" else "first-order", vectorize=True)
+        est = build_estimator("second-order" if name == "maml" else "first-order")
         started = time.perf_counter()
         state = meta_train(algo, est, sample, TrainConfig(iterations=args.iterations, meta_batch=25, seed=args.seed),
                            progress=False)

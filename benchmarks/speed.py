@@ -162,7 +162,7 @@ def metaphi_impl(w: Workload, state: dict, tasks: Task, vectorize: bool, compile
     model.load_state_dict(state)
     model.to(tasks.support[0].device, tasks.support[0].dtype)
     if w.algorithm == "maml":
-        algo = MAML(model, CLASSIFICATION, SGD(w.lr), w.steps, first_order=w.first_order)
+        algo = MAML(model, CLASSIFICATION, SGD(w.lr), w.steps)
     else:
         algo = ProtoNet(model)
     phi = algo.init_meta_params()

@@ -36,6 +36,7 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "nonneg": (lambda v: v >= 0, ">= 0"),
     "unit": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "any": (lambda v: True, "a number"),
+    "rate": (lambda v: v > 0, "positive"),  # step sizes and rates: "--lr must be positive"
 }
 
 
@@ -143,6 +144,12 @@ def _convert_field(f: dataclasses.Field, tp, value: Any, name: str) -> Any:
             value = [v.strip() for v in value.split(",") if v.strip()]
         elif not isinstance(value, (list, tuple)):
             value = [value]
+        if base in (int, float):
+            try:
+                return [_convert(v, base, name) for v in value]
+            except UsageError:
+                kind = "integers" if base is int else "numbers"
+                raise UsageError(f"{name} must be a comma list of {kind}, got {','.join(map(str, value))!r}") from None
         return [_convert(v, base, name) for v in value]
     return _convert(value, base, name)
 
@@ -193,12 +200,12 @@ def from_dict(cls, data: dict, where: str = "config") -> Any:
     known = {f.name: f for f in fields(cls)}
     unknown = [k for k in data if k not in known]
     if unknown:
-        raise UsageError(f"{where}: unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))} "
-                         f"(valid: {', '.join(known)})")
+        raise UsageError(f"{where + ': ' if where else ''}unknown option{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(map(str, unknown))} (valid: {', '.join(known)})")
     values = {k: _convert_field(known[k], hints[k], v, f"{where}: {k}" if where else k) for k, v in data.items()}
     missing = [f.name for f in known.values() if f.name not in values and default_of(f) is MISSING]
     if missing:
-        raise UsageError(f"{where}: missing {', '.join(missing)}")
+        raise UsageError(f"{where + ': ' if where else ''}missing {', '.join(missing)}")
     return cls(**values)
 
 
@@ -239,7 +246,7 @@ def save_yaml(data, path: str, header: str = "") -> None:
         with os.fdopen(fd, "w") as f:
             if header:
                 f.write("".join(f"# {line}\n" for line in header.splitlines()))
-            yaml.safe_dump(data, f, sort_keys=False, default_flow_style=None)
+            yaml.safe_dump(data, f, sort_keys=False, default_flow_style=False)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -293,9 +300,19 @@ def add_options(parser, cls, *, title: str | None = None, skip: Iterable[str] = 
                 kwargs["choices"] = list(choices)
         if f.metadata.get("positional"):
             kwargs.pop("dest")
-            target.add_argument(f.name, nargs="?", **kwargs)
+            if "choices" in kwargs:  # argparse checks an absent optional positional's default against them
+                kwargs["choices"] = _PositionalChoices(kwargs["choices"])
+            target.add_argument(f.name, nargs="*" if is_list else "?", **kwargs)
         else:
             target.add_argument(flag, **kwargs)
+
+
+class _PositionalChoices(list):
+    """The choices of an optional positional; they also admit argparse.SUPPRESS, the default that says
+    'not given' (so a config file can supply the value), which argparse would otherwise reject."""
+
+    def __contains__(self, value) -> bool:
+        return value is argparse.SUPPRESS or list.__contains__(self, value)
 
 
 def _cli_type(base, flag: str):

@@ -3,7 +3,8 @@
 One loop serves every algorithm and estimator: an estimator turns a meta-batch of tasks into a
 gradient (or update direction) for φ; the outer optimizer applies it. A checkpoint holds everything
 needed to continue a killed run to the same result: φ, the optimizer's state, the sampler's
-generator state and the iteration, written atomically.
+generator state and the iteration, written atomically by ``metaphi.checkpoint`` as plain data (dicts,
+lists, numbers, strings, tensors; the config as a dict) and read back without unpickling any code.
 
 Under ``torchrun`` (a process group is initialized, see ``metaphi.distributed``) each meta-batch is
 split across the processes and their meta-gradients are all-reduced before the optimizer step, so a
@@ -22,9 +23,10 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
+from metaphi import checkpoint as checkpoints
 from metaphi import distributed
 from metaphi.functional import Params
-from metaphi.tasks import Task, atomic_save
+from metaphi.tasks import Task
 
 CHECKPOINT_FORMAT = 1
 
@@ -68,7 +70,7 @@ class TrainState:
 
 
 def save_checkpoint(path: str, algorithm, state: TrainState, config: TrainConfig, run: dict) -> None:
-    atomic_save({
+    checkpoints.save({
         "format": CHECKPOINT_FORMAT,
         "algorithm": algorithm.spec(),
         "phi": {k: v.detach().cpu() for k, v in state.phi.items()},
@@ -84,9 +86,11 @@ def save_checkpoint(path: str, algorithm, state: TrainState, config: TrainConfig
 
 
 def load_checkpoint(path: str) -> dict:
-    ck = torch.load(path, map_location="cpu", weights_only=False)
+    """The checkpoint at ``path`` as plain data; a ``metaphi.checkpoint.CheckpointError`` (a ValueError)
+    for a file that is not one."""
+    ck = checkpoints.load(path)
     if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a metaphi checkpoint (format {CHECKPOINT_FORMAT})")
+        raise checkpoints.CheckpointError(f"{path} is not a metaphi checkpoint (format {CHECKPOINT_FORMAT})")
     return ck
 
 

@@ -19,7 +19,7 @@ def setup(name="maml"):
 
 def test_resume_continues_to_the_same_result(tmp_path):
     bench, algo, sample = setup()
-    est = build_estimator("second-order", vectorize=True)
+    est = build_estimator("second-order")
     straight = meta_train(algo, est, sample, TrainConfig(iterations=6, meta_batch=4, checkpoint_every=3),
                           out_dir=str(tmp_path / "a"), progress=False)
     meta_train(algo, est, sample, TrainConfig(iterations=3, meta_batch=4, checkpoint_every=3),
@@ -49,7 +49,7 @@ class NaNAt:
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     bench, algo, sample = setup()
-    est = NaNAt(build_estimator("second-order"), at=4)
+    est = NaNAt(build_estimator("second-order", {"loop": True}), at=4)
     with pytest.raises(NonFiniteLoss, match="iteration 4"):
         meta_train(algo, est, sample, TrainConfig(iterations=10, meta_batch=2, checkpoint_every=2),
                    out_dir=str(tmp_path), progress=False)
@@ -60,7 +60,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 def test_checkpoint_rebuilds_the_algorithm(tmp_path):
     bench, algo, sample = setup("metasgd")
-    state = meta_train(algo, build_estimator("second-order"), sample, TrainConfig(iterations=2, meta_batch=2),
+    state = meta_train(algo, build_estimator("second-order", {"loop": True}), sample, TrainConfig(iterations=2, meta_batch=2),
                        out_dir=str(tmp_path), progress=False)
     ck = load_checkpoint(str(tmp_path / "checkpoint.pt"))
     rebuilt = build_algorithm(ck["algorithm"])
@@ -89,7 +89,7 @@ def test_confidence_interval():
 def test_pretrain_baseline_learns_the_mean_function():
     bench, algo, sample = setup("pretrain")
     phi0 = {k: v.clone() for k, v in algo.init_meta_params().items()}
-    state = meta_train(algo, build_estimator("first-order"), sample,
+    state = meta_train(algo, build_estimator("first-order", {"loop": True}), sample,
                        TrainConfig(iterations=150, meta_batch=8, meta_lr=1e-2), progress=False)
     sampler = bench.episodes("test", 1, 5, 50)
     before = evaluate(algo, phi0, sampler, 50, seed=0, steps=0)["mean"]

@@ -8,7 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metaphi.config import from_dict, to_dict
 from metaphi.functional import Params
+from metaphi.inner.adapt import Unroll
 from metaphi.tasks import Task
 
 
@@ -39,18 +41,46 @@ def problem_named(name: str) -> Problem:
     return {"classification": CLASSIFICATION, "regression": REGRESSION}[name]
 
 
+@dataclass
+class NoOptions:
+    """The options of a family that has none of its own."""
+
+
+def _plain(value: Any) -> Any:
+    """A constructor argument as plain data for a spec: an update rule by its spec, tuples as lists."""
+    if callable(getattr(value, "spec", None)):
+        return value.spec()
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
 class Algorithm:
     """A learning algorithm with a learnable part φ.
 
     Subclasses define:
       ``init_meta_params()``             φ, a flat dict of tensors that require grad
-      ``task_loss(phi, task, first_order)``  the query loss after learning the task's support set,
-                                          and a dict of metrics (tensors); differentiable in φ
+      ``task_loss(phi, task, unroll)``   the query loss after learning the task's support set, with
+                                          the inner loop unrolled as ``unroll`` (a metaphi.inner.Unroll,
+                                          chosen by the estimator) says, and a dict of metrics
+                                          (tensors); differentiable in φ
       ``evaluate(phi, task, steps)``     the query metric after 0..steps inner steps (1-D tensor)
-      ``spec()``                         a dict from which ``build_algorithm`` rebuilds it
     and may override ``learn`` (used by Reptile's estimator) and ``training_tasks`` (the sampler of
     meta-training tasks, which defaults to the benchmark's episodes).
+
+    A family declares ``Options`` (a dataclass of its own hyperparameters, fields declared with
+    ``metaphi.config.option``; the instance is ``self.options``), ``spec_class`` (its key in
+    ``metaphi.algorithms.SPEC_CLASSES``) and ``spec_args`` (the constructor's other keyword arguments,
+    kept as attributes of the same names). ``spec()`` and ``from_spec`` come from those: the spec is
+    plain data (it goes into checkpoints, read back without unpickling code), and
+    ``cls.from_spec(spec)`` calls the constructor with the network rebuilt from its spec, the problem,
+    the arguments and the options.
     """
+
+    Options: type = NoOptions
+    options: Any = NoOptions()
+    spec_class: str = ""
+    spec_args: tuple[str, ...] = ()
 
     name: str = "algorithm"
     #: estimators that make sense for this algorithm; the first is the default
@@ -61,14 +91,36 @@ class Algorithm:
     def init_meta_params(self) -> Params:
         raise NotImplementedError
 
-    def task_loss(self, phi: Params, task: Task, first_order: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    def task_loss(self, phi: Params, task: Task, unroll: Unroll = Unroll()) -> tuple[Tensor, dict[str, Tensor]]:
         raise NotImplementedError
 
     def evaluate(self, phi: Params, task: Task, steps: int) -> Tensor:
         raise NotImplementedError
 
     def spec(self) -> dict:
-        raise NotImplementedError
+        """{"class", "name", "model" (the network's spec, or None), "problem", "args", "options"}."""
+        model = getattr(self, "model", None)
+        return {"class": self.spec_class, "name": self.name, "model": None if model is None else model.spec,
+                "problem": self.problem.name, "args": {k: _plain(getattr(self, k)) for k in self.spec_args},
+                "options": to_dict(self.options)}
+
+    @classmethod
+    def options_for(cls, args: dict) -> type:
+        """The options class of an instance built with ``args`` (the family's ``Options``)."""
+        return cls.Options
+
+    @classmethod
+    def from_spec(cls, spec: dict, options_class: type | None = None) -> "Algorithm":
+        """The algorithm ``spec()`` describes, with a freshly initialised network. ``options_class``:
+        the class of its options (the one its table name declares; by default the family's)."""
+        from metaphi.models import build_model
+
+        kwargs = dict(spec["args"])
+        if spec["model"] is not None:
+            kwargs["model"] = build_model(spec["model"])
+        options_class = options_class or cls.options_for(kwargs)
+        options = from_dict(options_class, spec["options"], where=f"{spec['name']} options")
+        return cls(problem=problem_named(spec["problem"]), options=options, name=spec["name"], **kwargs)
 
     def training_tasks(self, benchmark: Any, ways: int, shots: int, query: int) -> Callable[[int, torch.Generator], Task]:
         sampler = benchmark.episodes("train", ways, shots, query)

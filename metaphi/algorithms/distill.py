@@ -1,4 +1,4 @@
-"""Knowledge distillation, plain and with a teacher that learns to teach.
+"""Knowledge distillation, plain and with a teacher that learns to teach: the method.
 
 Plain KD (Hinton, Vinyals & Dean 2015, "Distilling the knowledge in a neural network"). The student
 s_θ learns from the hard labels and from the teacher's temperature-softened distribution:
@@ -19,7 +19,8 @@ after learning from it. One step, on a training batch (x, y) and a quiz batch (x
     student:  θ ← Adam(θ, ∇_θ L_KD(θ; φ_new, x, y))       (the real update, with the updated teacher)
 
 MetaDistil's teacher follows the quiz loss alone (μ = 0, the default); μ > 0 also keeps training the
-teacher on its own labels, which holds its accuracy up while it learns to teach. ∇_φ L_q = −α (∂²L_KD/∂φ∂θ) v with v = ∇_θ' L_q:
+teacher on its own labels, which holds its accuracy up while it learns to teach.
+∇_φ L_q = −α (∂²L_KD/∂φ∂θ) v with v = ∇_θ' L_q:
 
 - second order: autograd through the pilot step (``metaphi.inner.adapt`` with one SGD step; its
   ``torch.func.grad`` is differentiated by the outer ``autograd.grad``);
@@ -27,36 +28,41 @@ teacher on its own labels, which holds its accuracy up while it learns to teach.
   the approximation of DARTS (Liu, Simonyan & Yang 2019):
   (∂²L/∂φ∂θ) v ≈ [∇_φ L_KD(θ + εv; φ) − ∇_φ L_KD(θ − εv; φ)] / 2ε with ε = ε₀ / ‖v‖.
 
-Everything is functional: parameters are dicts run with ``torch.func.functional_call`` and the
-optimizer (Adam, ``adam_init``/``adam_update``) is a pair of pure functions.
+Everything is functional: parameters are dicts run with ``torch.func.functional_call``; the student
+and the teacher are updated by the Adam update rule of ``metaphi.inner.rules`` (pure ``init`` /
+``update``). This file is the method only: the loop over batches is ``metaphi.train_online``'s, with
+the step and the epochs written in ``metaphi.experiments.distill``.
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Callable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metaphi.config import option
 from metaphi.functional import Params, call, detach, grads_or_zeros, norm
 from metaphi.inner import SGD, adapt
+from metaphi.inner.rules import Adam
 
+#: how a student is trained: alone on the labels, from a fixed teacher, or with a teacher that learns
+#: to teach (second-order or first-order meta-gradient)
 METHODS = ("alone", "kd", "meta", "meta-fo")
 
 
 @dataclass
-class DistillConfig:
-    temperature: float = 4.0
-    soft_weight: float = 0.5        # λ, the weight of the soft term
-    lr: float = 3e-3                # Adam step size of the real student
-    pilot_lr: float = 0.1           # α, SGD step size of the pilot update
-    teacher_lr: float = 1e-4        # Adam step size of the teacher in meta distillation
-    teacher_ce_weight: float = 0.0  # μ; MetaDistil's teacher follows the quiz loss alone
-    fd_eps: float = 0.01            # ε₀ of the first-order variant
+class DistillOptions:
+    """The method's hyperparameters."""
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    temperature: float = option(4.0, "temperature T of the soft term", check="positive")
+    soft_weight: float = option(0.5, "weight λ of the soft term", check="unit")
+    lr: float = option(3e-3, "Adam step size of the real student", check="positive")
+    pilot_lr: float = option(0.1, "SGD step size α of the pilot update", check="positive")
+    teacher_lr: float = option(1e-4, "Adam step size of the teacher in meta distillation", check="positive")
+    teacher_ce_weight: float = option(0.0, "μ, weight of the teacher's own CE (0: MetaDistil's quiz loss alone)",
+                                      check="nonneg")
+    fd_eps: float = option(0.01, "ε₀ of the first-order variant's central difference", check="positive")
 
 
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor, temperature: float,
@@ -72,27 +78,10 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor | None, labels: Tenso
 
 
 def student_objective(student: nn.Module, teacher: nn.Module | None, teacher_params: Params | None, x: Tensor,
-                      y: Tensor, cfg: DistillConfig) -> Callable[[Params], Tensor]:
+                      y: Tensor, opts: DistillOptions) -> Callable[[Params], Tensor]:
     """θ ↦ L_KD(θ; φ, x, y); the teacher's logits are computed once and keep their graph to φ."""
     teacher_logits = None if teacher is None else call(teacher, teacher_params, x)
-    return lambda theta: kd_loss(call(student, theta, x), teacher_logits, y, cfg.temperature, cfg.soft_weight)
-
-
-# -- a functional Adam (Kingma & Ba 2015), the optimizer of the real student and of the teacher --
-
-def adam_init(params: Params) -> dict:
-    return {"m": {k: torch.zeros_like(v) for k, v in params.items()},
-            "v": {k: torch.zeros_like(v) for k, v in params.items()}, "t": 0}
-
-
-def adam_update(params: Params, grads: Params, state: dict, lr: float, b1: float = 0.9, b2: float = 0.999,
-                eps: float = 1e-8) -> tuple[Params, dict]:
-    t = state["t"] + 1
-    m = {k: b1 * state["m"][k] + (1 - b1) * g for k, g in grads.items()}
-    v = {k: b2 * state["v"][k] + (1 - b2) * g * g for k, g in grads.items()}
-    c1, c2 = 1 - b1 ** t, 1 - b2 ** t
-    new = {k: p - lr * (m[k] / c1) / ((v[k] / c2).sqrt() + eps) for k, p in params.items()}
-    return new, {"m": m, "v": v, "t": t}
+    return lambda theta: kd_loss(call(student, theta, x), teacher_logits, y, opts.temperature, opts.soft_weight)
 
 
 def _with_grad(params: Params) -> Params:
@@ -101,30 +90,32 @@ def _with_grad(params: Params) -> Params:
 
 def plain_step(model: nn.Module, params: Params, state: dict, x: Tensor, y: Tensor, lr: float,
                teacher: nn.Module | None = None, teacher_params: Params | None = None,
-               cfg: DistillConfig | None = None) -> tuple[Params, dict, Tensor]:
-    """One Adam step of a student on L_KD (on plain CE when there is no teacher)."""
-    cfg = cfg or DistillConfig()
+               opts: DistillOptions | None = None) -> tuple[Params, dict, Tensor]:
+    """One Adam step (step size ``lr``; ``state`` from ``Adam.init``) of a student on L_KD, on plain CE
+    when there is no teacher. The teacher is held fixed."""
+    opts = opts or DistillOptions()
     theta = _with_grad(params)
     loss = student_objective(model, teacher, None if teacher_params is None else detach(teacher_params), x, y,
-                             cfg)(theta)
+                             opts)(theta)
     grads = grads_or_zeros(loss, theta)
-    new, state = adam_update(detach(params), grads, state, lr)
+    new, state = Adam(lr).update(detach(params), grads, state, {})
     return new, state, loss.detach()
 
 
 def pilot_update(student: nn.Module, student_params: Params, teacher: nn.Module, teacher_params: Params, x: Tensor,
-                 y: Tensor, cfg: DistillConfig) -> Params:
+                 y: Tensor, opts: DistillOptions) -> Params:
     """θ'(φ) = θ − α ∇_θ L_KD(θ; φ, x, y): a new dict; the student's own params are never written."""
-    return adapt(student_objective(student, teacher, teacher_params, x, y, cfg), dict(student_params),
-                 SGD(cfg.pilot_lr), {}, 1)
+    return adapt(student_objective(student, teacher, teacher_params, x, y, opts), dict(student_params),
+                 SGD(opts.pilot_lr), {}, 1)
 
 
 def quiz_loss(student: nn.Module, params: Params, quiz: tuple[Tensor, Tensor]) -> Tensor:
+    """L_q = CE(s_θ(x_q), y_q)."""
     return F.cross_entropy(call(student, params, quiz[0]), quiz[1])
 
 
 def teacher_meta_grad(student: nn.Module, student_params: Params, teacher: nn.Module, teacher_params: Params,
-                      batch: tuple[Tensor, Tensor], quiz: tuple[Tensor, Tensor], cfg: DistillConfig,
+                      batch: tuple[Tensor, Tensor], quiz: tuple[Tensor, Tensor], opts: DistillOptions,
                       order: str = "second") -> tuple[Params, Tensor]:
     """∇_φ L_q(φ), the quiz loss of the pilot student, by second-order autograd or (``order="first"``)
     by the central difference of two first-order teacher gradients. Returns (grads, quiz loss)."""
@@ -132,80 +123,46 @@ def teacher_meta_grad(student: nn.Module, student_params: Params, teacher: nn.Mo
     theta = detach(student_params)
     if order == "second":
         phi = _with_grad(teacher_params)
-        q = quiz_loss(student, pilot_update(student, theta, teacher, phi, x, y, cfg), quiz)
+        q = quiz_loss(student, pilot_update(student, theta, teacher, phi, x, y, opts), quiz)
         return grads_or_zeros(q, phi), q.detach()
     if order != "first":
         raise ValueError(f"order must be 'second' or 'first', got {order!r}")
     phi = detach(teacher_params)
-    pilot = _with_grad(pilot_update(student, _with_grad(theta), teacher, phi, x, y, cfg))
+    pilot = _with_grad(pilot_update(student, _with_grad(theta), teacher, phi, x, y, opts))
     q = quiz_loss(student, pilot, quiz)
     v = grads_or_zeros(q, pilot)
-    eps = cfg.fd_eps / (float(norm(v)) + 1e-12)
+    eps = opts.fd_eps / (float(norm(v)) + 1e-12)
 
     def teacher_grad(sign: float) -> Params:
         shifted = {k: theta[k] + sign * eps * v[k] for k in theta}
         p = _with_grad(phi)
-        return grads_or_zeros(student_objective(student, teacher, p, x, y, cfg)(shifted), p)
+        return grads_or_zeros(student_objective(student, teacher, p, x, y, opts)(shifted), p)
 
     plus, minus = teacher_grad(1.0), teacher_grad(-1.0)
-    return {k: -cfg.pilot_lr * (plus[k] - minus[k]) / (2 * eps) for k in phi}, q.detach()
+    return {k: -opts.pilot_lr * (plus[k] - minus[k]) / (2 * eps) for k in phi}, q.detach()
+
+
+def teacher_step(student: nn.Module, student_params: Params, teacher: nn.Module, teacher_params: Params,
+                 teacher_state: dict, batch: tuple[Tensor, Tensor], quiz: tuple[Tensor, Tensor],
+                 opts: DistillOptions, order: str = "second") -> tuple[Params, dict, Tensor]:
+    """φ ← Adam(φ, ∇_φ L_q(φ) + μ ∇_φ CE(t_φ(x), y)). Returns (teacher params, teacher state, quiz loss)."""
+    meta, q = teacher_meta_grad(student, student_params, teacher, teacher_params, batch, quiz, opts, order)
+    if opts.teacher_ce_weight:
+        phi = _with_grad(teacher_params)
+        own = F.cross_entropy(call(teacher, phi, batch[0]), batch[1])
+        meta = {k: g + opts.teacher_ce_weight * h for (k, g), h in zip(meta.items(), grads_or_zeros(own, phi).values())}
+    teacher_params, teacher_state = Adam(opts.teacher_lr).update(detach(teacher_params), meta, teacher_state, {})
+    return teacher_params, teacher_state, q
 
 
 def meta_distill_step(student: nn.Module, student_params: Params, student_state: dict, teacher: nn.Module,
                       teacher_params: Params, teacher_state: dict, batch: tuple[Tensor, Tensor],
-                      quiz: tuple[Tensor, Tensor], cfg: DistillConfig, order: str = "second"):
+                      quiz: tuple[Tensor, Tensor], opts: DistillOptions, order: str = "second"):
     """One MetaDistil step: pilot → teacher update from the quiz → real student update.
 
     Returns (student_params, student_state, teacher_params, teacher_state, metrics)."""
-    meta, q = teacher_meta_grad(student, student_params, teacher, teacher_params, batch, quiz, cfg, order)
-    if cfg.teacher_ce_weight:
-        phi = _with_grad(teacher_params)
-        own = F.cross_entropy(call(teacher, phi, batch[0]), batch[1])
-        meta = {k: g + cfg.teacher_ce_weight * h for (k, g), h in zip(meta.items(), grads_or_zeros(own, phi).values())}
-    teacher_params, teacher_state = adam_update(detach(teacher_params), meta, teacher_state, cfg.teacher_lr)
+    teacher_params, teacher_state, q = teacher_step(student, student_params, teacher, teacher_params, teacher_state,
+                                                    batch, quiz, opts, order)
     student_params, student_state, loss = plain_step(student, student_params, student_state, batch[0], batch[1],
-                                                     cfg.lr, teacher, teacher_params, cfg)
+                                                     opts.lr, teacher, teacher_params, opts)
     return student_params, student_state, teacher_params, teacher_state, {"loss": float(loss), "quiz": float(q)}
-
-
-def train_student(student: nn.Module, params: Params, train: tuple[Tensor, Tensor], epochs: int, batch: int,
-                  generator: torch.Generator, method: str = "alone", cfg: DistillConfig | None = None,
-                  teacher: nn.Module | None = None, teacher_params: Params | None = None,
-                  quiz: tuple[Tensor, Tensor] | None = None, on_epoch: Callable[[int, dict], None] | None = None):
-    """Train a student for ``epochs`` passes over ``train`` by ``method`` (one of ``METHODS``).
-
-    "alone" ignores the teacher; "kd" distils from a fixed teacher; "meta"/"meta-fo" update the
-    teacher as well, with quiz batches drawn from ``quiz``. Returns (student params, teacher params).
-    ``generator`` decides the batch order (and the quiz batches) and nothing else."""
-    cfg = cfg or DistillConfig()
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if method != "alone" and (teacher is None or teacher_params is None):
-        raise ValueError(f"method {method!r} needs a teacher")
-    if method.startswith("meta") and quiz is None:
-        raise ValueError("meta distillation needs a quiz set")
-    x, y = train
-    state = adam_init(params)
-    t_params = None if teacher_params is None else detach(teacher_params)
-    t_state = None if t_params is None else adam_init(t_params)
-    for epoch in range(epochs):
-        order = torch.randperm(len(y), generator=generator)
-        losses = []
-        for i in range(0, len(y), batch):
-            idx = order[i:i + batch]
-            b = (x[idx], y[idx])
-            if method.startswith("meta"):
-                q_idx = torch.randint(len(quiz[1]), (min(batch, len(quiz[1])),), generator=generator)
-                params, state, t_params, t_state, m = meta_distill_step(
-                    student, params, state, teacher, t_params, t_state, b, (quiz[0][q_idx], quiz[1][q_idx]), cfg,
-                    "first" if method == "meta-fo" else "second")
-                losses.append(m["loss"])
-            else:
-                params, state, loss = plain_step(student, params, state, b[0], b[1], cfg.lr,
-                                                 teacher if method == "kd" else None, t_params, cfg)
-                losses.append(float(loss))
-            if losses[-1] != losses[-1]:
-                raise FloatingPointError(f"loss became NaN in epoch {epoch + 1}; lower --lr or --teacher-lr")
-        if on_epoch is not None:
-            on_epoch(epoch, {"loss": sum(losses) / len(losses), "params": params, "teacher_params": t_params})
-    return params, t_params

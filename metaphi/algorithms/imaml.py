@@ -16,7 +16,8 @@ solved by ``inner_steps`` of gradient descent with step α, stopping early once
 ‖∇_θ g‖ ≤ ``inner_tol``; the same regularised descent, for ``eval_steps``, adapts to a test task.
 
 The published settings for Omniglot: λ = 2, 16 inner steps of α = 0.1 (5-way 1-shot), 5 CG steps,
-meta-batch 32, Adam with meta lr 1e-3. ``reg`` (λ) defaults to 2. With a ReLU/batch-norm network the
+meta-batch 32, Adam with meta lr 1e-3. The options (``IMAMLOptions``: ``reg`` = λ, default 2, and
+``inner_tol``) are ``metaphi run imaml --reg 0.5 --inner-tol 1e-4``. With a ReLU/batch-norm network the
 support loss is far from convex near the initialization (Hessian eigenvalues below −λ), so the CG
 system needs damping: ``metaphi run imaml --inner-lr 0.1 --inner-steps 5 --eval-steps 5
 --solver-damping 10`` is what benchmarks/imaml_accuracy.py runs (without flags the benchmark's
@@ -28,37 +29,52 @@ the inner gradients and the anchor φ constant, giving ∇_θ L_Q(θ_k).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from metaphi.config import UsageError, option
 from metaphi.functional import Params, call, detach, norm, prefixed
-from metaphi.inner import SGD, adapt, adapt_steps
-from metaphi.models import build_model
+from metaphi.inner import FIRST_ORDER, SGD, Unroll, adapt, adapt_steps
 from metaphi.outer.implicit import Bilevel
 from metaphi.tasks import Task
-from metaphi.algorithms.base import Problem, problem_named
+from metaphi.algorithms.base import Problem
 from metaphi.algorithms.maml import MAML, task_model
 
-DEFAULT_REG = 2.0
+
+@dataclass
+class IMAMLOptions:
+    reg: float = option(2.0, "iMAML: λ, the weight of the proximal term λ/2 ‖θ − φ‖² of the inner problem",
+                        check="positive")
+    inner_tol: float = option(0.0, "iMAML: the inner solver stops once ‖∇_θ g‖ is at most this (0: never early)",
+                              check="nonneg")
 
 
 class IMAML(MAML):
     """A learned initialization, adapted by gradient descent on the proximally regularised support loss."""
 
     name = "imaml"
+    Options = IMAMLOptions
+    spec_class = "imaml"
+    spec_args = ("inner_lr", "inner_steps", "eval_steps", "trainable", "estimators", "trains")
 
     def __init__(self, model: nn.Module, problem: Problem, inner_lr: float, inner_steps: int = 10,
-                 eval_steps: int | None = None, reg: float = DEFAULT_REG, inner_tol: float = 0.0,
-                 trainable: str = "all", name: str | None = None,
-                 estimators: tuple[str, ...] = ("implicit", "second-order", "first-order"), trains: bool = True):
-        if reg <= 0:
-            raise ValueError(f"iMAML's regularization λ must be > 0, got {reg}")
+                 eval_steps: int | None = None, options: IMAMLOptions | None = None, trainable: str = "all",
+                 name: str | None = None, estimators: tuple[str, ...] = ("implicit", "second-order", "first-order"),
+                 trains: bool = True):
+        options = options if options is not None else IMAMLOptions()
+        if not options.reg > 0:
+            raise UsageError(f"iMAML's regularization λ (--reg) must be > 0, got {options.reg}")
         super().__init__(model, problem, SGD(inner_lr), inner_steps, eval_steps, trainable=trainable,
-                         name=name or "imaml", estimators=estimators, trains=trains)
-        self.reg = float(reg)
-        self.inner_tol = float(inner_tol)
+                         name=name or "imaml", estimators=estimators, trains=trains, options=options)
+        self.reg = float(options.reg)
+        self.inner_tol = float(options.inner_tol)
+
+    @property
+    def inner_lr(self) -> float:
+        return self.rule.lr
 
     def _proximal_loss(self, support: Any, anchor: Params):
         """θ ↦ L_S(θ) + λ/2 ‖θ − anchor‖² over the adapted parameters."""
@@ -69,13 +85,12 @@ class IMAML(MAML):
             return support_loss(params) + 0.5 * self.reg * prox
         return loss
 
-    def learn(self, phi: Params, support: Any, steps: int | None = None, first_order: bool = False) -> Params:
+    def learn(self, phi: Params, support: Any, steps: int | None = None, unroll: Unroll = Unroll()) -> Params:
         steps = self.inner_steps if steps is None else steps
         init = prefixed(phi, "init")
         # first order: the pull toward φ is a constant too, so dθ_k/dφ = I as in first-order MAML
-        anchor = detach(init) if first_order else init
-        return adapt(self._proximal_loss(support, anchor), init, self.rule, {}, steps, first_order=first_order,
-                     trainable=self._adapted)
+        anchor = detach(init) if unroll.first_order else init
+        return adapt(self._proximal_loss(support, anchor), init, self.rule, {}, steps, unroll, trainable=self._adapted)
 
     def evaluate(self, phi: Params, task: Task, steps: int | None = None) -> Tensor:
         steps = self.eval_steps if steps is None else steps
@@ -83,7 +98,7 @@ class IMAML(MAML):
         init = detach(prefixed(phi, "init"))
         scores = []
         for params in adapt_steps(self._proximal_loss(task.support, init), init, self.rule, {}, steps,
-                                  first_order=True, trainable=self._adapted):
+                                  FIRST_ORDER, trainable=self._adapted):
             with torch.no_grad():
                 scores.append(self.problem.score(call(self.model, params, xq), yq))
         return torch.stack(scores)
@@ -121,18 +136,6 @@ class IMAML(MAML):
 
         return Bilevel(inner_loss, self.solve(phi, task.support, batched), outer_loss, step_size=self.rule.lr)
 
-    def spec(self) -> dict:
-        return {"class": "imaml", "name": self.name, "model": self.model.spec, "problem": self.problem.name,
-                "inner_lr": self.rule.lr, "inner_steps": self.inner_steps, "eval_steps": self.eval_steps,
-                "reg": self.reg, "inner_tol": self.inner_tol, "trainable": self.trainable,
-                "estimators": list(self.estimators), "trains": self.trains}
 
-
-def imaml(benchmark, ways, inner_lr, inner_steps=10, eval_steps=None) -> IMAML:
-    return IMAML(task_model(benchmark, ways), benchmark.problem, inner_lr, inner_steps, eval_steps)
-
-
-def imaml_from_spec(spec: dict) -> IMAML:
-    return IMAML(build_model(spec["model"]), problem_named(spec["problem"]), spec["inner_lr"], spec["inner_steps"],
-                 spec["eval_steps"], spec["reg"], spec["inner_tol"], spec["trainable"], name=spec["name"],
-                 estimators=tuple(spec["estimators"]), trains=spec["trains"])
+def imaml(benchmark, ways, inner_lr, inner_steps=10, eval_steps=None, options: IMAMLOptions | None = None) -> IMAML:
+    return IMAML(task_model(benchmark, ways), benchmark.problem, inner_lr, inner_steps, eval_steps, options)

@@ -19,45 +19,56 @@ size per coordinate as well: θ_{s+1} = θ_s − α ⊙ ∇L_S(θ_s), φ = (θ�
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from metaphi.functional import Params, call, params_of, prefixed, with_prefix
-from metaphi.models import build_model
-from metaphi.inner import SGD, MetaSGD, UpdateRule, adapt, adapt_steps, build_rule
+from metaphi.inner import FIRST_ORDER, SGD, MetaSGD, Unroll, UpdateRule, adapt, adapt_steps, build_rule
 from metaphi.tasks import Task
-from metaphi.algorithms.base import Algorithm, Problem, problem_named
+from metaphi.algorithms.base import Algorithm, Problem
+
+
+@dataclass
+class MAMLOptions:
+    """The MAML family has no options beyond the run's inner loop (``--inner-lr``, ``--inner-steps``,
+    ``--eval-steps``): its variants are named algorithms (fomaml, anil, metasgd, reptile)."""
 
 
 class MAML(Algorithm):
     """Learn an initialization by backpropagating through ``inner_steps`` of the update rule.
 
     ``trainable`` = ``"all"`` adapts every parameter, ``"head"`` only the last layer (ANIL).
-    ``first_order`` makes ``task_loss`` default to the first-order approximation.
+    ``estimators``: the ways of optimizing φ that apply, the first the default (first-order MAML is
+    this algorithm with "first-order" first: how the inner loop is unrolled is the estimator's choice).
+    ``rule`` is an update rule or its spec.
     """
 
     name = "maml"
+    Options = MAMLOptions
+    spec_class = "maml"
+    spec_args = ("rule", "inner_steps", "eval_steps", "trainable", "estimators", "trains")
 
-    def __init__(self, model: nn.Module, problem: Problem, rule: UpdateRule, inner_steps: int = 1,
-                 eval_steps: int | None = None, trainable: str = "all", first_order: bool = False,
-                 name: str | None = None, estimators: tuple[str, ...] | None = None, trains: bool = True):
+    def __init__(self, model: nn.Module, problem: Problem, rule: UpdateRule | dict, inner_steps: int = 1,
+                 eval_steps: int | None = None, trainable: str = "all", name: str | None = None,
+                 estimators: tuple[str, ...] = ("second-order", "first-order"), trains: bool = True,
+                 options: MAMLOptions | None = None):
         if inner_steps < 0:
             raise ValueError("inner_steps must be >= 0")
         if trainable not in ("all", "head"):
             raise ValueError("trainable must be 'all' or 'head'")
-        self.model, self.problem, self.rule = model, problem, rule
+        self.model, self.problem = model, problem
+        self.rule = build_rule(rule) if isinstance(rule, dict) else rule
         self.inner_steps = inner_steps
         self.eval_steps = inner_steps if eval_steps is None else eval_steps
         self.trainable = trainable
-        self.first_order = first_order
         if name:
             self.name = name
-        if estimators is None:
-            estimators = ("first-order", "second-order") if first_order else ("second-order", "first-order")
         self.estimators = tuple(estimators)
         self.trains = trains
+        self.options = options if options is not None else self.Options()
         # Scoring test tasks under vmap pays for small MLPs; for convnets on a CPU the loop over
         # tasks was faster (benchmarks/engine_speed.py), so it is used there.
         self.batched_eval = problem.name == "regression"
@@ -75,14 +86,13 @@ class MAML(Algorithm):
         x, y = support
         return lambda p: self.problem.loss(call(self.model, p, x), y)
 
-    def learn(self, phi: Params, support: Any, steps: int | None = None, first_order: bool = False) -> Params:
+    def learn(self, phi: Params, support: Any, steps: int | None = None, unroll: Unroll = Unroll()) -> Params:
         steps = self.inner_steps if steps is None else steps
         return adapt(self._support_loss(support), prefixed(phi, "init"), self.rule, prefixed(phi, "rule"), steps,
-                     first_order=first_order, trainable=self._adapted)
+                     unroll, trainable=self._adapted)
 
-    def task_loss(self, phi: Params, task: Task, first_order: bool | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        first_order = self.first_order if first_order is None else first_order
-        params = self.learn(phi, task.support, first_order=first_order)
+    def task_loss(self, phi: Params, task: Task, unroll: Unroll = Unroll()) -> tuple[Tensor, dict[str, Tensor]]:
+        params = self.learn(phi, task.support, unroll=unroll)
         xq, yq = task.query
         out = call(self.model, params, xq)
         return self.problem.loss(out, yq), {self.problem.metric: self.problem.score(out, yq).detach()}
@@ -93,22 +103,16 @@ class MAML(Algorithm):
         phi = {k: v.detach() for k, v in phi.items()}
         scores = []
         for params in adapt_steps(self._support_loss(task.support), prefixed(phi, "init"), self.rule,
-                                  prefixed(phi, "rule"), steps, first_order=True, trainable=self._adapted):
+                                  prefixed(phi, "rule"), steps, FIRST_ORDER, trainable=self._adapted):
             with torch.no_grad():
                 scores.append(self.problem.score(call(self.model, params, xq), yq))
         return torch.stack(scores)
 
     def predict(self, phi: Params, support: Any, x: Tensor, steps: int | None = None) -> Tensor:
         phi = {k: v.detach() for k, v in phi.items()}
-        params = self.learn(phi, support, self.eval_steps if steps is None else steps, first_order=True)
+        params = self.learn(phi, support, self.eval_steps if steps is None else steps, unroll=FIRST_ORDER)
         with torch.no_grad():
             return call(self.model, params, x)
-
-    def spec(self) -> dict:
-        return {"class": "maml", "name": self.name, "model": self.model.spec, "problem": self.problem.name,
-                "rule": self.rule.spec(), "inner_steps": self.inner_steps, "eval_steps": self.eval_steps,
-                "trainable": self.trainable, "first_order": self.first_order,
-                "estimators": list(self.estimators), "trains": self.trains}
 
 
 def task_model(benchmark, ways: int) -> nn.Module:
@@ -116,26 +120,21 @@ def task_model(benchmark, ways: int) -> nn.Module:
     return benchmark.model(1 if benchmark.problem.name == "regression" else ways)
 
 
-def maml(benchmark, ways, inner_lr, inner_steps=1, eval_steps=None) -> MAML:
-    return MAML(task_model(benchmark, ways), benchmark.problem, SGD(inner_lr), inner_steps, eval_steps, name="maml")
+def maml(benchmark, ways, inner_lr, inner_steps=1, eval_steps=None, options: MAMLOptions | None = None) -> MAML:
+    return MAML(task_model(benchmark, ways), benchmark.problem, SGD(inner_lr), inner_steps, eval_steps, name="maml",
+                options=options)
 
 
-def fomaml(benchmark, ways, inner_lr, inner_steps=1, eval_steps=None) -> MAML:
+def fomaml(benchmark, ways, inner_lr, inner_steps=1, eval_steps=None, options: MAMLOptions | None = None) -> MAML:
     return MAML(task_model(benchmark, ways), benchmark.problem, SGD(inner_lr), inner_steps, eval_steps,
-                first_order=True, name="fomaml")
+                name="fomaml", estimators=("first-order", "second-order"), options=options)
 
 
-def anil(benchmark, ways, inner_lr, inner_steps=1, eval_steps=None) -> MAML:
+def anil(benchmark, ways, inner_lr, inner_steps=1, eval_steps=None, options: MAMLOptions | None = None) -> MAML:
     return MAML(task_model(benchmark, ways), benchmark.problem, SGD(inner_lr), inner_steps, eval_steps,
-                trainable="head", name="anil")
+                trainable="head", name="anil", options=options)
 
 
-def metasgd(benchmark, ways, inner_lr, inner_steps=1, eval_steps=None) -> MAML:
+def metasgd(benchmark, ways, inner_lr, inner_steps=1, eval_steps=None, options: MAMLOptions | None = None) -> MAML:
     return MAML(task_model(benchmark, ways), benchmark.problem, MetaSGD(inner_lr), inner_steps, eval_steps,
-                name="metasgd")
-
-
-def maml_from_spec(spec: dict) -> MAML:
-    return MAML(build_model(spec["model"]), problem_named(spec["problem"]), build_rule(spec["rule"]), spec["inner_steps"],
-                spec["eval_steps"], spec["trainable"], spec["first_order"], name=spec["name"],
-                estimators=tuple(spec["estimators"]), trains=spec["trains"])
+                name="metasgd", options=options)

@@ -23,18 +23,39 @@ recurrent weights are 4d × 2d. The LSTMs are written out in tensor operations o
 under ``torch.func.vmap``; the bidirectional LSTM reads the support set in the order given.
 
 The paper's softmax is over raw cosine similarities, which are bounded by 1: with 5 classes the
-largest possible probability is about 0.65. ``scale`` multiplies the similarities (1 = the paper).
+largest possible probability is about 0.65. ``attention_scale`` multiplies the similarities (1 = the paper).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from metaphi.config import UsageError, option
 from metaphi.functional import Params, prefixed, with_prefix
-from metaphi.models import build_model
+from metaphi.algorithms.base import CLASSIFICATION, Problem
 from metaphi.algorithms.protonet import MetricLearner, _backbone, class_slots, cosine_similarities
+
+#: steps of the attention LSTM of full-context embeddings where none are given
+FCE_STEPS = 5
+_FCE_HELP = ("Matching Networks: full-context embeddings (a bidirectional LSTM over the support set, an attention "
+             "LSTM per query)")
+
+
+@dataclass
+class MatchingOptions:
+    fce: bool = option(False, _FCE_HELP)
+    fce_steps: int | None = option(None, f"Matching Networks with --fce: steps of the attention LSTM "
+                                   f"(none: {FCE_STEPS})", check="positive")
+    attention_scale: float = option(1.0, "Matching Networks: multiplies the cosine similarities before the "
+                                    "attention's softmax (1: the paper)", check="positive")
+
+
+@dataclass
+class MatchingFCEOptions(MatchingOptions):
+    fce: bool = option(True, _FCE_HELP)
 
 
 def attention(query_z: Tensor, support_z: Tensor, scale: float | Tensor = 1.0) -> Tensor:
@@ -84,13 +105,20 @@ def query_context(p: Params, query_z: Tensor, context: Tensor, steps: int) -> Te
 
 class MatchingNet(MetricLearner):
     spec_class = "matching"
+    Options = MatchingOptions
 
-    def __init__(self, model: nn.Module, fce: bool = False, fce_steps: int = 5, scale: float = 1.0,
+    def __init__(self, model: nn.Module, problem: Problem = CLASSIFICATION, options: MatchingOptions | None = None,
                  name: str = "matching"):
-        super().__init__(model, name)
+        options = options if options is not None else MatchingOptions()
+        super().__init__(model, name, problem, options)
+        if options.fce_steps is not None and not options.fce:
+            raise UsageError("--fce-steps applies to Matching Networks with full-context embeddings "
+                             "(--fce, matching-fce)")
+        fce_steps = FCE_STEPS if options.fce_steps is None else options.fce_steps
         if fce_steps < 1:
             raise ValueError("fce_steps must be >= 1")
-        self.fce, self.fce_steps, self.scale = fce, int(fce_steps), float(scale)
+        fce = options.fce
+        self.fce, self.fce_steps, self.scale = fce, int(fce_steps), float(options.attention_scale)
         d = model.feature_dim
         # drawn here, from the global generator the caller seeded, like the backbone's weights
         self._fce_params = {} if not fce else {
@@ -117,17 +145,12 @@ class MatchingNet(MetricLearner):
         # P is exactly 0 for an empty slot; the floor keeps log's gradient finite there
         return torch.log((a @ onehot).clamp_min(torch.finfo(a.dtype).tiny)), present
 
-    def spec(self) -> dict:
-        return {**super().spec(), "fce": self.fce, "fce_steps": self.fce_steps, "scale": self.scale}
+
+def matching(benchmark, ways: int, inner_lr: float = 0.0, inner_steps: int = 0, eval_steps=None,
+             options: MatchingOptions | None = None) -> MatchingNet:
+    return MatchingNet(_backbone(benchmark, ways), options=options, name="matching")
 
 
-def matching(benchmark, ways: int, inner_lr: float = 0.0, inner_steps: int = 0, eval_steps=None) -> MatchingNet:
-    return MatchingNet(_backbone(benchmark, ways), fce=False, name="matching")
-
-
-def matching_fce(benchmark, ways: int, inner_lr: float = 0.0, inner_steps: int = 0, eval_steps=None) -> MatchingNet:
-    return MatchingNet(_backbone(benchmark, ways), fce=True, name="matching-fce")
-
-
-def matching_from_spec(spec: dict) -> MatchingNet:
-    return MatchingNet(build_model(spec["model"]), spec["fce"], spec["fce_steps"], spec["scale"], name=spec["name"])
+def matching_fce(benchmark, ways: int, inner_lr: float = 0.0, inner_steps: int = 0, eval_steps=None,
+                 options: MatchingOptions | None = None) -> MatchingNet:
+    return MatchingNet(_backbone(benchmark, ways), options=options or MatchingFCEOptions(), name="matching-fce")

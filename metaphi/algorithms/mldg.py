@@ -21,7 +21,8 @@ they are (domain generalization) or fine-tuned on K labelled examples per class 
 * first order: the Hessian term is dropped, ∇_θ L ≈ ∇F(θ) + β ∇G(θ') (the form DomainBed runs).
 
 Both come from the core's ``Unrolled`` estimator: ``task_loss`` is L for one split, and the virtual
-step is ``metaphi.inner.adapt`` with one SGD step, whose ``first_order`` flag drops the Hessian.
+step is ``metaphi.inner.adapt`` with one SGD step, unrolled as the estimator says (``Unroll``):
+its ``first_order`` drops the Hessian.
 
 ERM, "Deep-All" in the paper: one network trained on all source domains pooled, the baseline
 every domain generalization method is measured against; here it is fed the same batches as MLDG
@@ -45,70 +46,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from metaphi.functional import Params, call, params_of, prefixed, with_prefix
-from metaphi.inner import SGD, adapt, adapt_steps
-from metaphi.models import build_model
+from metaphi.inner import FIRST_ORDER, SGD, Unroll, adapt, adapt_steps
+from metaphi.models import GroupNorm, build_model
+from metaphi.models import GroupNormConvNet as ConvNet
 from metaphi.tasks import Task
 from metaphi.algorithms.base import CLASSIFICATION, Algorithm, Problem, problem_named
-
-
-class GroupNorm(nn.Module):
-    """Group normalization (Wu & He 2018) in plain tensor operations: per example, no batch statistics.
-
-    Batch statistics would normalise every test batch of the held-out domain with that domain's own
-    statistics, which is a form of unsupervised adaptation (AdaBN), and would mix the domains of a
-    pooled batch; per-example statistics keep domain generalization honest. Written in plain tensor
-    operations, as TaskBatchNorm is, so second derivatives under ``vmap`` use no fused kernel.
-    """
-
-    def __init__(self, channels: int, groups: int = 4, eps: float = 1e-5):
-        super().__init__()
-        if channels % groups:
-            raise ValueError(f"{channels} channels do not split into {groups} groups")
-        self.groups, self.eps = groups, eps
-        self.weight = nn.Parameter(torch.ones(channels))
-        self.bias = nn.Parameter(torch.zeros(channels))
-
-    def forward(self, x: Tensor) -> Tensor:
-        n, c = x.shape[:2]
-        g = x.reshape(n, self.groups, -1)
-        mean = g.mean(-1, keepdim=True)
-        var = g.var(-1, keepdim=True, unbiased=False)
-        g = (g - mean) * torch.rsqrt(var + self.eps)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        return g.reshape(x.shape) * self.weight.view(shape) + self.bias.view(shape)
-
-
-class ConvNet(nn.Module):
-    """A small convnet for domain generalization: ``blocks`` x (3x3 conv stride 2, group norm, ReLU),
-    features averaged over space, a linear head. No batch statistics (see GroupNorm)."""
-
-    def __init__(self, in_channels: int = 1, out_features: int = 10, hidden: int = 32, blocks: int = 4,
-                 groups: int = 4):
-        super().__init__()
-        self.spec = {"name": "dg-convnet", "in_channels": in_channels, "out_features": out_features,
-                     "hidden": hidden, "blocks": blocks, "groups": groups}
-        layers: list[nn.Module] = []
-        channels = in_channels
-        for _ in range(blocks):
-            layers += [nn.Conv2d(channels, hidden, 3, stride=2, padding=1), GroupNorm(hidden, groups), nn.ReLU()]
-            channels = hidden
-        self.body = nn.Sequential(*layers)
-        self.feature_dim = hidden
-        self.head = nn.Linear(hidden, out_features)
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.body(x).mean(dim=(2, 3))
-
-    def forward(self, x: Tensor, features: bool = False) -> Tensor:
-        """Logits, or with ``features`` the penultimate features (so a functional call can stop there)."""
-        h = self.features(x)
-        return h if features else self.head(h)
-
-
-def model_from_spec(spec: dict) -> nn.Module:
-    if spec["name"] == "dg-convnet":
-        return ConvNet(**{k: v for k, v in spec.items() if k != "name"})
-    return build_model(spec)
 
 
 def _pooled(batch: Any) -> tuple[Tensor, Tensor]:
@@ -159,7 +101,7 @@ class DomainLearner(Algorithm):
         if len(ys) == 0:
             steps = 0
         if self.adapt_params == "all":
-            for params in adapt_steps(self._loss(xs, ys), theta, self.adapt_rule, {}, steps, first_order=True):
+            for params in adapt_steps(self._loss(xs, ys), theta, self.adapt_rule, {}, steps, FIRST_ORDER):
                 with torch.no_grad():
                     yield call(self.model, params, x)
             return
@@ -168,7 +110,7 @@ class DomainLearner(Algorithm):
             fx = call(self.model, theta, x, features=True)
         head = {"weight": theta["head.weight"], "bias": theta["head.bias"]}
         loss = lambda p: self.problem.loss(F.linear(fs, p["weight"], p["bias"]), ys)
-        for params in adapt_steps(loss, head, self.adapt_rule, {}, steps, first_order=True):
+        for params in adapt_steps(loss, head, self.adapt_rule, {}, steps, FIRST_ORDER):
             yield F.linear(fx, params["weight"], params["bias"]).detach()
 
     def evaluate(self, phi: Params, task: Task, steps: int | None = None) -> Tensor:
@@ -199,7 +141,7 @@ class ERM(DomainLearner):
     method = "erm"
     estimators = ("first-order", "second-order")  # no inner step: both give the plain gradient
 
-    def task_loss(self, phi: Params, task: Task, first_order: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    def task_loss(self, phi: Params, task: Task, unroll: Unroll | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         xs, ys = _pooled(task.support)
         xq, yq = _pooled(task.query)
         x, y = torch.cat([xs, xq]), torch.cat([ys, yq])
@@ -212,7 +154,8 @@ class MLDG(DomainLearner):
 
     ``inner_lr`` α and ``inner_steps`` (1 in the paper) shape the virtual step, ``beta`` β weighs
     the meta-test loss, ``meta_test`` is how many source domains each split holds out, and
-    ``first_order`` makes ``task_loss`` default to the first-order form.
+    ``first_order`` makes ``task_loss`` default to the first-order form (when it is handed no ``Unroll``)
+    and the first-order estimator the default.
     """
 
     name = "mldg"
@@ -230,8 +173,8 @@ class MLDG(DomainLearner):
         self.name = name or ("mldg-fo" if first_order else "mldg")
         self.estimators = ("first-order", "second-order") if first_order else ("second-order", "first-order")
 
-    def task_loss(self, phi: Params, task: Task, first_order: bool | None = None) -> tuple[Tensor, dict[str, Tensor]]:
-        first_order = self.first_order if first_order is None else first_order
+    def task_loss(self, phi: Params, task: Task, unroll: Unroll | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        unroll = Unroll(first_order=self.first_order) if unroll is None else unroll
         theta = prefixed(phi, "init")
         xs, ys = _pooled(task.support)
         xq, yq = _pooled(task.query)
@@ -240,7 +183,7 @@ class MLDG(DomainLearner):
         metrics = self._metrics(out, ys)
         if len(yq) == 0 or self.beta == 0:  # one source domain: nothing to meta-test on, F alone (ERM)
             return meta_train, metrics
-        stepped = adapt(self._loss(xs, ys), theta, self.inner_rule, {}, self.inner_steps, first_order=first_order)
+        stepped = adapt(self._loss(xs, ys), theta, self.inner_rule, {}, self.inner_steps, unroll)
         out_q = call(self.model, stepped, xq)
         meta_test = self.problem.loss(out_q, yq)
         metrics.update(meta_train_loss=meta_train.detach(), meta_test_loss=meta_test.detach(),
@@ -268,7 +211,7 @@ def create(method: str, model: nn.Module, problem: Problem = CLASSIFICATION, inn
 
 
 def mldg_from_spec(spec: dict) -> DomainLearner:
-    model, problem = model_from_spec(spec["model"]), problem_named(spec["problem"])
+    model, problem = build_model(spec["model"]), problem_named(spec["problem"])
     common = dict(adapt_lr=spec["adapt_lr"], eval_steps=spec["eval_steps"], adapt_params=spec["adapt_params"])
     if spec["method"] == "erm":
         return ERM(model, problem, **common)

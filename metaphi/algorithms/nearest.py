@@ -10,7 +10,7 @@ from torch import Tensor
 
 from metaphi.functional import Params
 from metaphi.tasks import Task
-from metaphi.algorithms.base import Algorithm, problem_named
+from metaphi.algorithms.base import CLASSIFICATION, Algorithm, NoOptions, Problem
 
 
 class PixelNN(Algorithm):
@@ -18,9 +18,13 @@ class PixelNN(Algorithm):
     estimators = ()
     trains = False
     batched_eval = False
+    spec_class = "pixel-nn"
 
-    def __init__(self, problem):
+    def __init__(self, problem: Problem = CLASSIFICATION, options: NoOptions | None = None, name: str | None = None):
         self.problem = problem
+        self.options = options if options is not None else NoOptions()
+        if name:
+            self.name = name
 
     def init_meta_params(self) -> Params:
         return {}
@@ -41,15 +45,9 @@ class PixelNN(Algorithm):
     def predict(self, phi: Params, support: Any, x: Tensor, steps: int | None = None) -> Tensor:
         return self._logits(support, x)
 
-    def spec(self) -> dict:
-        return {"class": "pixel-nn", "name": self.name, "problem": self.problem.name}
 
-
-def pixel_nn(benchmark, ways, inner_lr, inner_steps=0, eval_steps=0) -> PixelNN:
+def pixel_nn(benchmark, ways, inner_lr, inner_steps=0, eval_steps=0, options: NoOptions | None = None) -> PixelNN:
     if benchmark.problem.name != "classification":
         raise ValueError("pixel-nn classifies; it does not apply to regression benchmarks")
-    return PixelNN(benchmark.problem)
+    return PixelNN(benchmark.problem, options)
 
-
-def pixel_nn_from_spec(spec: dict) -> PixelNN:
-    return PixelNN(problem_named(spec["problem"]))

@@ -27,16 +27,18 @@ of every softmax. The result equals the unpadded computation, for any number of 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metaphi.config import UsageError, option
 from metaphi.functional import Params, call, params_of, prefixed, with_prefix
-from metaphi.models import build_model
+from metaphi.inner import Unroll
 from metaphi.tasks import DataError, Task
-from metaphi.algorithms.base import CLASSIFICATION, Algorithm
+from metaphi.algorithms.base import CLASSIFICATION, Algorithm, Problem
 
 
 class _Method(nn.Module):
@@ -94,9 +96,12 @@ class MetricLearner(Algorithm):
     #: trains and tests on tasks with any number of classes (``--train-ways`` may differ from ``--ways``)
     any_ways = True
 
-    def __init__(self, model: nn.Module, name: str):
+    def __init__(self, model: nn.Module, name: str, problem: Problem = CLASSIFICATION, options: Any = None):
+        if problem.name != "classification":
+            raise ValueError(f"metric learners classify; {name} does not apply to {problem.name}")
         self.model, self.name = model, name
         self.problem = CLASSIFICATION
+        self.options = options if options is not None else self.Options()
         self._features = _Method(model, "features")
         self._embed_keys = [k for k, _ in model.named_parameters() if not k.startswith("head.")]
 
@@ -122,7 +127,7 @@ class MetricLearner(Algorithm):
     def _query_loss(self, scores: Tensor, present: Tensor, yq: Tensor) -> Tensor:
         return F.cross_entropy(masked(scores, present), yq)
 
-    def task_loss(self, phi: Params, task: Task, first_order: bool | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    def task_loss(self, phi: Params, task: Task, unroll: Unroll = Unroll()) -> tuple[Tensor, dict[str, Tensor]]:
         xq, yq = task.query
         scores, present = self.scores(phi, task.support, xq)
         accuracy = (masked(scores, present).argmax(-1) == yq).float().mean()
@@ -142,18 +147,39 @@ class MetricLearner(Algorithm):
             scores, _ = self.scores({k: v.detach() for k, v in phi.items()}, support, x)
         return scores[:, :ways]
 
-    def spec(self) -> dict:
-        return {"class": self.spec_class, "name": self.name, "model": self.model.spec}
+
+#: the initial scale s of cosine logits where none is given
+COSINE_SCALE = 10.0
+
+
+@dataclass
+class ProtoNetOptions:
+    distance: str = option("euclidean", "ProtoNet: squared euclidean distance (the paper) or cosine with a learned "
+                           "scale", choices=("euclidean", "cosine"))
+    cosine_scale: float | None = option(None, f"ProtoNet with cosine distance: the learned scale's initial value "
+                                        f"(none: {COSINE_SCALE:g})", check="positive")
+
+
+@dataclass
+class ProtoNetCosineOptions(ProtoNetOptions):
+    distance: str = option("cosine", "ProtoNet: squared euclidean distance (the paper) or cosine with a learned "
+                           "scale", choices=("euclidean", "cosine"))
 
 
 class ProtoNet(MetricLearner):
     spec_class = "protonet"
+    Options = ProtoNetOptions
 
-    def __init__(self, model: nn.Module, distance: str = "euclidean", scale: float = 10.0, name: str = "protonet"):
-        if distance not in ("euclidean", "cosine"):
+    def __init__(self, model: nn.Module, problem: Problem = CLASSIFICATION, options: ProtoNetOptions | None = None,
+                 name: str = "protonet"):
+        options = options if options is not None else ProtoNetOptions()
+        if options.distance not in ("euclidean", "cosine"):
             raise ValueError("distance must be 'euclidean' or 'cosine'")
-        super().__init__(model, name)
-        self.distance, self.initial_scale = distance, float(scale)
+        if options.distance != "cosine" and options.cosine_scale is not None:
+            raise UsageError("--cosine-scale applies to ProtoNet with --distance cosine (protonet-cosine)")
+        super().__init__(model, name, problem, options)
+        self.distance = options.distance
+        self.initial_scale = COSINE_SCALE if options.cosine_scale is None else float(options.cosine_scale)
 
     def _extra_params(self) -> Params:
         return {"scale": torch.tensor(self.initial_scale)} if self.distance == "cosine" else {}
@@ -166,9 +192,6 @@ class ProtoNet(MetricLearner):
             return -squared_distances(zq, protos), present
         return phi["scale"] * cosine_similarities(zq, protos), present
 
-    def spec(self) -> dict:
-        return {**super().spec(), "distance": self.distance, "scale": self.initial_scale}
-
 
 def _backbone(benchmark, ways: int) -> nn.Module:
     if benchmark.problem.name != "classification":
@@ -177,13 +200,11 @@ def _backbone(benchmark, ways: int) -> nn.Module:
     return benchmark.model(ways)
 
 
-def protonet(benchmark, ways: int, inner_lr: float = 0.0, inner_steps: int = 0, eval_steps=None) -> ProtoNet:
-    return ProtoNet(_backbone(benchmark, ways), "euclidean", name="protonet")
+def protonet(benchmark, ways: int, inner_lr: float = 0.0, inner_steps: int = 0, eval_steps=None,
+             options: ProtoNetOptions | None = None) -> ProtoNet:
+    return ProtoNet(_backbone(benchmark, ways), options=options, name="protonet")
 
 
-def protonet_cosine(benchmark, ways: int, inner_lr: float = 0.0, inner_steps: int = 0, eval_steps=None) -> ProtoNet:
-    return ProtoNet(_backbone(benchmark, ways), "cosine", name="protonet-cosine")
-
-
-def protonet_from_spec(spec: dict) -> ProtoNet:
-    return ProtoNet(build_model(spec["model"]), spec["distance"], spec["scale"], name=spec["name"])
+def protonet_cosine(benchmark, ways: int, inner_lr: float = 0.0, inner_steps: int = 0, eval_steps=None,
+                    options: ProtoNetOptions | None = None) -> ProtoNet:
+    return ProtoNet(_backbone(benchmark, ways), options=options or ProtoNetCosineOptions(), name="protonet-cosine")

@@ -23,14 +23,16 @@ batch-norm statistics, of the loss and of the argmax, so the result equals the u
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metaphi.config import option
 from metaphi.functional import Params, call, prefixed, with_prefix
-from metaphi.models import build_model
+from metaphi.algorithms.base import CLASSIFICATION, Problem
 from metaphi.algorithms.protonet import MetricLearner, _backbone, class_slots, masked
 
 
@@ -71,15 +73,22 @@ class RelationModule(nn.Module):
         return self.fc2(h).squeeze(-1)
 
 
+@dataclass
+class RelationOptions:
+    relation_hidden: int = option(8, "Relation Networks: units of the relation module's hidden layer", check="positive")
+
+
 class RelationNet(MetricLearner):
     spec_class = "relation"
+    Options = RelationOptions
 
-    def __init__(self, model: nn.Module, hidden: int = 8, name: str = "relation"):
+    def __init__(self, model: nn.Module, problem: Problem = CLASSIFICATION, options: RelationOptions | None = None,
+                 name: str = "relation"):
         if not hasattr(model, "pool"):
             raise ValueError("Relation Networks compare feature maps and need a convolutional backbone (conv4)")
-        super().__init__(model, name)
-        self.hidden = hidden
-        self.relation = RelationModule(model.spec["hidden"], hidden)
+        super().__init__(model, name, problem, options)
+        self.hidden = self.options.relation_hidden
+        self.relation = RelationModule(model.spec["hidden"], self.hidden)
 
     def _extra_params(self) -> Params:
         return with_prefix({k: v.detach().clone() for k, v in self.relation.named_parameters()}, "relation")
@@ -102,13 +111,7 @@ class RelationNet(MetricLearner):
         weight = present.to(scores.dtype).expand_as(scores)
         return ((torch.sigmoid(scores) - target).pow(2) * weight).sum() / weight.sum()
 
-    def spec(self) -> dict:
-        return {**super().spec(), "hidden": self.hidden}
 
-
-def relation(benchmark, ways: int, inner_lr: float = 0.0, inner_steps: int = 0, eval_steps=None) -> RelationNet:
-    return RelationNet(_backbone(benchmark, ways), name="relation")
-
-
-def relation_from_spec(spec: dict) -> RelationNet:
-    return RelationNet(build_model(spec["model"]), spec["hidden"], name=spec["name"])
+def relation(benchmark, ways: int, inner_lr: float = 0.0, inner_steps: int = 0, eval_steps=None,
+             options: RelationOptions | None = None) -> RelationNet:
+    return RelationNet(_backbone(benchmark, ways), options=options, name="relation")

@@ -29,16 +29,18 @@ from a self-supervised body is ``metaphi run maml --init ssl:CHECKPOINT``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from metaphi.config import option
 from metaphi.functional import Params, call, params_of, prefixed, with_prefix
-from metaphi.models import build_model
+from metaphi.inner import Unroll
 from metaphi.tasks import DataError, Task
-from metaphi.algorithms.base import CLASSIFICATION
+from metaphi.algorithms.base import CLASSIFICATION, Problem
 from metaphi.algorithms.baselines import Pretrain
 from metaphi.algorithms.protonet import _Method
 
@@ -108,21 +110,43 @@ def augment(x: Tensor, generator: torch.Generator, rotate: float = 15.0, scale: 
     return views.masked_fill(patch.unsqueeze(1).to(views.device), 0.0)
 
 
+_BATCH_HELP = "self-supervised pre-training: images per batch"
+
+
+@dataclass
+class RotationOptions:
+    batch_size: int = option(64, _BATCH_HELP, check="positive")
+
+
+@dataclass
+class SimCLROptions:
+    batch_size: int = option(64, _BATCH_HELP, check="positive")
+    temperature: float = option(0.5, "SimCLR: τ of the NT-Xent loss", check="positive")
+
+
 class SSL(Pretrain):
     """Self-supervised pre-training of the benchmark's network, then fine-tuning on each task.
 
     φ = {"init.*": the network (body and its pretext head)} ∪ {"proj.*": SimCLR's hidden projection
     layer}. A meta-batch is ``meta_batch`` batches of ``batch_size`` training images, labels dropped.
+    The options are ``RotationOptions`` or, for SimCLR, ``SimCLROptions``.
     """
 
     name = "ssl"
+    spec_class = "ssl"
+    spec_args = ("objective", "inner_lr", "eval_steps")
 
     def __init__(self, model: nn.Module, objective: str, inner_lr: float, eval_steps: int = 20,
-                 batch_size: int = 64, temperature: float = 0.5, name: str | None = None):
+                 options: RotationOptions | None = None, name: str | None = None, problem: Problem = CLASSIFICATION):
         if objective not in OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}")
-        super().__init__(model, CLASSIFICATION, inner_lr, eval_steps, batch_size)
-        self.objective, self.temperature = objective, float(temperature)
+        kind = self.options_for({"objective": objective})
+        options = options if options is not None else kind()
+        if type(options) is not kind:
+            raise TypeError(f"ssl-{objective} takes {kind.__name__}, not {type(options).__name__}")
+        super().__init__(model, problem, inner_lr, eval_steps, options)
+        self.objective = objective
+        self.temperature = float(options.temperature) if objective == "simclr" else None
         self.name = name or f"ssl-{objective}"
         d = model.feature_dim
         self.projector = nn.Linear(d, d) if objective == "simclr" else None
@@ -149,6 +173,10 @@ class SSL(Pretrain):
 
         return sample
 
+    @classmethod
+    def options_for(cls, args: dict) -> type:
+        return SimCLROptions if args["objective"] == "simclr" else RotationOptions
+
     def pretext_loss(self, phi: Params, task: Task) -> tuple[Tensor, dict[str, Tensor]]:
         init = prefixed(phi, "init")
         if self.objective == "rotation":
@@ -160,16 +188,11 @@ class SSL(Pretrain):
         z = call(self.model.head, prefixed(init, "head"), torch.relu(call(self.projector, prefixed(phi, "proj"), features)))
         return nt_xent(z[: first.shape[0]], z[first.shape[0]:], self.temperature), {}
 
-    def task_loss(self, phi: Params, task: Task, first_order: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    def task_loss(self, phi: Params, task: Task, unroll: Unroll = Unroll()) -> tuple[Tensor, dict[str, Tensor]]:
         return self.pretext_loss(phi, task)
 
-    def spec(self) -> dict:
-        return {"class": "ssl", "name": self.name, "objective": self.objective, "model": self.model.spec,
-                "rule": self.rule.spec(), "eval_steps": self.eval_steps, "batch_size": self.batch_size,
-                "temperature": self.temperature}
 
-
-def _ssl(benchmark, objective: str, inner_lr: float, eval_steps) -> SSL:
+def _ssl(benchmark, objective: str, inner_lr: float, eval_steps, options) -> SSL:
     if benchmark.problem.name != "classification":
         raise DataError(f"self-supervised pre-training here is for images; benchmark '{benchmark.name}' is "
                         f"{benchmark.problem.name}")
@@ -177,20 +200,17 @@ def _ssl(benchmark, objective: str, inner_lr: float, eval_steps) -> SSL:
     model = benchmark.model(4)
     if objective == "simclr":
         model = benchmark.model(model.feature_dim)
-    return SSL(model, objective, inner_lr, 20 if eval_steps is None else eval_steps)
+    return SSL(model, objective, inner_lr, 20 if eval_steps is None else eval_steps, options)
 
 
-def ssl_rotation(benchmark, ways: int, inner_lr: float, inner_steps: int = 0, eval_steps=None) -> SSL:
-    return _ssl(benchmark, "rotation", inner_lr, eval_steps)
+def ssl_rotation(benchmark, ways: int, inner_lr: float, inner_steps: int = 0, eval_steps=None,
+                 options: RotationOptions | None = None) -> SSL:
+    return _ssl(benchmark, "rotation", inner_lr, eval_steps, options)
 
 
-def ssl_simclr(benchmark, ways: int, inner_lr: float, inner_steps: int = 0, eval_steps=None) -> SSL:
-    return _ssl(benchmark, "simclr", inner_lr, eval_steps)
-
-
-def ssl_from_spec(spec: dict) -> SSL:
-    return SSL(build_model(spec["model"]), spec["objective"], spec["rule"]["lr"], spec["eval_steps"],
-               spec["batch_size"], spec["temperature"], name=spec["name"])
+def ssl_simclr(benchmark, ways: int, inner_lr: float, inner_steps: int = 0, eval_steps=None,
+               options: SimCLROptions | None = None) -> SSL:
+    return _ssl(benchmark, "simclr", inner_lr, eval_steps, options)
 
 
 # --- starting a learner from a trained body --------------------------------------------------------

@@ -24,12 +24,12 @@ validation batch), so the library's estimators serve it unchanged:
 
 The search alternates (DARTS' online scheme): one update of φ from the estimator, then one real
 training step of θ on a batch augmented with the current policy's hard gates. Every step's
-randomness comes from a generator seeded by (seed, step), so a resumed search replays exactly.
+randomness comes from a generator seeded by (seed, step), so a resumed search replays exactly; the
+loop is ``metaphi.train_online``.
 """
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -39,7 +39,8 @@ from torch import Tensor, nn
 
 from metaphi.functional import Params, call, detach
 from metaphi.functional import accuracy as functional_accuracy
-from metaphi.inner import SGD, adapt
+from metaphi.inner import SGD, Unroll, adapt
+from metaphi.inner.rules import MomentumSGD, TorchAdam
 from metaphi.tasks import Task
 from metaphi.augment import policy as P
 
@@ -81,9 +82,9 @@ class LookaheadAugment:
         level = phi["aug.level"] @ P.level_values(phi["aug.level"].dtype, phi["aug.level"].device)
         return phi["aug.apply"].expand(noise["gate"].shape[0], -1), level
 
-    def task_loss(self, phi: Params, task: Task, first_order: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
-        if first_order and torch.is_grad_enabled() and any(v.requires_grad for v in phi.values()):
-            # values alone (ES scores members under no_grad with first_order=True) are the same either way
+    def task_loss(self, phi: Params, task: Task, unroll: Unroll = Unroll()) -> tuple[Tensor, dict[str, Tensor]]:
+        if unroll.first_order and torch.is_grad_enabled() and any(v.requires_grad for v in phi.values()):
+            # values alone (ES scores members under no_grad, first-order) are the same either way
             raise ValueError("the augmentation policy enters the validation loss only through the training "
                              "gradient, so its first-order meta-gradient is zero; use the second-order, "
                              "reinforce or es estimator")
@@ -107,21 +108,16 @@ def lookahead_task(theta: Params, x: Tensor, y: Tensor, noise: dict[str, Tensor]
 
 # --- training a model with a policy -----------------------------------------------------------------
 
-def sgd_step(params: Params, velocity: Params, grads: Params, lr: float, momentum: float,
-             weight_decay: float) -> tuple[Params, Params]:
-    """Heavy-ball SGD, θ ← θ − α v with v ← μ v + ∇ + λ θ (torch.optim.SGD's update), out of place."""
-    velocity = {k: momentum * velocity[k] + grads[k] + weight_decay * params[k] for k in params}
-    return {k: params[k] - lr * velocity[k] for k in params}, velocity
-
-
 def train_step(model: nn.Module, params: Params, velocity: Params, x: Tensor, y: Tensor, policy: P.Policy,
                generator: torch.Generator, lr: float, momentum: float, weight_decay: float,
                space: P.Space = P.Space()) -> tuple[Params, Params, float]:
+    """One step of heavy-ball SGD (``MomentumSGD``: torch.optim.SGD's update, out of place) on a batch
+    augmented by ``policy``; returns (params, velocity, loss)."""
     x_aug = P.augment(x, policy, generator, space)
     params_req = {k: v.detach().requires_grad_() for k, v in params.items()}
     loss = F.cross_entropy(call(model, params_req, x_aug), y)
     grads = dict(zip(params_req, torch.autograd.grad(loss, list(params_req.values()))))
-    new, velocity = sgd_step(detach(params), velocity, grads, lr, momentum, weight_decay)
+    new, velocity = MomentumSGD(lr, momentum, weight_decay).update(detach(params), grads, velocity, {})
     return new, velocity, float(loss.detach())
 
 
@@ -187,17 +183,12 @@ def build_search(model: nn.Module, config: SearchConfig):
     algo = LookaheadAugment(model, config.lr, space, config.temperature, config.straight_through,
                             "discrete" if config.method == "reinforce" else "relaxed")
     options = {"samples": config.samples} if config.method == "reinforce" else \
-        {"population": 2 * config.population, "sigma": config.sigma, "vectorize": False} \
-        if config.method == "es" else {}
-    estimator = build_estimator(ESTIMATOR_OF[config.method], **options)
+        {"population": 2 * config.population, "sigma": config.sigma, "loop": True} \
+        if config.method == "es" else {"loop": True}
+    estimator = build_estimator(ESTIMATOR_OF[config.method], options)
     if hasattr(estimator, "start"):
         estimator.start(config.seed)
     return algo, estimator, algo.init_meta_params(config.init_prob, config.init_magnitude)
-
-
-def step_generator(seed: int, step: int) -> torch.Generator:
-    from metaphi.outer.es import derived_seed
-    return torch.Generator().manual_seed(derived_seed(seed + 7919, step))
 
 
 def search(model: nn.Module, init: Params, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor],
@@ -205,67 +196,43 @@ def search(model: nn.Module, init: Params, train: tuple[Tensor, Tensor], val: tu
            on_step: Callable[[int, dict], None] | None = None) -> dict:
     """Search a policy; returns {"phi", "policy", "history", "wall_s", "config"}.
 
-    ``init``: the model's starting weights θ₀. With ``checkpoint`` the state is saved every
+    One step of ``metaphi.train_online``: φ takes an Adam step (``TorchAdam``) on the estimator's
+    gradient of the lookahead loss, then θ a momentum-SGD step on a batch augmented with the new
+    policy. ``init``: the model's starting weights θ₀. With ``checkpoint`` the state is saved every
     ``checkpoint_every`` steps and at the end, and a search with the same configuration resumes from
-    it. A non-finite validation loss stops with ``NonFiniteLoss`` (the last checkpoint is kept).
+    it. A non-finite loss stops with ``NonFiniteLoss`` (the last checkpoint is kept).
+    ``on_step(step, record)`` after each step (``step`` from 1).
     """
-    from metaphi.tasks import atomic_save
-    from metaphi.train import NonFiniteLoss
+    from metaphi import train_online
+
     algo, estimator, phi = build_search(model, config)
-    optimizer = torch.optim.Adam(list(phi.values()), lr=config.policy_lr)
-    theta, velocity = detach(init), {k: torch.zeros_like(v) for k, v in init.items()}
-    step, history, wall = 0, [], 0.0
-    cfg = config.to_dict()
-    if checkpoint is not None:
-        import os
-        if os.path.exists(checkpoint):
-            saved = torch.load(checkpoint, weights_only=False)
-            if saved["config"] != cfg:
-                raise ValueError(f"{checkpoint} holds a search with other settings; use another --out or delete it")
-            with torch.no_grad():
-                for k in phi:
-                    phi[k].copy_(saved["phi"][k])
-            optimizer.load_state_dict(saved["optimizer"])
-            theta, velocity, step, history, wall = (saved["theta"], saved["velocity"], saved["step"],
-                                                    saved["history"], saved["wall_s"])
-            if hasattr(estimator, "load_state_dict") and saved.get("estimator") is not None:
-                estimator.load_state_dict(saved["estimator"])
-
-    def save() -> None:
-        if checkpoint is not None:
-            atomic_save({"config": cfg, "phi": detach(phi), "optimizer": optimizer.state_dict(), "theta": theta,
-                         "velocity": velocity, "step": step, "history": history, "wall_s": wall,
-                         "estimator": estimator.state_dict() if hasattr(estimator, "state_dict") else None},
-                        checkpoint)
-
+    policy_rule = TorchAdam(config.policy_lr)
+    stateful = hasattr(estimator, "state_dict")
     (x, y), (xv, yv) = train, val
-    while step < config.steps:
-        t0 = time.perf_counter()
-        g = step_generator(config.seed, step)
+
+    def step(state: dict, t: int, g: torch.Generator) -> tuple[dict, dict]:
         idx, vidx = batch_indices(len(y), config.batch, g), batch_indices(len(yv), config.val_batch, g)
         noise = P.draw_noise(len(idx), x.shape[1:], g, x.dtype)
-        task = lookahead_task(theta, x[idx], y[idx], noise, xv[vidx], yv[vidx])
-        grads, metrics = estimator(algo, phi, task)
-        if not math.isfinite(metrics["loss"]):
-            raise NonFiniteLoss(f"validation loss after the lookahead became {metrics['loss']} at step {step}; "
-                                "lower --lr or --policy-lr")
-        optimizer.zero_grad()
-        for k, v in phi.items():
-            v.grad = grads[k].to(v.dtype)
-        optimizer.step()
+        task = lookahead_task(state["theta"], x[idx], y[idx], noise, xv[vidx], yv[vidx])
+        if stateful:  # the estimator object is scratch: its state (seeded draws, baseline) lives in ours
+            estimator.load_state_dict(state["estimator"])
+        grads, metrics = estimator(algo, {k: v.detach().requires_grad_() for k, v in state["phi"].items()}, task)
+        phi, phi_opt = policy_rule.update(state["phi"], grads, state["phi_opt"], {})
         idx = batch_indices(len(y), config.batch, g)
-        theta, velocity, train_loss = train_step(model, theta, velocity, x[idx], y[idx], algo.policy(phi), g,
-                                                 config.lr, config.momentum, config.weight_decay, algo.space)
-        if not math.isfinite(train_loss):
-            raise NonFiniteLoss(f"training loss became {train_loss} at step {step}; lower --lr")
-        step += 1
-        wall += time.perf_counter() - t0
-        record = {"step": step, "val_loss": metrics["loss"], "val_acc": metrics.get("val_acc"),
-                  "train_loss": train_loss}
-        history.append(record)
-        if on_step is not None:
-            on_step(step, record)
-        if step % checkpoint_every == 0:
-            save()
-    save()
-    return {"phi": detach(phi), "policy": algo.policy(phi), "history": history, "wall_s": wall, "config": cfg}
+        theta, velocity, train_loss = train_step(model, state["theta"], state["velocity"], x[idx], y[idx],
+                                                 algo.policy(phi), g, config.lr, config.momentum, config.weight_decay,
+                                                 algo.space)
+        new = {"theta": theta, "velocity": velocity, "phi": phi, "phi_opt": phi_opt,
+               "estimator": estimator.state_dict() if stateful else None}
+        return new, {"step": t + 1, "val_loss": metrics["loss"], "val_acc": metrics.get("val_acc"),
+                     "train_loss": train_loss}
+
+    theta = detach(init)
+    start = {"theta": theta, "velocity": {k: torch.zeros_like(v) for k, v in theta.items()}, "phi": detach(phi),
+             "phi_opt": policy_rule.init(phi), "estimator": estimator.state_dict() if stateful else None}
+    cfg = config.to_dict()
+    done = train_online.run(step, start, config.steps, seed=config.seed + 7919, checkpoint=checkpoint,
+                            every=checkpoint_every, identity=cfg, on_step=on_step, hint="lower --lr or --policy-lr")
+    phi = done["state"]["phi"]
+    return {"phi": phi, "policy": algo.policy(phi), "history": done["history"], "wall_s": done["seconds"],
+            "config": cfg}

@@ -26,9 +26,9 @@ THREADS_HELP = ("torch CPU threads (default: torch's choice, lowered to the core
 
 
 #: the command modules, in the order ``metaphi --help`` lists them
-COMMANDS: tuple[str, ...] = ("metaphi.cli.run", "metaphi.experiments.predict", "metaphi.experiments.compare",
-                              "metaphi.experiments.tune", "metaphi.cli.l2o", "metaphi.experiments.domaingen",
-                              "metaphi.experiments.distill", "metaphi.cli.augment", "metaphi.cli.continual",
+COMMANDS: tuple[str, ...] = ("metaphi.cli.run", "metaphi.cli.predict", "metaphi.cli.compare",
+                              "metaphi.cli.tune", "metaphi.cli.l2o", "metaphi.cli.domaingen",
+                              "metaphi.cli.distill", "metaphi.cli.augment", "metaphi.cli.continual",
                               "metaphi.cli.nas", "metaphi.cli.reweight")
 
 
@@ -54,7 +54,10 @@ def set_threads(requested: int | None) -> None:
 def build_parser() -> argparse.ArgumentParser:
     import importlib
 
+    from metaphi import __version__
+
     parser = _Parser(prog="metaphi", description="Meta-learning on PyTorch.")
+    parser.add_argument("--version", action="version", version=f"metaphi {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for module in COMMANDS:
         importlib.import_module(module).register(sub)
@@ -62,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from metaphi.checkpoint import CheckpointError
     from metaphi.tasks import DataError
     from metaphi.train import NonFiniteLoss
 
@@ -73,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
                              "as one process")
         set_threads(getattr(args, "threads", None) or None)
         return args.func(args)
-    except (UsageError, DataError) as e:
+    except (UsageError, DataError, CheckpointError) as e:
         print(f"metaphi: error: {e}", file=sys.stderr)
         return USAGE_ERROR
     except NonFiniteLoss as e:

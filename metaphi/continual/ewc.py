@@ -34,8 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from metaphi.functional import Params, call, detach
+from dataclasses import dataclass
+
+from metaphi.config import option
+from metaphi.continual.finetune import FinetuneOptions
 from metaphi.continual.net import as_input, grad, minibatches, sgd
+from metaphi.functional import Params, call, detach
 
 
 def fisher_diagonal(net, params: Params, x: Tensor, chunk: int = 16) -> Params:
@@ -76,8 +80,17 @@ def proximal(params: Params, anchors: list[Params], fishers: list[Params], lam: 
     return out
 
 
+@dataclass
+class EWCOptions(FinetuneOptions):
+    lam: float = option(1.0, "penalty weight λ (1 is the choice on glyphs-val)", check="nonneg",
+                        flag="--ewc-lambda")
+    step: str = option("proximal", "how the penalty is stepped (see metaphi.continual.ewc)",
+                       choices=("proximal", "gradient"), flag="--ewc-step")
+
+
 class EWC:
     name = "ewc"
+    Options = EWCOptions
 
     def __init__(self, lr: float = 0.01, batch: int = 10, epochs: int = 1, lam: float = 1.0,
                  step: str = "proximal"):

@@ -8,11 +8,23 @@ experience needs and forgets the rest.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+from metaphi.config import option
 from metaphi.continual.net import grad, minibatches, sgd
+
+
+@dataclass
+class FinetuneOptions:
+    lr: float = option(0.01, "SGD step size (0.01 is finetune's and ewc's choice on "
+                       "glyphs-val; replay's was 0.1)", check="rate")
+    batch: int = option(10, "mini-batch of the stream", check="positive")
+    epochs: int = option(1, "passes over each experience", check="positive")
 
 
 class Finetune:
     name = "finetune"
+    Options = FinetuneOptions
 
     def __init__(self, lr: float = 0.01, batch: int = 10, epochs: int = 1):
         if lr <= 0 or batch < 1 or epochs < 1:

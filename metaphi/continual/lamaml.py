@@ -27,16 +27,35 @@ Meta-SGD, learned here online instead of over a task distribution.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from metaphi.inner.adapt import adapt
-from metaphi.inner.rules import MetaSGD
+from metaphi.config import option
+from metaphi.inner import MetaSGD, Unroll, adapt
 from metaphi.continual.net import loss, minibatches
 from metaphi.continual.replay import empty_memory, memory_sample, reservoir_add
 
 
+@dataclass
+class LaMAMLOptions:
+    alpha: float = option(0.3, "initial per-weight step size", check="rate")
+    alpha_lr: float = option(0.3, "step size of the step sizes", check="rate")
+    batch: int = option(10, "mini-batch of the stream", check="positive")
+    epochs: int = option(1, "passes over each experience", check="positive")
+    memory: int = option(100, "examples in memory", check="positive")
+    replay_batch: int | None = option(None, "memory examples per step (none: --batch)",
+                                      check="positive")
+    first_order: bool = option(False, "first-order meta-gradient (the inner gradients held constant)")
+    clip: float = option(2.0, "the norm the meta-gradients (and the inner gradients) are clipped to",
+                         check="rate")
+    inner_clip: str = option("norm", "clip each inner gradient by its norm or each coordinate by value",
+                             choices=("norm", "value"))
+
+
 class LaMAML:
     name = "lamaml"
+    Options = LaMAMLOptions
 
     def __init__(self, alpha: float = 0.3, alpha_lr: float = 0.3, batch: int = 10, epochs: int = 1,
                  memory: int = 100, replay_batch: int | None = None, first_order: bool = False, clip: float = 2.0,
@@ -70,7 +89,7 @@ class LaMAML:
         fast, meta_loss = theta, 0.0
         for j in range(len(y)):
             fast = adapt(lambda p, j=j: loss(net, p, x[j:j + 1], y[j:j + 1]), fast, rule, rates, 1,
-                         first_order=self.first_order)
+                         Unroll(first_order=self.first_order))
             meta_loss = meta_loss + loss(net, fast, both_x, both_y) / len(y)
         keys = list(theta)
         grads = torch.autograd.grad(meta_loss, [theta[k] for k in keys] + [lr[k] for k in keys])

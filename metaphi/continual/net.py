@@ -1,11 +1,10 @@
-"""The network every continual method trains, and the small functional pieces they share.
+"""The small functional pieces every continual method shares: loss, gradient, SGD step, accuracy,
+one pass of minibatches, and the split of a network's weights into representation and head.
 
-A continual learner updates on a few examples at a time, often one, so the network has no batch
-normalization (whose statistics of a batch of one are meaningless) and no running state: a plain
-stack of 3x3 stride-2 convolutions with ReLU, He-initialized (the representation, ``body``) and one linear layer over
-the flattened features (the prediction head, ``head``, one output per class of the stream). OML's
-representation/prediction split (Javed & White 2019) is this ``body``/``head`` split. Its weights
-live outside it as ``dict[str, Tensor]`` and are passed in at every call (``metaphi.functional``).
+The network they train is :class:`metaphi.models.PlainConvNet` (no batch normalization: a continual
+learner updates on a few examples at a time, often one). Its ``body`` is the representation and its
+``head`` the prediction layer, OML's split (Javed & White 2019). Weights live outside it as
+``dict[str, Tensor]`` and are passed in at every call (``metaphi.functional``).
 """
 from __future__ import annotations
 
@@ -17,33 +16,6 @@ from torch import Tensor, nn
 
 from metaphi.functional import Params, call
 from metaphi.functional import accuracy as functional_accuracy
-
-
-class ConvNet(nn.Module):
-    def __init__(self, in_channels: int = 1, num_classes: int = 10, hidden: int = 32, blocks: int = 4,
-                 image_size: int = 28):
-        super().__init__()
-        layers: list[nn.Module] = []
-        channels, size = in_channels, image_size
-        for _ in range(blocks):
-            conv = nn.Conv2d(channels, hidden, 3, stride=2, padding=1)
-            # He initialization: with no normalization, torch's default (which shrinks the signal by
-            # about 2.4 per layer) leaves the deep end silent and the network stuck at chance
-            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-            nn.init.zeros_(conv.bias)
-            layers += [conv, nn.ReLU()]
-            channels, size = hidden, (size + 1) // 2
-        self.body = nn.Sequential(*layers, nn.Flatten())
-        self.feature_dim = hidden * size * size
-        self.head = nn.Linear(self.feature_dim, num_classes)
-        self.spec = {"in_channels": in_channels, "num_classes": num_classes, "hidden": hidden, "blocks": blocks,
-                     "image_size": image_size}
-
-    def features(self, x: Tensor) -> Tensor:
-        return self.body(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.body(x))
 
 
 def head_keys(params: Params) -> list[str]:

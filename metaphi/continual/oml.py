@@ -1,124 +1,60 @@
-"""OML: online-aware meta-learning of a representation (Javed & White 2019, "Meta-Learning
-Representations for Continual Learning", NeurIPS), and its supervised pre-training control.
+"""OML and its control on a stream: a body meta-trained (or pre-trained) before the stream, frozen,
+and a fresh head learned online (Javed & White 2019, "Meta-Learning Representations for Continual
+Learning", NeurIPS).
 
-The network splits into a representation φ (the convolutional ``body``) and a prediction head W
-(the linear ``head``). Before the stream, φ is meta-trained on classes disjoint from the stream's
-(``Stream.meta_train``) so that *online* SGD on W alone learns new classes without wrecking old
-ones. One meta-training task imitates a stretch of the stream:
+Before the stream the body φ is meta-trained on classes disjoint from the stream's
+(``Stream.meta_train``) with OML's objective, :class:`metaphi.algorithms.oml.OMLObjective` (the
+math is there), by the core trainer; ``pretrain`` trains the same body by plain cross-entropy on the
+same batches (:class:`metaphi.algorithms.oml.PretrainObjective`). On the stream, φ is frozen and a
+fresh head (zeros, one output per stream class) is learned online in one pass, one example at a
+time: W ← W − η ∇_W ℓ(φ, W; x, y).
 
-* a trajectory S = (x_1, y_1), ..., (x_k, y_k): ``traj_shots`` images of each of ``traj_classes``
-  classes, class after class (a correlated, non-i.i.d. stretch, as a continual stream is);
-* the rows of W for those classes are reset to zero, as for classes never seen;
-* inner loop, one example a step: W_j = W_{j-1} − α ∇_W ℓ(φ, W_{j-1}; x_j, y_j)  (k steps);
-* meta-loss on the trajectory and a "remember" batch Q of random images of all meta-training
-  classes: L(φ, W_0) = ℓ(φ, W_k; S ∪ Q) — the learner must have learned the new classes and not
-  forgotten the others, after updates that only saw the new ones.
-
-The meta-gradient ∇_(φ, W_0) L runs through the k inner steps (``metaphi.inner.adapt`` for each
-one-example step, an estimator of ``metaphi.outer``: second-order by default, first-order by
-option), over meta-batches with Adam, by the repo's trainer (``metaphi.train.meta_train``, which
-checkpoints and resumes). This is OML's objective; the paper's network is larger (6 conv + 2 fc
-layers, 963 background classes) and its prediction network has two layers.
-
-On the stream, φ is frozen and a fresh head (zeros, one output per stream class) is learned online
-in one pass, one example at a time: W ← W − η ∇_W ℓ(φ, W; x, y).
-
-``pretrain`` is the control that separates meta-learning from simply having seen many classes: the
-same body trained by plain cross-entropy on the same meta-training batches (S ∪ Q as one batch, the
-same number of steps), then the same frozen-body online head.
+Meta-training depends only on the meta-training classes, the settings and the seed, so it is kept in
+a folder named by their hash and shared by the streams over the same classes (and by the methods that
+start from pretrain's body, ``metaphi continual --init pretrain``).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from metaphi.algorithms.base import Algorithm
-from metaphi.functional import Params, params_of, prefixed, with_prefix
-from metaphi.inner.adapt import adapt
-from metaphi.inner.rules import SGD
-from metaphi.tasks.base import ImageClasses, Task
-from metaphi.continual.net import ConvNet, as_input, grad, head_keys, loss, sgd
-
-
-class TrajectoryTasks:
-    """Meta-training tasks of OML from ``data``: support = a class-by-class trajectory of
-    ``traj_classes`` x ``traj_shots`` images, query = the trajectory and ``remember`` random images.
-    ``sample_batch(n, generator)`` gives a batched Task (the trainer's sampler interface)."""
-
-    def __init__(self, data: ImageClasses, traj_classes: int = 2, traj_shots: int = 5, remember: int = 16):
-        if data.num_classes < traj_classes:
-            raise ValueError(f"{data.num_classes} meta-training classes, a trajectory needs {traj_classes}")
-        if int(data.counts.min()) < traj_shots:
-            raise ValueError(f"a meta-training class has {int(data.counts.min())} images, a trajectory needs "
-                             f"{traj_shots}")
-        self.data, self.traj_classes, self.traj_shots, self.remember = data, traj_classes, traj_shots, remember
-
-    def sample(self, generator: torch.Generator) -> Task:
-        d = self.data
-        classes = torch.randperm(d.num_classes, generator=generator)[:self.traj_classes]
-        idx = []
-        for c in classes.tolist():
-            own = d.indices_of(c)
-            idx.append(own[torch.randperm(len(own), generator=generator)[:self.traj_shots]])
-        idx = torch.cat(idx)
-        rem = torch.randint(len(d.targets), (self.remember,), generator=generator)
-        x, y = as_input(d.images[idx]), d.targets[idx]
-        q = torch.cat([idx, rem])
-        return Task((x, y), (as_input(d.images[q]), d.targets[q]))
-
-    def sample_batch(self, n: int, generator: torch.Generator) -> Task:
-        return Task.stack([self.sample(generator) for _ in range(n)])
+from metaphi.algorithms.oml import OMLObjective, PretrainObjective, TrajectoryTasks
+from metaphi.config import option
+from metaphi.continual.net import grad, head_keys, sgd
+from metaphi.models import PlainConvNet as ConvNet
+from metaphi.functional import Params, prefixed
+from metaphi.tasks.base import ImageClasses
 
 
-class OMLObjective(Algorithm):
-    """OML's meta-training objective as an ``Algorithm`` for the trainer; φ = ``init.body.*, init.head.*``."""
+@dataclass
+class BodyOptions:
+    """How the body is meta-trained (or pre-trained) before the stream: what ``--init pretrain`` uses."""
 
-    name = "oml"
-    estimators = ("second-order", "first-order")
-
-    def __init__(self, net: ConvNet, inner_lr: float, seed: int):
-        self.net, self.inner_lr, self.seed = net, float(inner_lr), seed
-        self.rule = SGD(inner_lr)
-
-    def init_meta_params(self) -> Params:
-        return with_prefix(params_of(self.net), "init")
-
-    def spec(self) -> dict:
-        return {"name": self.name, "net": self.net.spec, "inner_lr": self.inner_lr, "seed": self.seed}
-
-    def task_loss(self, phi: Params, task: Task, first_order: bool = False):
-        params = prefixed(phi, "init")
-        (x, y), (xq, yq) = task.support, task.query
-        keep = 1.0 - F.one_hot(y, params["head.bias"].shape[0]).amax(0).to(params["head.bias"].dtype)
-        fast = {**params, "head.weight": params["head.weight"] * keep[:, None], "head.bias": params["head.bias"] * keep}
-        keys = head_keys(params)
-        for j in range(len(y)):
-            fast = adapt(lambda p, j=j: loss(self.net, p, x[j:j + 1], y[j:j + 1]), fast, self.rule, {}, 1,
-                         first_order=first_order, trainable=keys)
-        out = torch.func.functional_call(self.net, fast, (xq,))
-        value = F.cross_entropy(out, yq)
-        return value, {"accuracy": (out.argmax(-1) == yq).float().mean()}
+    meta_iterations: int = option(500, "meta-training steps (also of the body --init pretrain starts from)",
+                                  check="nonneg")
+    meta_batch: int = option(4, "tasks per meta-training step", check="positive")
+    meta_lr: float = option(3e-3, "Adam step size of meta-training", check="rate")
+    traj_classes: int = option(2, "classes per trajectory", check="positive")
+    traj_shots: int = option(5, "images per trajectory class", check="positive")
+    remember: int = option(16, "random images of all meta-training classes in the meta-loss",
+                           check="nonneg")
 
 
-class PretrainObjective(OMLObjective):
-    """Plain cross-entropy on the same batches (support and query together): supervised pre-training."""
+@dataclass
+class PretrainOptions(BodyOptions):
+    online_lr: float = option(0.03, "step size of the head learned online (0.03 is oml's choice "
+                              "on glyphs-val; pretrain's was 0.3)", check="rate")
 
-    name = "pretrain"
-    estimators = ("first-order",)
 
-    def spec(self) -> dict:
-        return {"name": self.name, "net": self.net.spec, "seed": self.seed}
-
-    def task_loss(self, phi: Params, task: Task, first_order: bool = False):
-        params = prefixed(phi, "init")
-        x = torch.cat([task.support[0], task.query[0]])
-        y = torch.cat([task.support[1], task.query[1]])
-        out = torch.func.functional_call(self.net, params, (x,))
-        return F.cross_entropy(out, y), {"accuracy": (out.argmax(-1) == y).float().mean()}
+@dataclass
+class OMLOptions(PretrainOptions):
+    inner_lr: float = option(1.0, "inner step size on the head", check="rate")
+    estimator: str = option("second-order", "meta-gradient estimator", choices=("second-order", "first-order"),
+                            flag="--meta-estimator")
 
 
 class OML:
@@ -126,6 +62,7 @@ class OML:
 
     name = "oml"
     objective = OMLObjective
+    Options = OMLOptions
 
     def __init__(self, online_lr: float = 0.03, meta_iterations: int = 500, meta_batch: int = 4,
                  meta_lr: float = 3e-3, inner_lr: float = 1.0, traj_classes: int = 2, traj_shots: int = 5,
@@ -168,14 +105,15 @@ class OML:
         objective = self.objective(meta_net, self.inner_lr, seed)
         folder = self.meta_folder(workdir, meta_train, spec, seed) if workdir else None
         ck = os.path.join(folder, "checkpoint.pt") if folder else None
-        if ck and os.path.exists(ck) and load_checkpoint(ck)["iteration"] >= self.meta_iterations:
-            phi = load_checkpoint(ck)["phi"]
+        stored = load_checkpoint(ck) if ck and os.path.exists(ck) else None
+        if stored is not None and stored["iteration"] >= self.meta_iterations:
+            phi = stored["phi"]
         else:
             sampler = TrajectoryTasks(meta_train, self.traj_classes, self.traj_shots, self.remember)
             config = TrainConfig(iterations=self.meta_iterations, meta_batch=self.meta_batch, meta_lr=self.meta_lr,
                                  seed=seed, val_every=10**9, checkpoint_every=100)
-            state = train(objective, build_estimator(self.estimator, vectorize=False), sampler.sample_batch, config,
-                          out_dir=folder, resume=bool(ck and os.path.exists(ck)), progress=progress,
+            state = train(objective, build_estimator(self.estimator, {"loop": True}), sampler.sample_batch, config,
+                          out_dir=folder, resume=stored is not None, progress=progress,
                           run={"meta_train_classes": meta_train.num_classes})
             phi = state.phi
         return {k: v.detach() for k, v in prefixed(phi, "init").items() if k.startswith("body.")}
@@ -201,5 +139,9 @@ class OML:
 
 
 class Pretrain(OML):
+    """OML's control: the body pre-trained by plain cross-entropy (no inner loop, so no inner step size
+    and no estimator to choose), then the same frozen body and online head."""
+
     name = "pretrain"
     objective = PretrainObjective
+    Options = PretrainOptions

@@ -13,9 +13,13 @@ The memory is plain data in the learner's state (uint8 images and labels), saved
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from metaphi.config import option
+from metaphi.continual.finetune import FinetuneOptions
 from metaphi.continual.net import grad, minibatches, sgd
 
 
@@ -45,10 +49,18 @@ def memory_sample(memory: dict, n: int, generator: torch.Generator) -> tuple[Ten
     return memory["x"][idx], memory["y"][idx]
 
 
+@dataclass
+class ReplayOptions(FinetuneOptions):
+    memory: int = option(100, "examples in memory", check="positive")
+    replay_batch: int | None = option(None, "memory examples per step (none: --batch)",
+                                      check="positive")
+
+
 class Replay:
     name = "replay"
+    Options = ReplayOptions
 
-    def __init__(self, lr: float = 0.1, batch: int = 10, epochs: int = 1, memory: int = 100,
+    def __init__(self, lr: float = 0.01, batch: int = 10, epochs: int = 1, memory: int = 100,
                  replay_batch: int | None = None):
         if lr <= 0 or batch < 1 or epochs < 1 or memory < 1:
             raise ValueError("lr must be positive, batch, epochs and memory at least 1")

@@ -3,9 +3,10 @@
 After experience i the learner is tested on the test set of every experience j (also the ones not
 met yet, for forward transfer), giving row i of R. Before the first experience it is tested once
 more (``initial``, the untrained learner's accuracies b_j). A checkpoint after every experience
-holds the method's state, the generator's state and the rows so far, written atomically; a killed
-run started again with the same settings continues after the last finished experience and ends with
-the same R as an uninterrupted run.
+holds the method's state, the generator's state and the rows so far, plain data written atomically
+and read back without running code (:mod:`metaphi.checkpoint`); a killed run started again with the
+same settings continues after the last finished experience and ends with the same R as an
+uninterrupted run.
 """
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ import time
 
 import torch
 
-from metaphi.functional import params_of
-from metaphi.tasks.base import atomic_save
+from metaphi import checkpoint
 from metaphi.continual import metrics
-from metaphi.continual.net import ConvNet, accuracy
+from metaphi.functional import params_of
+from metaphi.continual.net import accuracy
+from metaphi.models import PlainConvNet as ConvNet
 
 CHECKPOINT_FORMAT = 1
 
@@ -69,7 +71,7 @@ def run_stream(method, stream, seed: int, folder: str | None = None, hidden: int
         if previous.get("settings") == settings:
             return {**previous, "reused": True}
     if ck_path and os.path.exists(ck_path):
-        ck = torch.load(ck_path, map_location="cpu", weights_only=False)
+        ck = checkpoint.load(ck_path)
         if ck.get("format") != CHECKPOINT_FORMAT or ck.get("settings") != settings:
             raise SettingsMismatch(f"{folder} holds a run with other settings; use another --out or --fresh")
         state, rows, initial, seconds = ck["state"], ck["rows"], ck["initial"], ck["seconds"]
@@ -102,7 +104,7 @@ def run_stream(method, stream, seed: int, folder: str | None = None, hidden: int
             seconds += time.perf_counter() - started
             rows.append(test_row(net, method.weights(state), stream))
             if ck_path:
-                atomic_save({"format": CHECKPOINT_FORMAT, "settings": settings, "state": state,
+                checkpoint.save({"format": CHECKPOINT_FORMAT, "settings": settings, "state": state,
                              "generator": generator.get_state(), "rows": rows, "initial": initial,
                              "seconds": seconds, "start_seconds": start_seconds}, ck_path)
             seen = sum(rows[-1][: i + 1]) / (i + 1)

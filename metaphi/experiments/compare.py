@@ -10,27 +10,54 @@ Each METHOD is ``[LABEL=]ALGO[@INIT][:key=value,...]``:
   (``maml@ssl-rotation``: MAML from the self-supervised network trained just before) or from a
   checkpoint, ``[ssl:]PATH``;
 * ``:key=value,...`` overrides a ``metaphi run`` setting for this method only, with the option's
-  name in snake case (``maml:iterations=600,meta_batch=8``, ``protonet:train_ways=20``);
+  name in snake case (``maml:iterations=600,meta_batch=8``, ``protonet:train_ways=20``), an option
+  of its family or estimator included (``imaml:lam=2``, ``maml:estimator=implicit,solver=neumann``);
 * ``LABEL=`` names the method in the table (default: ``ALGO`` or ``ALGO@INIT``).
 
 Every method is meta-trained with ``metaphi run``'s code and tested on the same tasks: the test
 episodes come from the eval seed alone, and the settings that define them (benchmark, ways, test
-shots and queries, number of tasks, eval seed) cannot be overridden per method. The folder ``--out``
-gets one sub-folder per method (checkpoint and result.json), ``compare.md`` (mean ± 95% CI, test
-steps, iterations, wall time, parameters), ``compare.json`` and ``compare.png`` (accuracy with error
-bars, and accuracy against inner steps at test).
+shots and queries, number of tasks, eval seed) cannot be overridden per method. Each method's
+settings are a :class:`~metaphi.experiments.fewshot.RunConfig`: the base config (the flags of
+``metaphi run`` given here, or ``base:`` in a ``--config`` file) with the method's overrides. The
+folder ``--out`` gets one sub-folder per method (checkpoint, result.json and the method's
+config.yaml, which ``metaphi run --config`` reruns), ``compare.md`` (mean ± 95% CI, test steps,
+iterations, wall time, parameters), ``compare.json``, ``compare.png`` (accuracy with error bars,
+and accuracy against inner steps at test) and ``config.yaml`` (the whole comparison).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import sys
 from dataclasses import dataclass, field
 
+from metaphi.algorithms import ALGORITHMS
+from metaphi.config import UsageError, check, fields, from_dict, option, to_dict, writable_dir
+from metaphi.experiments.fewshot import RunConfig
+from metaphi.experiments.report import machine, save_config, write_json
+
 #: settings that define the test episodes: one value for all methods
 SHARED = ("benchmark", "data_root", "download", "within_alphabet", "ways", "eval_shots", "eval_query", "eval_tasks",
           "eval_seed", "device", "quiet", "out")
+#: settings of a run that compare decides for each method itself (the algorithm, where it starts, where it writes)
+PER_METHOD = ("algorithm", "init", "out", "quiet", "resume", "baselines", "baseline_steps", "threads")
+
+
+@dataclass
+class CompareConfig:
+    """``metaphi compare``: ``methods`` meta-trained from ``base`` (a run's config, without the algorithm)
+    with their own overrides, all tested on the same episodes."""
+
+    methods: list[str] = option(default_factory=list, help="[LABEL=]ALGO[@INIT][:key=value,...]", positional=True,
+                                metavar="METHOD")
+    base: RunConfig = option(default_factory=RunConfig, help="the run settings every method starts from (flags: "
+                                                             "those of metaphi run)")
+    out: str = option("runs/compare", "folder for compare.md, compare.json, compare.png, config.yaml and one "
+                                      "sub-folder per method")
+    reuse: bool = option(False, "keep the results of methods already run with the same settings")
+    quiet: bool = option(False, "no progress output")
 
 
 @dataclass
@@ -52,8 +79,6 @@ def _value(text: str):
 
 def parse_method(text: str) -> Method:
     """``[LABEL=]ALGO[@INIT][:key=value,...]`` -> Method (see the module's docstring)."""
-    from metaphi.config import UsageError
-
     label = None
     if "=" in text.split(":")[0]:  # options come after the first ":", so an "=" before it names the method
         label, text = text.split("=", 1)
@@ -76,42 +101,48 @@ def parse_method(text: str) -> Method:
     return Method(label or (f"{algorithm}@{init}" if init else algorithm), algorithm, init or None, options)
 
 
-def _run_args(method: Method, shared: dict):
-    """A ``metaphi run`` argument namespace for ``method``: run's defaults, the shared settings, then
-    the method's own options."""
-    from metaphi.config import UsageError
-    from metaphi.cli import build_parser
+def method_config(method: Method, base: RunConfig) -> RunConfig:
+    """The run config of ``method``: ``base``, then the method's own settings (a run option by its field
+    name, or an option of its family or estimator, which goes to that mapping)."""
+    from metaphi.experiments.fewshot import option_owners, route_options
 
-    args = build_parser().parse_args(["run", method.algorithm])
-    for key, value in shared.items():
-        setattr(args, key, value)
+    settings, family = {}, {}
+    run_fields = {f.name for f in fields(RunConfig)} - {"algorithm_options", "estimator_options"}
+    owners = option_owners()
     for key, value in method.options.items():
         if key in SHARED:
             raise UsageError(f"method '{method.label}': {key} is the same for every method (it defines the test "
                              f"tasks); set it with --{key.replace('_', '-')}")
-        if not hasattr(args, key) or key in ("algorithm", "func", "command"):
-            valid = sorted(k for k in vars(args) if k not in SHARED + ("algorithm", "func", "command"))
+        if key in run_fields and key not in PER_METHOD:
+            settings[key] = value
+        elif key in owners:
+            family[key] = value
+        else:
+            valid = sorted((run_fields - set(SHARED) - set(PER_METHOD)) | set(owners))
             raise UsageError(f"method '{method.label}': unknown setting '{key}' (valid: {', '.join(valid)})")
-        setattr(args, key, value)
-    args.algorithm = method.algorithm
-    return args
+    data = {**to_dict(base), **settings, "algorithm": method.algorithm}
+    algorithm_options, estimator_options = route_options(family)
+    data["algorithm_options"] = {**data["algorithm_options"], **algorithm_options}
+    data["estimator_options"] = {**data["estimator_options"], **estimator_options}
+    config = from_dict(RunConfig, data, where=f"method '{method.label}'")
+    check(config)
+    return config
 
 
-def compare(methods: list[str | Method], shared: dict, out_dir: str, progress: bool = False,
-            reuse: bool = False, log=print) -> dict:
-    """Run every method on ``shared["benchmark"]`` and test all on the same episodes.
+def compare(config: CompareConfig, progress: bool = False, log=print) -> dict:
+    """Run every method of ``config`` on ``config.base.benchmark`` and test all on the same episodes.
 
-    ``shared``: ``metaphi run`` settings by their snake-case name, common to all methods. With
-    ``reuse``, a method whose folder already holds a result of the same settings is not run again.
-    Returns the summary also written to ``out_dir/compare.json``.
+    With ``config.reuse``, a method whose folder already holds a result of the same settings is not run
+    again. Returns the summary also written to ``config.out``/compare.json.
     """
-    from metaphi.algorithms import ALGORITHMS
-    from metaphi.tasks.registry import build_benchmark
-    from metaphi.config import UsageError, writable_dir as _writable_dir
-    from metaphi.experiments.fewshot import benchmark_options, resolve_run_settings, train_and_test
-    from metaphi.experiments.report import machine, write_json
+    from metaphi.experiments.fewshot import complete, load_benchmark, settings, train_and_test
 
-    methods = [m if isinstance(m, Method) else parse_method(m) for m in methods]
+    if not config.methods:
+        raise UsageError("name the methods to compare: metaphi compare METHOD [METHOD ...]")
+    for key in PER_METHOD:
+        if getattr(config.base, key) != getattr(RunConfig(), key):
+            raise UsageError(f"base: {key} is decided per method by compare, not set for all")
+    methods = [m if isinstance(m, Method) else parse_method(m) for m in config.methods]
     labels = [m.label for m in methods]
     for i, m in enumerate(methods):
         if m.algorithm not in ALGORITHMS:
@@ -122,48 +153,51 @@ def compare(methods: list[str | Method], shared: dict, out_dir: str, progress: b
             raise UsageError(f"'{m.label}' starts from '{m.init}', which must come before it")
         if m.init and m.init not in labels and not os.path.isfile(m.init.removeprefix("ssl:")):
             raise UsageError(f"'{m.label}' starts from '{m.init}', which is neither an earlier method nor a checkpoint")
-    _writable_dir(out_dir)
-    all_args = [_run_args(m, shared) for m in methods]
-    first = all_args[0]
-    benchmark = build_benchmark(first.benchmark, first.data_root, **benchmark_options(first))
-    results, rows = {}, []
-    for method, args in zip(methods, all_args):
-        s = resolve_run_settings(args, benchmark)
+    writable_dir(config.out)
+    base = dataclasses.replace(config.base, quiet=config.quiet, baselines=False)
+    benchmark = load_benchmark(base)
+    # every method's settings are checked before the first one trains
+    runs = [complete(method_config(m, base), benchmark) for m in methods]
+    save_config(config, config.out)
+    results = {}
+    for method, run in zip(methods, runs):
         init = method.init
         if init in results:
             init = results[init]["checkpoint"]
-        folder = _writable_dir(os.path.join(out_dir, re.sub(r"[^\w.+@-]", "_", method.label)))
-        settings = {"algorithm": method.algorithm, "init": init, "estimator": args.estimator, "seed": args.seed,
-                    "optimizer": args.optimizer, **s}
+        folder = writable_dir(os.path.join(config.out, re.sub(r"[^\w.+@-]", "_", method.label)))
+        run = dataclasses.replace(run, init=init, out=folder)
+        s = settings(run)
+        compared = {"algorithm": method.algorithm, "init": init, "estimator": run.estimator, "seed": run.seed,
+                    "optimizer": run.optimizer, **s}
         done = os.path.join(folder, "result.json")
-        if reuse and os.path.exists(done):
+        if config.reuse and os.path.exists(done):
             previous = json.load(open(done))
-            if previous.get("compare_settings") == settings:
+            if previous.get("compare_settings") == compared:
                 log(f"{method.label}: reusing {done}")
                 results[method.label] = previous
                 continue
         log(f"{method.label}: training {s['iterations']} iterations")
-        result = train_and_test(method.algorithm, benchmark, s, args, folder, args.estimator, progress=progress,
-                                init=init, train_ways=args.train_ways)
-        result.update(label=method.label, compare_settings=settings)
+        save_config(run, folder)
+        result = train_and_test(run, benchmark, folder, progress=progress)
+        result.update(label=method.label, compare_settings=compared)
         write_json(result, done)
         results[method.label] = result
         log(f"{method.label}: {100 * result['mean']:.2f} ± {100 * result['ci95']:.2f} % "
             f"({result['wall_seconds']:.0f} s)")
-    s0 = resolve_run_settings(first, benchmark)
+    first = runs[0]
     summary = {
-        "benchmark": benchmark.name, "ways": s0["ways"], "eval_shots": s0["eval_shots"],
-        "eval_query": s0["eval_query"], "eval_tasks": s0["eval_tasks"], "eval_seed": first.eval_seed,
+        "benchmark": benchmark.name, "ways": first.ways, "eval_shots": first.eval_shots,
+        "eval_query": first.eval_query, "eval_tasks": first.eval_tasks, "eval_seed": first.eval_seed,
         "metric": benchmark.problem.metric, "machine": machine(), "methods": labels,
         "results": {label: {k: results[label][k] for k in (
             "algorithm", "mean", "ci95", "per_step", "iterations", "wall_seconds", "train_seconds", "test_seconds",
             "parameters", "eval_steps", "inner_steps", "inner_lr", "meta_batch", "meta_lr", "shots", "query",
             "train_ways", "init", "estimator", "seed", "checkpoint") if k in results[label]} for label in labels},
     }
-    write_json(summary, os.path.join(out_dir, "compare.json"))
-    with open(os.path.join(out_dir, "compare.md"), "w") as f:
+    write_json(summary, os.path.join(config.out, "compare.json"))
+    with open(os.path.join(config.out, "compare.md"), "w") as f:
         f.write(markdown_table(summary) + "\n")
-    plot(summary, os.path.join(out_dir, "compare.png"))
+    plot(summary, os.path.join(config.out, "compare.png"))
     return summary
 
 
@@ -242,40 +276,11 @@ def plot_axes(summary: dict, left, right) -> None:
     right.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
 
 
-def register(subparsers) -> None:
-    import argparse
-
-    p = subparsers.add_parser("compare", help="run several methods on the same fixed test tasks; table and plot",
-                              description=__doc__.replace("``", ""),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("methods", nargs="+", metavar="METHOD", help="[LABEL=]ALGO[@INIT][:key=value,...]")
-    p.add_argument("--benchmark", default="glyphs")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--download", action="store_true", help="download missing archives")
-    p.add_argument("--within-alphabet", action="store_true", help="test tasks from one alphabet")
-    for name, kind, text in (
-            ("ways", int, "classes per test task"), ("train-ways", int, "classes per meta-training task, "
-             "for learners that take any number"), ("shots", int, None), ("query", int, None),
-            ("eval-shots", int, None), ("eval-query", int, None), ("inner-lr", float, None),
-            ("inner-steps", int, None), ("eval-steps", int, None), ("meta-batch", int, None),
-            ("meta-lr", float, None), ("iterations", int, None), ("eval-tasks", int, "test tasks (default 600)"),
-            ("val-every", int, None), ("val-tasks", int, None)):
-        p.add_argument(f"--{name}", type=kind, help=text)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-seed", type=int, default=1234)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default="runs/compare")
-    p.add_argument("--reuse", action="store_true", help="keep the results of methods already run with the same settings")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_compare)
-
-
-def cmd_compare(args) -> int:
-    shared = {k: v for k, v in vars(args).items() if k not in ("methods", "func", "command", "reuse")
-              and v is not None}
-    progress = not args.quiet and sys.stderr.isatty()
-    summary = compare(args.methods, shared, args.out, progress=progress, reuse=args.reuse,
-                      log=(lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr)))
+def main(config: CompareConfig) -> int:
+    """``metaphi compare``: the table to stdout, progress to stderr unless quiet."""
+    progress = not config.quiet and sys.stderr.isatty()
+    summary = compare(config, progress=progress,
+                      log=(lambda *a: None) if config.quiet else (lambda msg: print(msg, file=sys.stderr)))
     print(markdown_table(summary))
-    print(f"wrote {os.path.join(args.out, 'compare.md')}, compare.json and compare.png")
+    print(f"wrote {os.path.join(config.out, 'compare.md')}, compare.json and compare.png")
     return 0

@@ -5,20 +5,22 @@ permutation. Each seed trains a teacher on the train images and keeps snapshots 
 numbers of epochs (teachers of different quality), then trains students from the same
 initialization: alone, distilled from each snapshot (``kd``), and with each snapshot as the
 starting point of a teacher that keeps learning from the student's quiz loss (``meta``, ``meta-fo``;
-see metaphi/algorithms/distill.py). The quiz images are used only by the meta teacher.
+the method is metaphi/algorithms/distill.py). The quiz images are used only by the meta teacher.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from metaphi.algorithms.distill import METHODS, DistillConfig, train_student
-from metaphi.config import int_list as _ints
-from metaphi.evaluate import mean_ci95
-from metaphi.functional import accuracy, params_of
+from metaphi.algorithms.distill import METHODS, DistillOptions, meta_distill_step, plain_step
+from metaphi.config import UsageError, name_list, option, to_dict, writable_dir
+from metaphi.functional import Params, accuracy, detach, params_of
+from metaphi.inner.rules import Adam
+from metaphi.tasks.registry import NAMED
 from metaphi.tasks.registry import load_named as load_data
 
 PAIRS = {
@@ -28,12 +30,72 @@ PAIRS = {
 }
 
 
+@dataclass
+class DistillConfig:
+    """One distillation study: every (seed, teacher snapshot, method) run."""
+
+    data: str = option("glyphs", "glyphs (built in), digits (shipped) or omniglot (the small1 minimal split under "
+                       "--data-root)", choices=NAMED, positional=True)
+    pair: str = option("mlp", "teacher/student pair: conv (Conv4 hidden 32 teaching hidden 8) or mlp "
+                       "(256-256 teaching 32)", choices=sorted(PAIRS))
+    methods: list[str] = option(default_factory=lambda: ["alone", "kd", "meta"],
+                                help=f"comma list of {', '.join(METHODS)}")
+    teacher_epochs: list[int] = option(default_factory=lambda: [1, 3, 10], help="teacher snapshots, in epochs",
+                                       check="positive")
+    epochs: int = option(5, "student epochs", check="positive")
+    seeds: list[int] = option(default_factory=lambda: [0, 1, 2, 3, 4], help="seeds: model inits and batch orders",
+                              check="nonneg")
+    classes: int | None = option(None, "use this many classes, drawn by --split-seed; none: all", check="positive")
+    per_class: list[int] = option(default_factory=lambda: [10, 5, 5], help="train,quiz,test images per class",
+                                  check="positive")
+    split_seed: int = option(0, "seed of the class draw and of the train/quiz/test split")
+    batch: int = option(64, "batch size of student and teacher training", check="positive")
+    lr: float = option(3e-3, "student Adam step size", check="positive")
+    teacher_lr: float = option(1e-3, "Adam step size of teacher pre-training", check="positive")
+    meta_teacher_lr: float = option(1e-4, "Adam step size of the meta teacher", check="positive")
+    pilot_lr: float = option(0.1, "SGD step size α of the pilot update", check="positive")
+    temperature: float = option(4.0, "temperature T of the soft term", check="positive")
+    soft_weight: float = option(0.5, "weight λ of the soft term", check="unit")
+    teacher_ce_weight: float = option(0.0, "μ, weight of the meta teacher's own CE on the training batch "
+                                      "(MetaDistil: 0)", check="nonneg")
+    fd_eps: float = option(0.01, "ε₀ of meta-fo: the central difference steps ε₀/‖v‖", check="positive")
+    data_root: str | None = option(None, "folder with the Omniglot archives; none: $METAPHI_DATA or "
+                                   "~/.cache/metaphi/data")
+    threads: int = option(0, "torch threads; 0: torch's choice", check="nonneg")
+    out: str = option("runs/distill", "folder for checkpoint.pt, result.json, result.md, config.yaml")
+    quiet: bool = option(False, "no progress output")
+
+
+#: fields that say where and how a study runs, not what it computes: a checkpoint resumes across them
+RUN_ONLY = ("data_root", "threads", "out", "quiet")
+
+
+def method_options(config: DistillConfig) -> DistillOptions:
+    return DistillOptions(temperature=config.temperature, soft_weight=config.soft_weight, lr=config.lr,
+                          pilot_lr=config.pilot_lr, teacher_lr=config.meta_teacher_lr,
+                          teacher_ce_weight=config.teacher_ce_weight, fd_eps=config.fd_eps)
+
+
+def validate(config: DistillConfig) -> None:
+    """What the field checks cannot say: UsageError naming the option."""
+    name_list(config.methods, METHODS)
+    if not config.teacher_epochs:
+        raise UsageError("--teacher-epochs must list at least one number of epochs")
+    if not config.seeds:
+        raise UsageError("--seeds must list at least one seed")
+    if len(config.per_class) != 3:
+        raise UsageError("--per-class takes three positive counts: train,quiz,test")
+
+
 def build(spec: dict, num_classes: int, image_shape) -> torch.nn.Module:
-    from metaphi.models import MLP, Conv4
+    """The teacher or student of a pair (``PAIRS``) for images of ``image_shape`` (c, h, w)."""
+    from metaphi.models import build_model
     c, h, w = image_shape
     if spec["name"] == "conv4":
-        return Conv4(c, num_classes, hidden=spec["hidden"], image_size=h)
-    return MLP(c * h * w, num_classes, tuple(spec["hidden"]))
+        return build_model({"name": "conv4", "in_channels": c, "out_features": num_classes, "hidden": spec["hidden"],
+                            "image_size": h})
+    return build_model({"name": "mlp", "in_features": c * h * w, "out_features": num_classes,
+                        "hidden": tuple(spec["hidden"])})
 
 
 def class_split(data, per_class: tuple[int, int, int], seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -57,35 +119,118 @@ def class_split(data, per_class: tuple[int, int, int], seed: int) -> dict[str, t
     return out
 
 
-def run_experiment(data: str = "glyphs", pair: str = "mlp", methods=("alone", "kd", "meta"),
-                   teacher_epochs=(1, 3, 10), epochs: int = 5, seeds=(0, 1, 2, 3, 4), classes: int | None = None,
-                   per_class=(10, 5, 5), batch: int = 64, teacher_lr: float = 1e-3,
-                   cfg: DistillConfig | None = None, data_root: str | None = None, split_seed: int = 0,
-                   checkpoint: str | None = None, progress: bool = False, log=print) -> dict:
-    """Every (seed, teacher snapshot, method) run; resumes from ``checkpoint`` when it holds the
-    same configuration. Returns {"config", "rows", "summary"}."""
-    cfg = cfg or DistillConfig()
-    config = {"data": data, "pair": pair, "methods": list(methods), "teacher_epochs": list(teacher_epochs),
-              "epochs": epochs, "seeds": list(seeds), "classes": classes, "per_class": list(per_class),
-              "batch": batch, "teacher_train_lr": teacher_lr, "distill": cfg.to_dict(), "split_seed": split_seed}
-    rows: list[dict] = []
-    if checkpoint and os.path.exists(checkpoint):
-        saved = torch.load(checkpoint, weights_only=False)
-        if saved.get("config") != config:
-            raise ValueError(f"{checkpoint} holds a different configuration; use another --out or delete it")
-        rows = saved["rows"]
+def online_step(student: torch.nn.Module, train: tuple[torch.Tensor, torch.Tensor], batch: int, method: str,
+                opts: DistillOptions, teacher: torch.nn.Module | None = None,
+                quiz: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """One batch of student training by ``method``, as a step of ``metaphi.train_online``:
+    ``step(state, t, generator) -> (state, metrics)``, with state {"theta", "theta_opt", "phi",
+    "phi_opt", "order"} (student and teacher params, their Adam states, this epoch's batch order).
+    Step t is batch t of an epoch; at t = 0 it draws the epoch's order, and a meta step then draws its
+    quiz batch, from the one generator of the run."""
+    x, y = train
+    meta = method.startswith("meta")
+    order_of_meta = "first" if method == "meta-fo" else "second"
+
+    def step(state: dict, t: int, generator: torch.Generator) -> tuple[dict, dict]:
+        order = torch.randperm(len(y), generator=generator) if t == 0 else state["order"]
+        idx = order[t * batch:(t + 1) * batch]
+        b = (x[idx], y[idx])
+        if meta:
+            q_idx = torch.randint(len(quiz[1]), (min(batch, len(quiz[1])),), generator=generator)
+            theta, theta_opt, phi, phi_opt, m = meta_distill_step(
+                student, state["theta"], state["theta_opt"], teacher, state["phi"], state["phi_opt"], b,
+                (quiz[0][q_idx], quiz[1][q_idx]), opts, order_of_meta)
+            metrics = {"loss": m["loss"], "quiz": m["quiz"]}
+        else:
+            theta, theta_opt, loss = plain_step(student, state["theta"], state["theta_opt"], b[0], b[1],
+                                                opts.lr, teacher if method == "kd" else None, state["phi"], opts)
+            phi, phi_opt, metrics = state["phi"], state["phi_opt"], {"loss": float(loss)}
+        return {"theta": theta, "theta_opt": theta_opt, "phi": phi, "phi_opt": phi_opt, "order": order}, metrics
+
+    return step
+
+
+def train_student(student: torch.nn.Module, params: Params, train: tuple[torch.Tensor, torch.Tensor], epochs: int,
+                  batch: int, generator: torch.Generator, method: str = "alone", opts: DistillOptions | None = None,
+                  teacher: torch.nn.Module | None = None, teacher_params: Params | None = None,
+                  quiz: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  on_epoch: Callable[[int, dict], None] | None = None):
+    """Train a student for ``epochs`` passes over ``train`` by ``method`` (one of ``METHODS``).
+
+    "alone" ignores the teacher; "kd" distils from a fixed teacher; "meta"/"meta-fo" update the
+    teacher as well, with quiz batches drawn from ``quiz``. Returns (student params, teacher params).
+    ``generator`` decides the batch order (and the quiz batches) and nothing else. Each epoch is one
+    run of the online bilevel loop (``metaphi.train_online``) over its batches; ``on_epoch(epoch,
+    {"loss": the epoch's mean, "params", "teacher_params"})`` after each."""
+    from metaphi import train_online
+    from metaphi.train import NonFiniteLoss
+
+    opts = opts or DistillOptions()
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method != "alone" and (teacher is None or teacher_params is None):
+        raise ValueError(f"method {method!r} needs a teacher")
+    if method.startswith("meta") and quiz is None:
+        raise ValueError("meta distillation needs a quiz set")
+    t_params = None if teacher_params is None else detach(teacher_params)
+    state = {"theta": params, "theta_opt": Adam(opts.lr).init(params), "phi": t_params,
+             "phi_opt": None if t_params is None else Adam(opts.teacher_lr).init(t_params), "order": None}
+    step = online_step(student, train, batch, method, opts, teacher, quiz)
+    batches = -(-len(train[1]) // batch)
+    for epoch in range(epochs):
+        try:
+            record = train_online.run(step, state, batches, generator=generator,
+                                      hint="lower --lr or --meta-teacher-lr")
+        except NonFiniteLoss as e:
+            raise NonFiniteLoss(f"epoch {epoch + 1}: {e}") from None
+        state = record["state"]
+        if on_epoch is not None:
+            losses = [m["loss"] for m in record["history"]]
+            on_epoch(epoch, {"loss": sum(losses) / len(losses), "params": state["theta"],
+                             "teacher_params": state["phi"]})
+    return state["theta"], state["phi"]
+
+
+def _computed(config: DistillConfig) -> dict:
+    return {k: v for k, v in to_dict(config).items() if k not in RUN_ONLY}
+
+
+def resumed_rows(config: DistillConfig, checkpoint: str | None) -> list[dict]:
+    """The runs ``checkpoint`` holds (none without one); a ValueError when it holds another study."""
+    from metaphi import checkpoint as ckpt
+
+    if not checkpoint or not os.path.exists(checkpoint):
+        return []
+    saved = ckpt.load(checkpoint)
+    if not isinstance(saved, dict) or saved.get("config") != _computed(config):
+        raise ValueError(f"{checkpoint} holds a different configuration; use another --out or delete it")
+    return list(saved["rows"])
+
+
+def study(config: DistillConfig, checkpoint: str | None = None, progress: bool = False, log=print) -> dict:
+    """Every (seed, teacher snapshot, method) run of ``config``; resumes from ``checkpoint`` when it holds
+    the same configuration. Returns {"config", "rows", "summary"}."""
+    from metaphi import checkpoint as ckpt
+
+    validate(config)
+    opts = method_options(config)
+    saved_config = _computed(config)
+    rows = resumed_rows(config, checkpoint)
+    if rows:
         log(f"resuming: {len(rows)} runs done")
     done = {(r["seed"], r["teacher_epochs"], r["method"]) for r in rows}
-    store = load_data(data, data_root, classes, split_seed)
-    split = class_split(store, tuple(per_class), split_seed)
+    store = load_data(config.data, config.data_root, config.classes, config.split_seed)
+    split = class_split(store, tuple(config.per_class), config.split_seed)
     n_classes, shape = store.num_classes, tuple(split["train"][0].shape[1:])
-    t_spec, s_spec = PAIRS[pair]
-    plan = [(s, te, m) for s in seeds for te in teacher_epochs for m in methods if m != "alone"]
-    plan = [(s, None, "alone") for s in seeds if "alone" in methods] + plan
+    t_spec, s_spec = PAIRS[config.pair]
+    methods, teacher_epochs = config.methods, config.teacher_epochs
+    plan = [(s, te, m) for s in config.seeds for te in teacher_epochs for m in methods if m != "alone"]
+    plan = [(s, None, "alone") for s in config.seeds if "alone" in methods] + plan
     bar = None
     if progress:
         from tqdm import tqdm
-        bar = tqdm(total=len(plan), initial=sum(1 for p in plan if p in done), desc=f"distill {data}/{pair}")
+        bar = tqdm(total=len(plan), initial=sum(1 for p in plan if p in done),
+                   desc=f"distill {config.data}/{config.pair}")
     teachers: dict[int, dict] = {}
 
     def teacher_snapshots(seed: int) -> dict:
@@ -101,8 +246,8 @@ def run_experiment(data: str = "glyphs", pair: str = "mlp", methods=("alone", "k
                     snaps[epoch + 1] = (info["params"], accuracy(model, info["params"], *split["test"]))
 
             # one run with snapshots, so a teacher's weights do not depend on which others are kept
-            train_student(model, params_of(model, False), split["train"], max(teacher_epochs), batch, g, "alone",
-                          DistillConfig(lr=teacher_lr), on_epoch=keep)
+            train_student(model, params_of(model, False), split["train"], max(teacher_epochs), config.batch, g,
+                          "alone", DistillOptions(lr=config.teacher_lr), on_epoch=keep)
             teachers[seed] = {"model": model, "snaps": snaps, "wall_s": time.perf_counter() - t0}
         return teachers[seed]
 
@@ -118,8 +263,8 @@ def run_experiment(data: str = "glyphs", pair: str = "mlp", methods=("alone", "k
             info = teacher_snapshots(seed)
             teacher, (t_params, t_acc) = info["model"], info["snaps"][te]
         t0 = time.perf_counter()
-        params, t_final = train_student(student, init, split["train"], epochs, batch,
-                                        torch.Generator().manual_seed(20_000 + seed), method, cfg, teacher, t_params,
+        params, t_final = train_student(student, init, split["train"], config.epochs, config.batch,
+                                        torch.Generator().manual_seed(20_000 + seed), method, opts, teacher, t_params,
                                         split["quiz"])
         row = {"seed": seed, "teacher_epochs": te, "method": method, "teacher_acc": t_acc,
                "student_acc": accuracy(student, params, *split["test"]), "wall_s": time.perf_counter() - t0}
@@ -127,103 +272,60 @@ def run_experiment(data: str = "glyphs", pair: str = "mlp", methods=("alone", "k
             row["teacher_acc_after"] = accuracy(teacher, t_final, *split["test"])
         rows.append(row)
         if checkpoint:
-            tmp = checkpoint + ".tmp"
-            torch.save({"config": config, "rows": rows}, tmp)
-            os.replace(tmp, checkpoint)
+            ckpt.save({"config": saved_config, "rows": rows}, checkpoint)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(method=method, acc=f"{row['student_acc']:.3f}")
     if bar is not None:
         bar.close()
-    return {"config": config, "rows": rows, "summary": summarize(rows)}
+    return {"config": to_dict(config), "rows": rows, "summary": summarize(rows)}
 
 
 def summarize(rows: list[dict]) -> list[dict]:
-    groups: dict[tuple, list[dict]] = {}
-    for r in rows:
-        groups.setdefault((r["method"], r["teacher_epochs"]), []).append(r)
-    out = []
-    for (method, te), rs in sorted(groups.items(), key=lambda kv: (METHODS.index(kv[0][0]), kv[0][1] or 0)):
-        s, s_ci = mean_ci95([r["student_acc"] for r in rs])
-        entry = {"method": method, "teacher_epochs": te, "seeds": len(rs), "student_acc": s, "student_ci": s_ci}
-        if te is not None:
-            entry["teacher_acc"], entry["teacher_ci"] = mean_ci95([r["teacher_acc"] for r in rs])
-        if method.startswith("meta"):
-            entry["teacher_acc_after"], entry["teacher_after_ci"] = mean_ci95([r["teacher_acc_after"] for r in rs])
-        out.append(entry)
-    return out
+    """Mean and 95% t-interval over seeds of each (method, teacher epochs): teacher accuracy (before and,
+    for a meta teacher, after) and student accuracy."""
+    from metaphi.experiments.report import over_seeds
+
+    rows = sorted(rows, key=lambda r: (METHODS.index(r["method"]), r["teacher_epochs"] or 0))
+    return over_seeds(rows, ("method", "teacher_epochs"), ("teacher_acc", "student_acc", "teacher_acc_after"))
 
 
 def markdown(result: dict) -> str:
+    from metaphi.experiments.report import markdown_table, pm
+
     c = result["config"]
-    lines = [f"**{c['data']}, {c['pair']} pair** ({c['classes'] or 'all'} classes; per class "
+    title = (f"**{c['data']}, {c['pair']} pair** ({c['classes'] or 'all'} classes; per class "
              f"{'/'.join(map(str, c['per_class']))} train/quiz/test images; student {c['epochs']} epochs; "
-             f"{len(c['seeds'])} seeds; test accuracy mean ± 95% CI)", "",
-             "| method | teacher epochs | teacher acc | student acc | teacher acc after meta |",
-             "|---|---|---|---|---|"]
-    for e in result["summary"]:
-        t = "—" if e["teacher_epochs"] is None else f"{100 * e['teacher_acc']:.1f} ± {100 * e['teacher_ci']:.1f}"
-        after = f"{100 * e['teacher_acc_after']:.1f} ± {100 * e['teacher_after_ci']:.1f}" if "teacher_acc_after" in e \
-            else "—"
-        lines.append(f"| {e['method']} | {e['teacher_epochs'] or '—'} | {t} | "
-                     f"{100 * e['student_acc']:.1f} ± {100 * e['student_ci']:.1f} | {after} |")
-    return "\n".join(lines)
+             f"{len(c['seeds'])} seeds; test accuracy mean ± 95% CI)")
+    cells = [[e["method"], e["teacher_epochs"] or "—", pm(e.get("teacher_acc"), e.get("teacher_acc_ci"), digits=1),
+              pm(e["student_acc"], e["student_acc_ci"], digits=1),
+              pm(e.get("teacher_acc_after"), e.get("teacher_acc_after_ci"), digits=1)] for e in result["summary"]]
+    return title + "\n\n" + markdown_table(["method", "teacher epochs", "teacher acc", "student acc",
+                                            "teacher acc after meta"], cells)
 
 
-def cmd_distill(args) -> int:
-    from metaphi.config import UsageError, writable_dir as _writable_dir, name_list
-    from metaphi.experiments.report import write_result
-    methods = name_list(args.methods, METHODS)
-    teacher_epochs = _ints(args.teacher_epochs, "teacher-epochs")
-    if min(teacher_epochs) < 1:
-        raise UsageError("--teacher-epochs must be positive")
-    per_class = _ints(args.per_class, "per-class")
-    if len(per_class) != 3 or min(per_class) < 1:
-        raise UsageError("--per-class takes three positive counts: train,quiz,test")
-    out = _writable_dir(args.out)
-    cfg = DistillConfig(temperature=args.temperature, soft_weight=args.soft_weight, lr=args.lr,
-                        pilot_lr=args.pilot_lr, teacher_lr=args.meta_teacher_lr,
-                        teacher_ce_weight=args.teacher_ce_weight)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def run(config: DistillConfig) -> dict:
+    """The study of ``config``, resumable from ``out``/checkpoint.pt; writes ``out``/config.yaml,
+    result.json and result.md."""
+    from metaphi.experiments import report
+
+    validate(config)
+    out = writable_dir(config.out)
+    if config.threads:
+        torch.set_num_threads(config.threads)
     t0 = time.perf_counter()
     try:
-        result = run_experiment(args.data, args.pair, methods, teacher_epochs, args.epochs, _ints(args.seeds, "seeds"),
-                                args.classes, tuple(per_class), args.batch, args.teacher_lr, cfg, args.data_root,
-                                args.split_seed, os.path.join(out, "checkpoint.pt"), not args.quiet,
-                                (lambda *a: None) if args.quiet else print)
+        resumed_rows(config, os.path.join(out, "checkpoint.pt"))  # refuse another study's folder before writing
+        report.save_config(config, out)
+        result = study(config, os.path.join(out, "checkpoint.pt"), not config.quiet,
+                       (lambda *a: None) if config.quiet else print)
     except (ValueError, FileNotFoundError) as e:
         raise UsageError(str(e)) from e
     result["wall_s"] = time.perf_counter() - t0
-    write_result(result, out, markdown(result), args.quiet)
+    report.write_result(result, out, markdown(result), config.quiet)
+    return result
+
+
+def main(config: DistillConfig) -> int:
+    run(config)
     return 0
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("distill", help="knowledge distillation: student alone, plain KD, meta-learned teacher",
-                              description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("data", nargs="?", default="glyphs", choices=["glyphs", "omniglot"],
-                   help="glyphs (built in) or omniglot (the small1 minimal split under --data-root)")
-    p.add_argument("--pair", default="mlp", choices=sorted(PAIRS), help="teacher/student pair (default mlp)")
-    p.add_argument("--methods", default="alone,kd,meta", help=f"comma list of {', '.join(METHODS)}")
-    p.add_argument("--teacher-epochs", default="1,3,10", help="teacher snapshots, in epochs (default 1,3,10)")
-    p.add_argument("--epochs", type=int, default=5, help="student epochs (default 5)")
-    p.add_argument("--seeds", default="0,1,2,3,4")
-    p.add_argument("--classes", type=int, help="use this many classes, drawn by --split-seed (default all)")
-    p.add_argument("--per-class", default="10,5,5", help="train,quiz,test images per class (default 10,5,5)")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--lr", type=float, default=3e-3, help="student Adam step size (default 3e-3)")
-    p.add_argument("--teacher-lr", type=float, default=1e-3, help="Adam step size of teacher pre-training")
-    p.add_argument("--meta-teacher-lr", type=float, default=1e-4, help="Adam step size of the meta teacher")
-    p.add_argument("--pilot-lr", type=float, default=0.1, help="SGD step size α of the pilot update")
-    p.add_argument("--temperature", type=float, default=4.0)
-    p.add_argument("--soft-weight", type=float, default=0.5, help="weight λ of the soft term (default 0.5)")
-    p.add_argument("--teacher-ce-weight", type=float, default=0.0,
-                   help="μ, weight of the meta teacher's own CE on the training batch (default 0, as MetaDistil)")
-    p.add_argument("--data-root", help="folder with the Omniglot archives (default: $METAPHI_DATA or "
-                   "~/.cache/metaphi/data)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
-    p.add_argument("--out", default="runs/distill", help="folder for checkpoint.pt, result.json, result.md")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_distill)

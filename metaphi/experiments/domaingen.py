@@ -20,61 +20,153 @@ Data (``DATA``):
 ``--domains`` picks the angles or styles. Each run trains with the core trainer (``meta_train``),
 so it has a checkpoint in ``--out/<data>/<method>/held-<domain>/seed-<n>/``; a command run again
 with the same settings reuses finished runs and resumes unfinished ones from their checkpoints
-(``--fresh`` starts over). ``--out`` gets ``results.json`` (every run and the summary) and
+(``--fresh`` starts over). ``--out`` gets ``results.json`` (every run and the summary),
 ``results.md``: per held-out domain and on average, mean ± 95% CI over seeds (Student t), for
-domain generalization and for each K of few-shot adaptation.
+domain generalization and for each K of few-shot adaptation, and ``config.yaml``
+(``metaphi domaingen --config OUT/config.yaml --out NEW`` runs the same study again).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
 import sys
 import time
+from dataclasses import dataclass
+
+from metaphi.config import UsageError, option
 
 DATASETS = ("rotated-omniglot", "rotated-glyphs", "glyph-styles")
+METHODS = ("erm", "mldg", "mldg-fo")
+#: options of MLDG's objective: they do not apply to ERM
+MLDG_ONLY = ("inner_lr", "beta")
 
 
-def _csv(text: str | None, cast=str) -> list:
-    return [cast(x.strip()) for x in text.split(",") if x.strip()] if text else []
+@dataclass
+class DomainGenConfig:
+    data: str = option("rotated-glyphs", f"{', '.join(DATASETS)} or folder:PATH (rotated-glyphs is built in)",
+                       positional=True)
+    methods: list[str] = option(default_factory=lambda: ["erm", "mldg"], help="comma list of erm, mldg, mldg-fo")
+    held_out: list[str] = option(default_factory=lambda: ["all"],
+                                 help="comma list of domains to hold out, by name or position, or all")
+    seeds: list[int] = option(default_factory=lambda: [0, 1, 2, 3, 4], help="comma list of seeds")
+    domains: list[str] = option(default_factory=list,
+                                help="angles (rotated-*), styles (glyph-styles) or domain folders to use (none: all)")
+    alphabets: list[str] = option(default_factory=lambda: ["Greek"], help="rotated-omniglot: comma list of small1 "
+                                                                        "alphabets")
+    classes: int | None = option(None, "use this many of the classes, drawn by --split-seed (none: all for "
+                                       "Omniglot and folders, 10 for glyphs)", check="positive")
+    data_root: str | None = option(None, "folder with the Omniglot archives (none: $METAPHI_DATA or "
+                                         "~/.cache/metaphi/data)")
+    download: bool = option(False, "rotated-omniglot: download the small1 archive if it is missing (checked by "
+                                   "SHA-256)")
+    image_size: int | None = option(None, "folder:PATH only: resize images to this size (none: 28)", check="positive")
+    channels: int | None = option(None, "folder:PATH only: 1 (grey) or 3 (RGB) (none: 1)", choices=(1, 3))
+    invert: bool = option(False, "folder:PATH only: dark ink on light paper becomes high")
+    test_per_class: int = option(6, "test images per class of every domain", check="positive")
+    adapt_per_class: int = option(5, "adaptation pool per class", check="nonneg")
+    split_seed: int = option(0, "seed of the instance split and the class choice")
+    iterations: int = option(300, "training iterations", check="nonneg")
+    batch: int = option(8, "images per source domain per iteration", check="positive")
+    meta_batch: int = option(1, "meta-train/meta-test splits per update", check="positive")
+    meta_test: int = option(1, "source domains held out as meta-test per split", check="positive")
+    meta_lr: float = option(3e-3, "Adam step size", check="rate")
+    inner_lr: float = option(0.1, "mldg, mldg-fo: step size α of the virtual step", check="rate")
+    beta: float = option(1.0, "mldg, mldg-fo: weight β of the meta-test loss", check="nonneg")
+    hidden: int = option(16, "channels of the convnet", check="positive")
+    blocks: int = option(4, "conv blocks of the convnet", check="positive")
+    adapt_shots: list[int] = option(default_factory=lambda: [1, 5],
+                                    help="comma list of K for few-shot adaptation; 0 or none for none")
+    adapt_steps: int = option(30, "fine-tuning steps", check="nonneg")
+    adapt_lr: float = option(0.1, "fine-tuning SGD step size", check="rate")
+    adapt_params: str = option("head", "what is fine-tuned", choices=("head", "all"))
+    adapt_draws: int = option(5, "draws of the K examples averaged", check="positive")
+    eval_seed: int = option(1234, "seed of the adaptation draws")
+    checkpoint_every: int = option(100, "iterations between checkpoints", check="positive")
+    out: str = option("runs/domaingen", "folder for results.json, results.md, config.yaml and the runs")
+    fresh: bool = option(False, "retrain runs already in --out instead of reusing/resuming them")
+    threads: int | None = option(None, "torch CPU threads (none: torch's); 1 is fastest for these small networks "
+                                       "on a busy machine", check="positive")
+    quiet: bool = option(False, "no progress")
 
 
-def build_domains(data: str, options: dict):
-    """The DomainSet called ``data`` (see the module's docstring) with ``options`` from the command line."""
-    from metaphi.tasks import DataError
-    from metaphi.tasks import domains as dm
+def build_domains(config: DomainGenConfig):
+    """The DomainSet of ``config`` (``metaphi.tasks.registry.build_domains``)."""
+    from metaphi.tasks.registry import build_domains as build
 
-    kw = dict(adapt=options.get("adapt_per_class", 5), test=options.get("test_per_class", 6),
-              split_seed=options.get("split_seed", 0))
-    chosen = options.get("domains")
-    if data == "rotated-omniglot":
-        from metaphi.tasks.registry import default_data_root
+    return build(config.data, domains=config.domains, alphabets=config.alphabets, classes=config.classes,
+                 data_root=config.data_root, download=config.download, image_size=config.image_size,
+                 channels=config.channels, invert=config.invert, test_per_class=config.test_per_class,
+                 adapt_per_class=config.adapt_per_class, split_seed=config.split_seed)
 
-        classes = dm.omniglot_classes(options.get("data_root") or default_data_root(),
-                                      options.get("alphabets") or ["Greek"], options.get("omniglot_set", "small1"),
-                                      download=options.get("download", False))
-        classes = dm.choose_classes(classes, options.get("classes"), kw["split_seed"])
-        angles = [float(a) for a in chosen] if chosen else dm.ANGLES
-        return dm.rotated_domains(classes, angles, name=data, **kw)
-    if data in ("rotated-glyphs", "glyph-styles"):
-        classes = dm.glyph_classes(options.get("classes") or 10, alphabets=2, seed=kw["split_seed"])
-        if data == "rotated-glyphs":
-            angles = [float(a) for a in chosen] if chosen else dm.ANGLES
-            return dm.rotated_domains(classes, angles, name=data, **kw)
-        return dm.style_domains(classes, chosen or dm.STYLES, name=data, **kw)
-    if data.startswith("folder:"):
-        found = dm.folder_domains(data[len("folder:"):], channels=options.get("channels") or 1,
-                                  image_size=options.get("image_size") or 28, invert=options.get("invert", False),
-                                  **kw)
-        if chosen:
-            unknown = [d for d in chosen if d not in found.domains]
-            if unknown:
-                raise DataError(f"{data}: no domain folder '{unknown[0]}' (domains: {', '.join(found.domains)})")
-            keep = [found.domains.index(d) for d in chosen]
-            found = dm.DomainSet(found.name, list(chosen), [found.parts[i] for i in keep], found.invert)
-        return found
-    raise DataError(f"unknown domain data '{data}' (valid: {', '.join(DATASETS)}, folder:PATH)")
+
+def validate(config: DomainGenConfig) -> DomainGenConfig:
+    """What the field checks cannot see; ``config`` with ``adapt_shots`` without zeros."""
+    bad = [m for m in config.methods if m not in METHODS]
+    if not config.methods or bad:
+        raise UsageError(f"--methods: unknown method '{bad[0] if bad else ''}' (valid: {', '.join(METHODS)})")
+    if not config.seeds:
+        raise UsageError("--seeds: give at least one seed")
+    if not any(m != "erm" for m in config.methods):
+        defaults = DomainGenConfig()
+        for name in MLDG_ONLY:
+            if getattr(config, name) != getattr(defaults, name):
+                raise UsageError(f"--{name.replace('_', '-')} applies to mldg and mldg-fo, and --methods is "
+                                 f"{','.join(config.methods)}")
+    shots = [k for k in config.adapt_shots if k != 0]
+    if any(k < 0 for k in shots) or (shots and max(shots) > config.adapt_per_class):
+        raise UsageError(f"--adapt-shots must lie in 1..--adapt-per-class ({config.adapt_per_class}), "
+                         f"got {','.join(map(str, config.adapt_shots))}")
+    return dataclasses.replace(config, adapt_shots=shots)
+
+
+def main(config: DomainGenConfig) -> int:
+    run(config)
+    return 0
+
+
+def run(config: DomainGenConfig) -> dict:
+    """Every (method, held-out domain, seed) of ``config``; writes config.yaml, results.json and
+    results.md into ``config.out`` and returns the summary."""
+    from metaphi.config import writable_dir
+    from metaphi.experiments.report import save_config
+
+    config = validate(config)
+    domains = build_domains(config)
+    held = (domains.domains if config.held_out == ["all"]
+            else [domains.domains[domains.index(d)] for d in config.held_out])
+    options = {"domains": config.domains, "alphabets": config.alphabets, "classes": config.classes,
+               "image_size": config.image_size, "channels": config.channels, "invert": config.invert,
+               "test_per_class": config.test_per_class, "adapt_per_class": config.adapt_per_class,
+               "split_seed": config.split_seed}
+    settings = {"iterations": config.iterations, "batch": config.batch, "meta_batch": config.meta_batch,
+                "meta_test": config.meta_test, "meta_lr": config.meta_lr, "inner_lr": config.inner_lr,
+                "beta": config.beta, "hidden": config.hidden, "blocks": config.blocks,
+                "adapt_shots": config.adapt_shots, "adapt_steps": config.adapt_steps, "adapt_lr": config.adapt_lr,
+                "adapt_params": config.adapt_params, "adapt_draws": config.adapt_draws,
+                "eval_seed": config.eval_seed, "checkpoint_every": config.checkpoint_every,
+                "data_options": options}
+    if (len(domains.domains) - 1 <= config.meta_test and any(m != "erm" for m in config.methods)
+            and len(domains.domains) > 2):
+        raise UsageError(f"--meta-test {config.meta_test} leaves no meta-train domain among "
+                         f"{len(domains.domains) - 1} source domains")
+    writable_dir(config.out)
+    if config.threads is not None:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    save_config(config, config.out)
+    progress = not config.quiet and sys.stderr.isatty()
+    log = (lambda *a: None) if config.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    log(f"{domains.name}: {domains.num_classes} classes, domains {', '.join(domains.domains)}; "
+        f"{len(config.methods) * len(held) * len(config.seeds)} runs")
+    summary = sweep(domains, config.methods, held, config.seeds, settings, config.out, fresh=config.fresh,
+                    progress=progress, log=log)
+    print(markdown(summary))
+    print(f"wrote {os.path.join(config.out, 'results.md')}, results.json and config.yaml")
+    return summary
 
 
 def _slug(text: str) -> str:
@@ -91,9 +183,8 @@ def run_one(domains, method: str, held_out: str, seed: int, settings: dict, fold
     import torch
 
     from metaphi.algorithms.mldg import ConvNet, create
-    from metaphi.config import UsageError
-    from metaphi.experiments.report import machine, write_json
     from metaphi.evaluate import evaluate
+    from metaphi.experiments.report import machine, write_json
     from metaphi.outer import build_estimator
     from metaphi.train import TrainConfig, load_checkpoint, meta_train
 
@@ -123,7 +214,7 @@ def run_one(domains, method: str, held_out: str, seed: int, settings: dict, fold
         model = ConvNet(c, domains.num_classes, hidden=s["hidden"], blocks=s["blocks"])
     algo = create(method, model, inner_lr=s["inner_lr"], beta=s["beta"], meta_test=s["meta_test"],
                   adapt_lr=s["adapt_lr"], eval_steps=s["adapt_steps"], adapt_params=s["adapt_params"])
-    estimator = build_estimator(algo.estimators[0], vectorize=False)
+    estimator = build_estimator(algo.estimators[0], {"loop": True})
     config = TrainConfig(iterations=s["iterations"], meta_batch=s["meta_batch"], meta_lr=s["meta_lr"], seed=seed,
                          checkpoint_every=s["checkpoint_every"], val_every=10**9)
     started = time.perf_counter()
@@ -149,6 +240,8 @@ def summarize(results: list[dict], methods: list[str], held_outs: list[str], sho
     """Per method: mean ± 95% CI over seeds on each held-out domain and on the average over them
     (each seed's average over held-out domains, then over seeds), for DG and each K of adaptation."""
     from metaphi.evaluate import mean_ci95
+    from metaphi.experiments.report import over_seeds
+
     table: dict = {}
     for method in methods:
         rows = [r for r in results if r["run"]["method"] == method]
@@ -157,12 +250,10 @@ def summarize(results: list[dict], methods: list[str], held_outs: list[str], sho
         for key in ["dg"] + [f"adapt{k}" for k in shots]:
             def value(r):
                 return r["accuracy"] if key == "dg" else r["adapted"][key[len("adapt"):]]["mean"]
-            per_domain = {}
-            for d in held_outs:
-                vals = [value(r) for r in rows if r["run"]["held_out"] == d]
-                if vals:
-                    m, ci = mean_ci95(vals)
-                    per_domain[d] = {"mean": m, "ci95": ci, "seeds": len(vals)}
+            flat = [{"held_out": r["run"]["held_out"], "value": value(r)} for r in rows
+                    if r["run"]["held_out"] in held_outs]
+            per_domain = {e["held_out"]: {"mean": e["value"], "ci95": e["value_ci"], "seeds": e["seeds"]}
+                          for e in over_seeds(flat, ["held_out"], ["value"], order=held_outs)}
             averages = []
             for seed in seeds:
                 vals = [value(r) for r in rows if r["run"]["seed"] == seed]
@@ -178,14 +269,17 @@ def summarize(results: list[dict], methods: list[str], held_outs: list[str], sho
 
 
 def _cell(x: dict | None) -> str:
+    from metaphi.experiments.report import pm
+
     if not x:
         return "–"
-    ci = "" if math.isnan(x["ci95"]) else f" ± {100 * x['ci95']:.1f}"
-    return f"{100 * x['mean']:.1f}{ci}"
+    return pm(x["mean"], None if math.isnan(x["ci95"]) else x["ci95"], digits=1)
 
 
 def markdown(summary: dict) -> str:
     """The results as Markdown tables: one for domain generalization, one per K of adaptation."""
+    from metaphi.experiments.report import markdown_table
+
     held, methods, table = summary["held_out"], summary["methods"], summary["table"]
     s = summary["settings"]
     lines = []
@@ -195,17 +289,13 @@ def markdown(summary: dict) -> str:
                       f"example{'s' if k > 1 else ''} per class ({s['adapt_steps']} SGD steps, lr {s['adapt_lr']}, "
                       f"mean of {s['adapt_draws']} draws)") for k in s["adapt_shots"]]
     for key, title in keys:
+        rows = [[m] + [_cell(table[m][key]["domains"].get(d)) for d in held] + [_cell(table[m][key]["average"])]
+                for m in methods]
         lines += [f"**{title}**, mean ± 95% CI over seeds {summary['seeds']}", "",
-                  "| method | " + " | ".join(held) + " | average |", "|---" * (len(held) + 2) + "|"]
-        for m in methods:
-            e = table[m][key]
-            cells = [_cell(e["domains"].get(d)) for d in held] + [_cell(e["average"])]
-            lines.append(f"| {m} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines.append("| method | runs | train s | wall s |")
-    lines.append("|---|---|---|---|")
-    for m in methods:
-        lines.append(f"| {m} | {table[m]['runs']} | {table[m]['train_seconds']:.0f} | {table[m]['wall_seconds']:.0f} |")
+                  markdown_table(["method", *held, "average"], rows), ""]
+    lines.append(markdown_table(["method", "runs", "train s", "wall s"],
+                                [[m, table[m]["runs"], f"{table[m]['train_seconds']:.0f}",
+                                  f"{table[m]['wall_seconds']:.0f}"] for m in methods]))
     return "\n".join(lines)
 
 
@@ -237,115 +327,3 @@ def sweep(domains, methods: list[str], held_outs: list[str], seeds: list[int], s
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(markdown(summary) + "\n")
     return summary
-
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser("domaingen", help="leave-one-domain-out domain generalization (ERM, MLDG) and few-shot "
-                              "adaptation", description=__doc__.split("\n\n")[0])
-    p.add_argument("data", nargs="?", default="rotated-glyphs",
-                   help=f"{', '.join(DATASETS)} or folder:PATH (default: rotated-glyphs, built in)")
-    p.add_argument("--methods", default="erm,mldg", help="comma list of erm, mldg, mldg-fo (default erm,mldg)")
-    p.add_argument("--held-out", default="all",
-                   help="comma list of domains to hold out, by name or position (default all)")
-    p.add_argument("--seeds", default="0,1,2,3,4", help="comma list of seeds (default 0,1,2,3,4)")
-    p.add_argument("--domains", help="angles (rotated-*), styles (glyph-styles) or domain folders to use")
-    p.add_argument("--alphabets", default="Greek", help="rotated-omniglot: comma list of small1 alphabets")
-    p.add_argument("--classes", type=int, help="use this many of the classes, drawn by --split-seed "
-                   "(default: all for Omniglot and folders, 10 for glyphs)")
-    p.add_argument("--data-root",
-                   help="folder with the Omniglot archives (default: $METAPHI_DATA or ~/.cache/metaphi/data)")
-    p.add_argument("--download", action="store_true",
-                   help="rotated-omniglot: download the small1 archive if it is missing (checked by SHA-256)")
-    p.add_argument("--image-size", type=int, help="folder:PATH only: resize images to this size (default 28)")
-    p.add_argument("--channels", type=int, choices=[1, 3], help="folder:PATH only: 1 (grey, default) or 3 (RGB)")
-    p.add_argument("--invert", action="store_true", help="folder:PATH only: dark ink on light paper becomes high")
-    p.add_argument("--test-per-class", type=int, default=6, help="test images per class of every domain (default 6)")
-    p.add_argument("--adapt-per-class", type=int, default=5, help="adaptation pool per class (default 5)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the instance split and the class choice")
-    p.add_argument("--iterations", type=int, default=300)
-    p.add_argument("--batch", type=int, default=8, help="images per source domain per iteration (default 8)")
-    p.add_argument("--meta-batch", type=int, default=1, help="meta-train/meta-test splits per update (default 1)")
-    p.add_argument("--meta-test", type=int, default=1,
-                   help="source domains held out as meta-test per split (default 1)")
-    p.add_argument("--meta-lr", type=float, default=3e-3, help="Adam step size (default 3e-3)")
-    p.add_argument("--inner-lr", type=float, default=0.1, help="MLDG: step size α of the virtual step (default 0.1)")
-    p.add_argument("--beta", type=float, default=1.0, help="MLDG: weight β of the meta-test loss (default 1)")
-    p.add_argument("--hidden", type=int, default=16, help="channels of the convnet (default 16)")
-    p.add_argument("--blocks", type=int, default=4, help="conv blocks of the convnet (default 4)")
-    p.add_argument("--adapt-shots", default="1,5", help="comma list of K for few-shot adaptation; 0 or '' for none")
-    p.add_argument("--adapt-steps", type=int, default=30, help="fine-tuning steps (default 30)")
-    p.add_argument("--adapt-lr", type=float, default=0.1, help="fine-tuning SGD step size (default 0.1)")
-    p.add_argument("--adapt-params", choices=["head", "all"], default="head", help="what is fine-tuned (default head)")
-    p.add_argument("--adapt-draws", type=int, default=5, help="draws of the K examples averaged (default 5)")
-    p.add_argument("--eval-seed", type=int, default=1234, help="seed of the adaptation draws")
-    p.add_argument("--checkpoint-every", type=int, default=100)
-    p.add_argument("--out", default="runs/domaingen")
-    p.add_argument("--fresh", action="store_true",
-                   help="retrain runs already in --out instead of reusing/resuming them")
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's); 1 is fastest for these small "
-                   "networks on a busy machine")
-    p.add_argument("--quiet", action="store_true", help="no progress")
-    p.set_defaults(func=cmd_domaingen)
-
-
-def cmd_domaingen(args) -> int:
-    from metaphi.algorithms.mldg import METHODS
-    from metaphi.config import UsageError, writable_dir as _writable_dir
-
-    try:
-        seeds = _csv(args.seeds, int)
-        shots = [k for k in _csv(args.adapt_shots, int) if k != 0]
-    except ValueError as e:
-        raise UsageError(f"--seeds and --adapt-shots are comma lists of integers ({e})") from None
-    methods = _csv(args.methods)
-    bad = [m for m in methods if m not in METHODS]
-    if not methods or bad:
-        raise UsageError(f"--methods: unknown method '{bad[0] if bad else ''}' (valid: {', '.join(METHODS)})")
-    if not seeds:
-        raise UsageError("--seeds: give at least one seed")
-    for name in ("iterations", "batch", "meta_batch", "meta_test", "hidden", "blocks", "adapt_draws", "test_per_class",
-                 "checkpoint_every"):
-        if getattr(args, name) < (0 if name == "iterations" else 1):
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive number, got {getattr(args, name)}")
-    for name in ("adapt_steps", "adapt_per_class"):
-        if getattr(args, name) < 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    for name in ("meta_lr", "inner_lr", "adapt_lr"):
-        if not getattr(args, name) > 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.beta < 0:
-        raise UsageError(f"--beta must be >= 0, got {args.beta}")
-    if any(k < 0 for k in shots) or (shots and max(shots) > args.adapt_per_class):
-        raise UsageError(f"--adapt-shots must lie in 1..--adapt-per-class ({args.adapt_per_class}), "
-                         f"got {args.adapt_shots}")
-    options = {"domains": _csv(args.domains), "alphabets": _csv(args.alphabets), "classes": args.classes,
-               "data_root": args.data_root, "download": args.download, "image_size": args.image_size,
-               "channels": args.channels, "invert": args.invert, "test_per_class": args.test_per_class,
-               "adapt_per_class": args.adapt_per_class, "split_seed": args.split_seed}
-    domains = build_domains(args.data, options)
-    held = (domains.domains if args.held_out == "all"
-            else [domains.domains[domains.index(d)] for d in _csv(args.held_out)])
-    settings = {"iterations": args.iterations, "batch": args.batch, "meta_batch": args.meta_batch,
-                "meta_test": args.meta_test, "meta_lr": args.meta_lr, "inner_lr": args.inner_lr, "beta": args.beta,
-                "hidden": args.hidden, "blocks": args.blocks, "adapt_shots": shots, "adapt_steps": args.adapt_steps,
-                "adapt_lr": args.adapt_lr, "adapt_params": args.adapt_params, "adapt_draws": args.adapt_draws,
-                "eval_seed": args.eval_seed, "checkpoint_every": args.checkpoint_every,
-                "data_options": {k: v for k, v in options.items() if k not in ("data_root", "download")}}
-    if len(domains.domains) - 1 <= args.meta_test and any(m != "erm" for m in methods) and len(domains.domains) > 2:
-        raise UsageError(f"--meta-test {args.meta_test} leaves no meta-train domain among "
-                         f"{len(domains.domains) - 1} source domains")
-    _writable_dir(args.out)
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError(f"--threads must be a positive number, got {args.threads}")
-        import torch
-
-        torch.set_num_threads(args.threads)
-    progress = not args.quiet and sys.stderr.isatty()
-    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    log(f"{domains.name}: {domains.num_classes} classes, domains {', '.join(domains.domains)}; "
-        f"{len(methods) * len(held) * len(seeds)} runs")
-    summary = sweep(domains, methods, held, seeds, settings, args.out, fresh=args.fresh, progress=progress, log=log)
-    print(markdown(summary))
-    print(f"wrote {os.path.join(args.out, 'results.md')} and results.json")
-    return 0

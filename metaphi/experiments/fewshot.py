@@ -1,122 +1,361 @@
 """Few-shot learning: meta-train an algorithm on a benchmark's tasks and test it on held-out ones
 (``metaphi run``), and re-test a saved run (``metaphi eval``).
 
-A run with ``--out`` writes checkpoint.pt, metrics.jsonl and result.json there; the scratch and
-pre-training baselines run beside the algorithm unless asked not to.
+A run is described by one :class:`RunConfig`; the sizes it leaves open (``None``) are the chosen
+family's defaults for the benchmark, then the benchmark's own (:func:`complete`). The chosen
+algorithm's options (iMAML's λ, ...) and the estimator's (the implicit solver, ES's population, ...)
+are nested mappings, ``algorithm_options`` and ``estimator_options``, checked against the options
+dataclass of that family and that estimator: an option of another family or estimator is refused
+with its name, never ignored.
+
+A run writes checkpoint.pt, metrics.jsonl, result.json and config.yaml (the fully resolved config:
+``metaphi run --config OUT/config.yaml --out NEW`` runs it again) into ``out``; the scratch and
+pre-training baselines run beside the algorithm unless ``baselines`` is off.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 
-from metaphi.config import UsageError, positive as _positive, writable_dir as _writable_dir
-from metaphi.experiments.report import machine, write_json
+from metaphi.algorithms import ALGORITHMS
+from metaphi.config import UsageError, check, option, to_dict, writable_dir
+from metaphi.experiments.report import machine, save_config, write_json
+from metaphi.outer import ESTIMATORS
 
-
-def resolve_run_settings(args, benchmark) -> dict:
-    d = benchmark.defaults
-    s = {k: getattr(args, k) if getattr(args, k) is not None else d.get(k)
-         for k in ("ways", "shots", "query", "inner_lr", "inner_steps", "eval_steps", "meta_batch", "iterations",
-                   "eval_tasks", "meta_lr")}
-    s["eval_shots"] = args.eval_shots or d.get("eval_shots") or s["shots"]
-    s["eval_query"] = args.eval_query or d.get("eval_query") or s["query"]
-    if args.algorithm == "reptile" and args.inner_steps is None:
-        s["inner_steps"] = max(5, s["inner_steps"])
-    for name in ("ways", "shots", "query", "eval_shots", "eval_query", "meta_batch", "eval_tasks", "inner_lr",
-                 "meta_lr"):
-        _positive(name.replace("_", "-"), s[name])
-    for name in ("inner_steps", "eval_steps", "iterations"):
-        _positive(name.replace("_", "-"), s[name], allow_zero=True)
-    _positive("val-every", args.val_every)
-    _positive("val-tasks", args.val_tasks)
-    _positive("baseline-steps", args.baseline_steps, allow_zero=True)
-    return s
+#: the sizes a benchmark (or a family, for a benchmark) decides when the config leaves them open
+SIZES = ("ways", "shots", "query", "inner_lr", "inner_steps", "eval_steps", "meta_batch", "iterations", "eval_tasks",
+         "meta_lr")
 
 
-def train_and_test(name: str, benchmark, s: dict, args, out_dir: str, estimator_name: str | None = None,
-                   eval_steps: int | None = None, progress: bool = True, init: str | None = None,
-                   train_ways: int | None = None) -> dict:
-    """Meta-train algorithm ``name`` with settings ``s`` and test it; returns its result dict.
+@dataclass
+class RunConfig:
+    """``metaphi run``: meta-train ``algorithm`` on ``benchmark`` and test it on held-out tasks."""
 
-    ``init``: ``[ssl:]CHECKPOINT`` whose body the network starts from; ``train_ways``: classes per
-    meta-training task when it differs from the test's (learners with ``any_ways`` only)."""
-    from metaphi.algorithms import create_algorithm
-    from metaphi.evaluate import evaluate
-    from metaphi.outer import BLACK_BOX, COMPILABLE, build_estimator
-    from metaphi.train import TrainConfig, meta_train
+    algorithm: str | None = option(None, "the algorithm to meta-train", choices=ALGORITHMS, positional=True)
+    benchmark: str = option("glyphs", "a benchmark name (glyphs and sinusoid are built in) or folder:PATH")
+    data_root: str | None = option(None, "folder with the data set's archives (none: $METAPHI_DATA or "
+                                         "~/.cache/metaphi/data)")
+    download: bool = option(False, "download missing archives (checked by SHA-256)")
+    within_alphabet: bool = option(False, "test and validation tasks take all their classes from one alphabet (group)")
+    image_size: int | None = option(None, "folder:PATH only: resize images to this size (none: 84)", check="positive")
+    channels: int | None = option(None, "folder:PATH only: 1 (grey) or 3 (RGB; none: 3)", choices=(1, 3))
+    invert: bool = option(False, "folder:PATH only: dark ink on light paper becomes high")
+    split_file: str | None = option(None, "folder:PATH only: a file mapping class -> train/val/test")
+    ways: int | None = option(None, "classes per task (none: the benchmark's)", check="positive")
+    train_ways: int | None = option(None, "classes per meta-training task, for learners that take any number "
+                                          "(protonet, matching, relation; none: --ways)", check="positive")
+    init: str | None = option(None, "start the network's body from a saved run's (ssl: insists on a self-supervised "
+                                    "run)", metavar="[ssl:]CHECKPOINT")
+    shots: int | None = option(None, "support examples per class (K) for meta-training (none: the benchmark's)",
+                               check="positive")
+    query: int | None = option(None, "query examples per class for meta-training (none: the benchmark's)",
+                               check="positive")
+    eval_shots: int | None = option(None, "support examples per class at test (none: the benchmark's, else --shots)",
+                                    check="positive")
+    eval_query: int | None = option(None, "query examples per class at test (none: the benchmark's, else --query)",
+                                    check="positive")
+    inner_steps: int | None = option(None, "inner steps during meta-training (none: the family's or benchmark's)",
+                                     check="nonneg")
+    eval_steps: int | None = option(None, "inner steps at test (none: the benchmark's)", check="nonneg")
+    inner_lr: float | None = option(None, "inner step size α (none: the benchmark's)", check="positive")
+    meta_batch: int | None = option(None, "tasks per meta-update (none: the benchmark's)", check="positive")
+    meta_lr: float | None = option(None, "outer step size (none: the benchmark's)", check="positive")
+    optimizer: str = option("adam", "outer optimizer", choices=("adam", "sgd"))
+    estimator: str | None = option(None, "how φ's update is estimated (none: the algorithm's own)", choices=ESTIMATORS)
+    algorithm_options: dict = option(default_factory=dict, cli=False,
+                                     help="the chosen family's own options (flags in the family groups below)")
+    estimator_options: dict = option(default_factory=dict, cli=False,
+                                     help="the chosen estimator's options (flags in the estimator groups below)")
+    iterations: int | None = option(None, "meta-training iterations (none: the benchmark's)", check="nonneg")
+    eval_tasks: int | None = option(None, "test tasks (none: the benchmark's, 600)", check="positive")
+    val_every: int = option(100, "validate every this many iterations", check="positive")
+    val_tasks: int = option(100, "validation tasks", check="positive")
+    seed: int = option(0, "seed of the initial weights, the training tasks and the estimator's randomness")
+    threads: int | None = option(None, "torch CPU threads (none: torch's choice, lowered to the cores left free by "
+                                       "other work; OMP_NUM_THREADS, if set, is respected)", check="positive",
+                                 metavar="N")
+    eval_seed: int = option(1234, "seed of the fixed test tasks")
+    device: str = option("cpu", "torch device")
+    out: str | None = option(None, "output folder (none: runs/ALGO-BENCHMARK-WAYSwSHOTSs-seedSEED)")
+    resume: bool = option(False, "continue the run in --out from its checkpoint")
+    baselines: bool = option(True, "also run the scratch and pre-training baselines (--no-baselines skips them)")
+    baseline_steps: int = option(10, "fine-tuning steps of the baselines at test", check="nonneg")
+    quiet: bool = option(False, "no progress bars")
 
+
+@dataclass
+class EvalConfig:
+    """``metaphi eval``: re-test a saved run on its fixed test tasks."""
+
+    checkpoint: str | None = option(None, "a checkpoint.pt written by metaphi run", positional=True)
+    eval_tasks: int | None = option(None, "test tasks (none: the run's)", check="positive")
+    eval_steps: int | None = option(None, "inner steps at test (none: the run's)", check="nonneg")
+    eval_seed: int | None = option(None, "seed of the test tasks (none: the run's)")
+    data_root: str | None = option(None, "folder with the data set's archives (none: the run's)")
+    within_alphabet: bool = option(False, "test tasks take all their classes from one alphabet (group)")
+    threads: int | None = option(None, "torch CPU threads (none: torch's choice)", check="positive", metavar="N")
+    device: str = option("cpu", "torch device")
+    out: str | None = option(None, "write the result JSON to this file")
+    quiet: bool = option(False, "no progress bar")
+
+
+# -- the options of families and estimators -----------------------------------------------------------
+
+def option_owners() -> dict[str, list[tuple[str, str]]]:
+    """Every family and estimator option name -> its owners, ``("algorithm", name)`` or ``("estimator", name)``."""
+    from metaphi.algorithms import options_class
+    from metaphi.outer import estimator_options_class
+
+    owners: dict[str, list[tuple[str, str]]] = {}
+    for kind, names, of in (("algorithm", ALGORITHMS, options_class), ("estimator", ESTIMATORS,
+                                                                         estimator_options_class)):
+        for name in names:
+            for f in dataclasses.fields(of(name)):
+                owners.setdefault(f.name, []).append((kind, name))
+    return owners
+
+
+def route_options(values: dict, where: str = "") -> tuple[dict, dict]:
+    """Flat family and estimator options (from flags, or a compare method's ``key=value``) split into
+    ``(algorithm_options, estimator_options)`` by the kind of their owners; a name both kinds use goes
+    to both, and :func:`check_options` keeps it where it applies."""
+    owners = option_owners()
+    algorithm_options, estimator_options = {}, {}
+    for key, value in values.items():
+        kinds = {kind for kind, _ in owners.get(key, ())}
+        if not kinds:
+            raise UsageError(f"{where}unknown option '{key}'")
+        if "algorithm" in kinds:
+            algorithm_options[key] = value
+        if "estimator" in kinds:
+            estimator_options[key] = value
+    return algorithm_options, estimator_options
+
+
+def _listed(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _not_applicable(key: str, algorithm: str, estimator: str) -> UsageError:
+    """``--KEY applies to OWNERS, not ALGORITHM`` (or the estimator): one line, what it applies to."""
+    owners = option_owners().get(key, [])
+    flag = "--" + key.replace("_", "-")
+    families = [name for kind, name in owners if kind == "algorithm"]
+    estimators = [name for kind, name in owners if kind == "estimator"]
+    if not owners:
+        return UsageError(f"{flag} is not an option of any algorithm or estimator")
+    parts = ([_listed(families)] if families else []) + (
+        [f"the {_listed(estimators)} estimator{'s' if len(estimators) > 1 else ''}"] if estimators else [])
+    chosen = (estimator if not families else algorithm if not estimators
+              else f"{algorithm} with the {estimator} estimator")
+    return UsageError(f"{flag} applies to {' and '.join(parts)}, not {chosen}")
+
+
+def check_options(config: RunConfig, estimator: str):
+    """``(family options, estimator options)``: the options dataclasses of ``config.algorithm`` and
+    ``estimator`` filled from the config's mappings and checked. An option of another family or
+    estimator is a UsageError naming it and what it applies to."""
+    from metaphi.algorithms import algorithm_options, options_class
+    from metaphi.outer import estimator_options, estimator_options_class
+
+    takes = {"algorithm": {f.name for f in dataclasses.fields(options_class(config.algorithm))},
+             "estimator": {f.name for f in dataclasses.fields(estimator_options_class(estimator))}}
+    given = {"algorithm": dict(config.algorithm_options), "estimator": dict(config.estimator_options)}
+    # a name families and estimators share was routed to both mappings: it stays where it applies
+    for key in set(given["algorithm"]) & set(given["estimator"]):
+        for kind, other in (("algorithm", "estimator"), ("estimator", "algorithm")):
+            if key not in takes[kind] and key in takes[other]:
+                del given[kind][key]
+    for kind in ("algorithm", "estimator"):
+        for key in given[kind]:
+            if key not in takes[kind]:
+                raise _not_applicable(key, config.algorithm, estimator)
+    return (algorithm_options(config.algorithm, given["algorithm"]),
+            estimator_options(estimator, given["estimator"]))
+
+
+# -- a run's settings ---------------------------------------------------------------------------------
+
+def benchmark_options(config) -> dict:
+    """What ``build_benchmark`` takes besides the name and the data root (also stored with the run)."""
+    return {"download": config.download, "within_group": config.within_alphabet, "image_size": config.image_size,
+            "channels": config.channels, "invert": config.invert, "split_file": config.split_file}
+
+
+def load_benchmark(config):
+    from metaphi.tasks.registry import build_benchmark
+
+    return build_benchmark(config.benchmark, config.data_root, **benchmark_options(config))
+
+
+def default_estimator(algorithm) -> str:
+    return algorithm.estimators[0] if algorithm.estimators else "first-order"
+
+
+def complete(config: RunConfig, benchmark) -> RunConfig:
+    """``config`` with every size it leaves open decided (the family's default for this benchmark, else
+    the benchmark's), the estimator named and the family's and estimator's options written out in full:
+    the run's fully resolved config."""
+    from metaphi.algorithms import family_defaults
+
+    if config.algorithm is None:
+        raise UsageError(f"name the algorithm: metaphi run ALGORITHM (valid: {', '.join(ALGORITHMS)})")
+    for key in ("algorithm_options", "estimator_options"):
+        if not isinstance(getattr(config, key), dict):
+            raise UsageError(f"{key} must be a mapping of options, got {getattr(config, key)!r}")
+    d = {**benchmark.defaults, **family_defaults(config.algorithm, benchmark.defaults)}
+    sizes = {k: getattr(config, k) if getattr(config, k) is not None else d.get(k) for k in SIZES}
+    sizes["eval_shots"] = config.eval_shots or d.get("eval_shots") or sizes["shots"]
+    sizes["eval_query"] = config.eval_query or d.get("eval_query") or sizes["query"]
+    probe = probe_algorithm(config.algorithm, benchmark, sizes)
+    estimator = config.estimator or default_estimator(probe)
+    resolved = dataclasses.replace(config, **sizes, estimator=estimator)
+    check(resolved)
+    check_fits(resolved, probe)
+    family, estimator_settings = check_options(resolved, estimator)
+    return dataclasses.replace(resolved, algorithm_options=to_dict(family),
+                               estimator_options=to_dict(estimator_settings))
+
+
+def probe_algorithm(name: str, benchmark, sizes: dict):
+    """Algorithm ``name`` as built for ``sizes`` (with its default options), to ask what it takes."""
     import torch
 
-    eval_steps = s["eval_steps"] if eval_steps is None else eval_steps
-    with torch.random.fork_rng():  # the initial weights come from the seed, and touch no global state
-        torch.manual_seed(args.seed)
-        algo = create_algorithm(name, benchmark, s["ways"], s["inner_lr"], s["inner_steps"], eval_steps)
-    if init:
+    from metaphi.algorithms import create_algorithm
+
+    with torch.random.fork_rng():  # its initial weights are thrown away: leave the global generator alone
+        return create_algorithm(name, benchmark, sizes["ways"], sizes["inner_lr"], sizes["inner_steps"],
+                                sizes["eval_steps"])
+
+
+def check_fits(config: RunConfig, algorithm) -> None:
+    """A UsageError when the estimator or the training tasks' size of ``config`` do not fit ``algorithm``."""
+    from metaphi.outer import BLACK_BOX
+
+    if algorithm.estimators and config.estimator not in tuple(algorithm.estimators) + BLACK_BOX:
+        raise UsageError(f"--estimator {config.estimator} does not apply to {config.algorithm} "
+                         f"(valid: {', '.join(algorithm.estimators)})")
+    if (config.train_ways or config.ways) != config.ways and not getattr(algorithm, "any_ways", False):
+        raise UsageError(f"--train-ways: {config.algorithm} learns tasks of one size (only protonet, matching and "
+                         f"relation take any number of classes)")
+
+
+def settings(config: RunConfig) -> dict:
+    """The sizes of a completed config, as the checkpoint and compare's reuse test record them."""
+    return {k: getattr(config, k) for k in SIZES + ("eval_shots", "eval_query")}
+
+
+# -- the pieces of a run: the algorithm, its estimator, meta-training ---------------------------------
+
+def make_algorithm(config: RunConfig, benchmark):
+    """The algorithm of a completed ``config``: its initial weights from ``config.seed`` (touching no
+    global random state), its body from ``config.init`` when given."""
+    import torch
+
+    from metaphi.algorithms import create_algorithm
+
+    with torch.random.fork_rng():
+        torch.manual_seed(config.seed)
+        algorithm = create_algorithm(config.algorithm, benchmark, config.ways, config.inner_lr, config.inner_steps,
+                                     config.eval_steps, options=config.algorithm_options)
+    if config.init:
         from metaphi.algorithms.ssl import start_from
-        algo = start_from(algo, init)
-    train_ways = train_ways or s["ways"]
-    if train_ways != s["ways"] and not getattr(algo, "any_ways", False):
-        raise UsageError(f"--train-ways: {name} learns tasks of one size (only protonet, matching and relation "
-                         f"take any number of classes)")
-    estimator_name = estimator_name or (algo.estimators[0] if algo.estimators else "first-order")
-    if algo.estimators and estimator_name not in tuple(algo.estimators) + BLACK_BOX:
-        raise UsageError(f"--estimator {estimator_name} does not apply to {name} (valid: {', '.join(algo.estimators)})")
-    test_sampler = benchmark.episodes("test", s["ways"], s["eval_shots"], s["eval_query"])
-    sample_train = algo.training_tasks(benchmark, train_ways, s["shots"], s["query"])
+        algorithm = start_from(algorithm, config.init)
+    return algorithm
+
+
+def make_estimator(config: RunConfig, algorithm, progress: bool = False):
+    """The estimator of a completed ``config``, refused when it does not fit ``algorithm``."""
+    from metaphi.outer import build_estimator
+
+    check_fits(config, algorithm)
+    if config.estimator_options.get("compile") and progress:
+        print(f"{config.algorithm}: --compile: the first meta-iteration compiles the meta-gradient (tens of seconds "
+              "to minutes on a CPU; cached on disk for runs with the same shapes)", file=sys.stderr, flush=True)
+    return build_estimator(config.estimator, options=config.estimator_options)
+
+
+def meta_train_algorithm(config: RunConfig, benchmark, algorithm, estimator, out_dir: str | None = None,
+                         validate=None, run: dict | None = None, progress: bool = False):
+    """Meta-train ``algorithm`` on ``benchmark``'s training tasks as ``config`` says; the TrainState."""
+    from metaphi.train import TrainConfig, meta_train
+
+    sample_train = algorithm.training_tasks(benchmark, config.train_ways or config.ways, config.shots, config.query)
+    train = TrainConfig(iterations=config.iterations if algorithm.trains else 0, meta_batch=config.meta_batch,
+                        meta_lr=config.meta_lr, optimizer=config.optimizer, seed=config.seed,
+                        val_every=config.val_every, device=config.device)
+    resume = config.resume and out_dir is not None and os.path.exists(os.path.join(out_dir, "checkpoint.pt"))
+    return meta_train(algorithm, estimator, sample_train, train, out_dir=out_dir, validate=validate, resume=resume,
+                      run=run, progress=progress)
+
+
+def train_and_test(config: RunConfig, benchmark, out_dir: str, progress: bool = True) -> dict:
+    """Meta-train the algorithm of a completed ``config`` and test it; returns its result dict (also
+    written to ``out_dir``/result.json)."""
+    from metaphi import distributed
+    from metaphi.evaluate import evaluate
+
+    algorithm = make_algorithm(config, benchmark)
+    estimator = make_estimator(config, algorithm, progress)
+    test_sampler = benchmark.episodes("test", config.ways, config.eval_shots, config.eval_query)
     validate = None
     if "val" in benchmark.splits or benchmark.regression_tasks is not None:
-        val_sampler = benchmark.episodes("val", s["ways"], s["eval_shots"], s["eval_query"])
-        validate = lambda phi: evaluate(algo, phi, val_sampler, args.val_tasks, args.eval_seed + 1,
-                                        device=args.device)["mean"]
-    iterations = s["iterations"] if algo.trains else 0
-    config = TrainConfig(iterations=iterations, meta_batch=s["meta_batch"], meta_lr=s["meta_lr"],
-                         optimizer=args.optimizer, seed=args.seed, val_every=args.val_every, device=args.device)
-    run = {"benchmark": benchmark.name, "data_root": args.data_root, "benchmark_options": benchmark_options(args),
-           **s, "eval_steps": eval_steps,
-           "estimator": estimator_name, "seed": args.seed, "eval_seed": args.eval_seed,
-           "input": benchmark.input_spec(), "train_ways": train_ways, "init": init}
+        val_sampler = benchmark.episodes("val", config.ways, config.eval_shots, config.eval_query)
+        validate = lambda phi: evaluate(algorithm, phi, val_sampler, config.val_tasks, config.eval_seed + 1,
+                                        device=config.device)["mean"]
+    s = settings(config)
+    train_ways = config.train_ways or config.ways
+    run = {"benchmark": benchmark.name, "data_root": config.data_root, "benchmark_options": benchmark_options(config),
+           **s, "estimator": config.estimator, "seed": config.seed, "eval_seed": config.eval_seed,
+           "input": benchmark.input_spec(), "train_ways": train_ways, "init": config.init}
     started = time.perf_counter()
-    solver_options = {k: getattr(args, k) for k in ("solver", "solver_steps", "solver_tol", "solver_damping",
-                                                    "neumann_alpha") if getattr(args, k, None) is not None}
-    if getattr(args, "compile", False):
-        if estimator_name not in COMPILABLE:
-            raise UsageError(f"--compile applies to the {' and '.join(COMPILABLE)} estimators, not '{estimator_name}'")
-        if getattr(args, "checkpoint_inner", False):
-            raise UsageError("--compile and --checkpoint-inner do not go together (a checkpointed inner loop runs "
-                             "eagerly)")
-        solver_options["compile"] = True
-        if progress:
-            print(f"{name}: --compile: the first meta-iteration compiles the meta-gradient (tens of seconds to "
-                  "minutes on a CPU; cached on disk for runs with the same shapes)", file=sys.stderr, flush=True)
-    estimator = build_estimator(estimator_name, vectorize=not args.loop,
-                                checkpoint=getattr(args, "checkpoint_inner", False),
-                                task_chunk=getattr(args, "task_chunk", None), **solver_options)
-    state = meta_train(algo, estimator, sample_train, config, out_dir=out_dir, validate=validate,
-                       resume=args.resume and os.path.exists(os.path.join(out_dir, "checkpoint.pt")), run=run,
-                       progress=progress)
-    from metaphi import distributed
+    state = meta_train_algorithm(config, benchmark, algorithm, estimator, out_dir, validate, run, progress)
     if not distributed.is_main():  # under torchrun rank 0 alone tests and writes the results
-        return {"algorithm": name, "rank": distributed.rank()}
-    test = evaluate(algo, state.phi, test_sampler, s["eval_tasks"], args.eval_seed, device=args.device,
-                    progress=progress, desc=f"test {name}")
+        return {"algorithm": config.algorithm, "rank": distributed.rank()}
+    test = evaluate(algorithm, state.phi, test_sampler, config.eval_tasks, config.eval_seed, device=config.device,
+                    progress=progress, desc=f"test {config.algorithm}")
     result = {
-        "algorithm": name, "benchmark": benchmark.name, "metric": benchmark.problem.metric,
+        "algorithm": config.algorithm, "benchmark": benchmark.name, "metric": benchmark.problem.metric,
         "higher_is_better": benchmark.problem.higher_is_better,
         "mean": test["mean"], "ci95": test["ci95"], "per_step": test["per_step"],
         "iterations": state.iteration, "wall_seconds": time.perf_counter() - started,
-        "train_seconds": state.train_seconds, "test_seconds": test["seconds"], "seed": args.seed,
-        "eval_seed": args.eval_seed, "eval_tasks": s["eval_tasks"], "ways": s["ways"], "shots": s["shots"],
-        "query": s["query"], "eval_shots": s["eval_shots"], "eval_query": s["eval_query"],
-        "inner_lr": s["inner_lr"], "inner_steps": s["inner_steps"], "eval_steps": eval_steps,
-        "meta_batch": s["meta_batch"], "meta_lr": s["meta_lr"], "estimator": estimator_name,
+        "train_seconds": state.train_seconds, "test_seconds": test["seconds"], "seed": config.seed,
+        "eval_seed": config.eval_seed, "eval_tasks": config.eval_tasks, "ways": config.ways, "shots": config.shots,
+        "query": config.query, "eval_shots": config.eval_shots, "eval_query": config.eval_query,
+        "inner_lr": config.inner_lr, "inner_steps": config.inner_steps, "eval_steps": config.eval_steps,
+        "meta_batch": config.meta_batch, "meta_lr": config.meta_lr, "estimator": config.estimator,
         "parameters": sum(v.numel() for v in state.phi.values()), "machine": machine(),
-        "train_ways": train_ways, "init": init,
+        "train_ways": train_ways, "init": config.init,
         "checkpoint": os.path.join(out_dir, "checkpoint.pt"), "processes": distributed.world_size(),
     }
     write_json(result, os.path.join(out_dir, "result.json"))
     return result
+
+
+def baseline_config(config: RunConfig, name: str, benchmark) -> RunConfig:
+    """The config of baseline ``name`` beside a completed run: the same tasks and sizes,
+    ``baseline_steps`` fine-tuning steps at test, the baseline's own estimator with those of the run's
+    estimator options that it takes too (``loop``, ``task_chunk``, ...)."""
+    from metaphi.outer import estimator_options_class
+
+    sizes = {**settings(config), "eval_steps": config.baseline_steps}
+    estimator = default_estimator(probe_algorithm(name, benchmark, sizes))
+    takes = {f.name for f in dataclasses.fields(estimator_options_class(estimator))}
+    baseline = dataclasses.replace(config, algorithm=name, init=None, train_ways=None, eval_steps=config.baseline_steps,
+                                   estimator=estimator, algorithm_options={},
+                                   estimator_options={k: v for k, v in config.estimator_options.items() if k in takes})
+    family, estimator_settings = check_options(baseline, estimator)
+    return dataclasses.replace(baseline, algorithm_options=to_dict(family),
+                               estimator_options=to_dict(estimator_settings))
+
+
+def outputs_folder(config: RunConfig, benchmark_name: str) -> str:
+    return config.out or os.path.join("runs", f"{config.algorithm}-{benchmark_name}-{config.ways}w{config.shots}s-"
+                                              f"seed{config.seed}")
 
 
 def format_table(result: dict) -> str:
@@ -133,47 +372,46 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def benchmark_options(args) -> dict:
-    return {"download": args.download, "within_group": args.within_alphabet, "image_size": args.image_size,
-            "channels": args.channels, "invert": args.invert, "split_file": args.split_file}
+def progress_bars(quiet: bool) -> bool:
+    return not quiet and sys.stderr.isatty() or os.environ.get("METAPHI_PROGRESS") == "1"
 
 
-def cmd_run(args) -> int:
+# -- the commands -----------------------------------------------------------------------------------------
+
+def run(config: RunConfig) -> int:
     """``metaphi run``; under ``torchrun`` every process runs it, joined into one process group."""
     from metaphi import distributed
 
-    args.device = distributed.init_from_env(args.device)
+    config = dataclasses.replace(config, device=distributed.init_from_env(config.device))
     try:
-        return _run(args, distributed.is_main())
+        return _run(config, distributed.is_main())
     finally:
         distributed.shutdown()
 
 
-def _run(args, main_process: bool) -> int:
+def _run(config: RunConfig, main_process: bool) -> int:
     from metaphi.algorithms import BASELINES
-    from metaphi.tasks.registry import build_benchmark
 
-    _positive("image-size", args.image_size)
-    benchmark = build_benchmark(args.benchmark, args.data_root, **benchmark_options(args))
-    s = resolve_run_settings(args, benchmark)
-    out_dir = args.out or os.path.join("runs", f"{args.algorithm}-{benchmark.name}-{s['ways']}w{s['shots']}s-seed{args.seed}")
-    _writable_dir(out_dir)
-    progress = not args.quiet and sys.stderr.isatty() or os.environ.get("METAPHI_PROGRESS") == "1"
+    benchmark = load_benchmark(config)
+    config = complete(config, benchmark)
+    out_dir = outputs_folder(config, benchmark.name)
+    config = dataclasses.replace(config, out=out_dir)
+    writable_dir(out_dir)
+    progress = progress_bars(config.quiet)
     # Sizes are checked against the data before any training starts.
-    for split, shots, query in (("train", s["shots"], s["query"]), ("test", s["eval_shots"], s["eval_query"])):
-        benchmark.episodes(split, s["ways"], shots, query)
-    _positive("train-ways", args.train_ways)
-    _positive("task-chunk", args.task_chunk)
-    result = train_and_test(args.algorithm, benchmark, s, args, out_dir, args.estimator, progress=progress,
-                            init=args.init, train_ways=args.train_ways)
-    if not args.no_baselines:
+    for split, shots, query in (("train", config.shots, config.query), ("test", config.eval_shots, config.eval_query)):
+        benchmark.episodes(split, config.ways, shots, query)
+    if main_process:
+        save_config(config, out_dir)
+    result = train_and_test(config, benchmark, out_dir, progress=progress)
+    if config.baselines:
         result["baselines"] = {}
         for name in BASELINES:
-            if name == args.algorithm:
+            if name == config.algorithm:
                 continue
-            sub_dir = _writable_dir(os.path.join(out_dir, "baselines", name))
-            result["baselines"][name] = train_and_test(name, benchmark, s, args, sub_dir,
-                                                       eval_steps=args.baseline_steps, progress=progress)
+            sub_dir = writable_dir(os.path.join(out_dir, "baselines", name))
+            result["baselines"][name] = train_and_test(baseline_config(config, name, benchmark), benchmark, sub_dir,
+                                                       progress=progress)
         if main_process:
             write_json(result, os.path.join(out_dir, "result.json"))
     if not main_process:
@@ -183,35 +421,36 @@ def _run(args, main_process: bool) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
+def evaluate_checkpoint(config: EvalConfig) -> int:
+    """``metaphi eval``: the saved run's algorithm and φ on its fixed test tasks (or as many as asked)."""
     from metaphi.algorithms import build_algorithm
-    from metaphi.tasks.registry import build_benchmark
     from metaphi.evaluate import evaluate
+    from metaphi.tasks.registry import build_benchmark
     from metaphi.train import load_checkpoint
 
-    if not os.path.isfile(args.checkpoint):
-        raise UsageError(f"no checkpoint at {args.checkpoint}")
+    if config.checkpoint is None:
+        raise UsageError("name the checkpoint: metaphi eval CHECKPOINT")
+    if not os.path.isfile(config.checkpoint):
+        raise UsageError(f"no checkpoint at {config.checkpoint}")
     try:
-        ck = load_checkpoint(args.checkpoint)
+        ck = load_checkpoint(config.checkpoint)
     except Exception as e:  # a truncated or foreign file
-        raise UsageError(f"{args.checkpoint} is not a readable metaphi checkpoint ({e})")
-    _positive("eval-tasks", args.eval_tasks)
-    _positive("eval-steps", args.eval_steps, allow_zero=True)
+        raise UsageError(f"{config.checkpoint} is not a readable metaphi checkpoint ({e})")
     run = ck["run"]
-    algo = build_algorithm(ck["algorithm"])
+    algorithm = build_algorithm(ck["algorithm"])
     options = dict(run.get("benchmark_options", {}))
-    if args.within_alphabet:
+    if config.within_alphabet:
         options["within_group"] = True
-    benchmark = build_benchmark(run["benchmark"], args.data_root or run.get("data_root"), **options)
+    benchmark = build_benchmark(run["benchmark"], config.data_root or run.get("data_root"), **options)
     sampler = benchmark.episodes("test", run["ways"], run["eval_shots"], run["eval_query"])
-    n = args.eval_tasks or run["eval_tasks"]
-    seed = run["eval_seed"] if args.eval_seed is None else args.eval_seed
-    phi = {k: v.to(args.device) for k, v in ck["phi"].items()}
-    progress = not args.quiet and sys.stderr.isatty()
-    test = evaluate(algo, phi, sampler, n, seed, args.eval_steps, device=args.device, progress=progress)
-    result = {"algorithm": algo.name, "benchmark": benchmark.name, "metric": benchmark.problem.metric,
-              "checkpoint": args.checkpoint, "iterations": ck["iteration"], **test}
-    if args.out:
-        write_json(result, args.out)
+    n = config.eval_tasks or run["eval_tasks"]
+    seed = run["eval_seed"] if config.eval_seed is None else config.eval_seed
+    phi = {k: v.to(config.device) for k, v in ck["phi"].items()}
+    progress = not config.quiet and sys.stderr.isatty()
+    test = evaluate(algorithm, phi, sampler, n, seed, config.eval_steps, device=config.device, progress=progress)
+    result = {"algorithm": algorithm.name, "benchmark": benchmark.name, "metric": benchmark.problem.metric,
+              "checkpoint": config.checkpoint, "iterations": ck["iteration"], **test}
+    if config.out:
+        write_json(result, config.out)
     print(json.dumps({k: result[k] for k in ("algorithm", "benchmark", "metric", "mean", "ci95", "tasks")}))
     return 0

@@ -32,23 +32,29 @@ problem dimension, so coordinatewise rules and ``torch.optim`` treat them exactl
 ``evaluate_optimizer`` runs any ``torch.optim`` optimizer (a learned one through ``LearnedOptimizer``)
 on fixed problems and records the full-data loss after every step; ``tune_learning_rate`` picks the
 best rate of a hand-designed optimizer on a grid, on problems apart from the test ones.
+
+The study (``metaphi l2o train | eval``): ``run_train(L2OTrainConfig)`` meta-trains a rule, keeps the
+meta-parameters best on validation problems and scores them on test problems; ``run_eval(L2OEvalConfig)``
+compares learned optimizers with tuned hand-designed ones (``compare``). Every file is plain data read
+back without unpickling code (``metaphi.checkpoint``); ``config.yaml`` in the output folder reruns a
+training run.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from metaphi.config import UsageError, option, to_dict
 from metaphi.functional import Params, detach
-
-CHECKPOINT_FORMAT = "metaphi-l2o-1"
+from metaphi.inner.learned import RULE_NAMES
 
 
 # ------------------------------------------------------------------------------------------ optimizees
@@ -260,28 +266,37 @@ def es_meta_gradient(rule, meta: Params, family, params: Params, state: Any, dat
 
 @dataclass
 class L2OConfig:
-    horizon: int = 100           # optimizee steps per run (T)
-    unroll: int = 20             # steps per truncation: one meta-update each
-    iterations: int = 100        # optimizee runs
-    problems: int = 1            # problems trained side by side in one run
-    meta_lr: float = 1e-3
-    second_order: bool = False
-    estimator: str = "backprop"  # or "es": antithetic evolution strategies on each truncation's loss
-    es_population: int = 16
-    es_sigma: float = 0.01
-    clip: float | None = 1.0     # meta-gradient norm clip (None: off)
-    seed: int = 0
-    val_every: int = 10          # validate every this many runs (0: never)
-    val_problems: int = 10
-    val_seed: int = 999
-    checkpoint_every: int = 5
-    max_seconds: float | None = None   # stop after the run in which training time passes this
+    """The meta-training settings of ``meta_train`` (the ``metaphi l2o train`` flags of the same names)."""
+    horizon: int = option(100, "optimizee steps per run (T)", check="positive")
+    unroll: int = option(20, "steps per truncation (one meta-update each)", check="positive")
+    iterations: int = option(100, "optimizee runs", check="positive")
+    problems: int = option(1, "problems trained side by side in a run", check="positive")
+    meta_lr: float = option(1e-3, "Adam's step size on the meta-parameters", check="positive")
+    second_order: bool = option(False, "backpropagate through the optimizee's gradients too (the paper drops "
+                                       "these)")
+    estimator: str = option("backprop", "meta-gradient by backpropagation through the truncation (backprop), or "
+                                        "by antithetic evolution strategies on its loss (es)",
+                            choices=("backprop", "es"))
+    es_population: int = option(16, "es: population size (even: antithetic pairs)", check="positive",
+                                flag="--population")
+    es_sigma: float = option(0.01, "es: perturbation scale", check="positive", flag="--sigma")
+    clip: float | None = option(1.0, "meta-gradient norm clip (0 or none: off)", check="nonneg")
+    seed: int = option(0, "seed of the training problems and minibatches (and, in `metaphi l2o train`, of the "
+                          "rule's initial weights)")
+    val_every: int = option(10, "validate every this many runs (0: never)", check="nonneg")
+    val_problems: int = option(10, "validation problems", check="positive")
+    val_seed: int = option(999, "seed of the validation problems")
+    checkpoint_every: int = option(5, "write checkpoint.pt every this many runs", check="positive")
+    max_seconds: float | None = option(None, "stop after the run in which training time passes this",
+                                       check="positive")
 
 
 @dataclass
 class L2OState:
+    """Where meta-training stands: φ (``meta``), the plain state of its Adam (``meta_optimizer``), the
+    stream of problems and minibatches (``generator``) and the record of the runs so far."""
     meta: Params
-    optimizer: torch.optim.Optimizer
+    meta_optimizer: dict
     generator: torch.Generator
     iteration: int = 0
     truncations: int = 0
@@ -311,123 +326,121 @@ def meta_train(rule, family, config: L2OConfig, out_dir: str | None = None, resu
     """Meta-train ``rule`` on ``family`` by truncated backpropagation through time (module docstring).
 
     Each iteration trains ``config.problems`` fresh problems for ``config.horizon`` steps, with one Adam
-    step on φ per truncation. With ``out_dir``: ``metrics.jsonl`` (one row per run),
-    ``checkpoint.pt`` (every ``checkpoint_every`` runs and at the end), ``optimizer.pt`` (the
-    meta-parameters with the best validation loss, or the last ones without validation) and
-    ``optimizer-last.pt``, both loadable by ``metaphi.inner.optim.LearnedOptimizer``.
-    ``on_truncation(length, meta_loss)`` is called after each truncation's meta-update.
+    step on φ per truncation: one step of the online bilevel loop (``metaphi.train_online``), θ the
+    optimizee, each truncation φ's lookahead. With ``out_dir``: ``metrics.jsonl`` (one row per run),
+    ``checkpoint.pt`` (the loop's, every ``checkpoint_every`` runs and at the end; ``resume``
+    continues from it), ``optimizer.pt`` (the meta-parameters with the best validation loss, or the
+    last ones without validation) and ``optimizer-last.pt``, both loadable by
+    ``metaphi.inner.optim.LearnedOptimizer``. ``on_truncation(length, meta_loss)`` is called after
+    each truncation's meta-update.
     """
-    from tqdm.auto import tqdm
-
+    from metaphi import train_online
     from metaphi.inner.optim import save_learned
-    from metaphi.tasks import atomic_save
-    from metaphi.train import NonFiniteLoss
+    from metaphi.inner.rules import TorchAdam
 
-    pieces = truncations(config.horizon, config.unroll)
+    truncations(config.horizon, config.unroll)  # checks them
     if config.estimator not in ("backprop", "es"):
         raise ValueError(f"unknown meta-gradient estimator '{config.estimator}' (valid: backprop, es)")
     if config.estimator == "es" and (config.es_population < 2 or config.es_population % 2):
         raise ValueError(f"es_population must be an even number >= 2, got {config.es_population}")
-    meta = {k: v.detach().clone().requires_grad_() for k, v in rule.meta_params(
+    meta = {k: v.detach().clone() for k, v in rule.meta_params(
         family.sample(1, torch.Generator().manual_seed(0))[0]).items()}
-    state = L2OState(meta, torch.optim.Adam(list(meta.values()), lr=config.meta_lr),
-                     torch.Generator().manual_seed(config.seed))
+    adam = TorchAdam(config.meta_lr)  # torch.optim.Adam's defaults, bit for bit
     ck_path = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
     info = {"family": family.spec(), "horizon": config.horizon, "unroll": config.unroll}
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-    if resume:
-        if not ck_path or not os.path.exists(ck_path):
-            raise FileNotFoundError(f"resume: no checkpoint at {ck_path}")
-        ck = torch.load(ck_path, map_location="cpu", weights_only=False)
-        if ck.get("format") != CHECKPOINT_FORMAT or ck["rule"] != rule.spec() or ck["family"] != family.spec():
-            raise ValueError(f"resume: {ck_path} was written for another rule or family")
-        for k, v in ck["meta"].items():
-            state.meta[k].data.copy_(v)
-        state.optimizer.load_state_dict(ck["meta_optimizer"])
-        state.generator.set_state(ck["generator"])
-        for name in ("iteration", "truncations", "seconds", "history", "best_val"):
-            setattr(state, name, ck[name])
-        state.best_meta = ck["best_meta"]
+    if resume and (not ck_path or not os.path.exists(ck_path)):
+        raise FileNotFoundError(f"resume: no checkpoint at {ck_path}")
+    start = {"meta": meta, "meta_optimizer": adam.init(meta), "truncations": 0, "seconds": 0.0,
+             "best_meta": None, "best_val": math.inf, "stopped_early": False}
+    latest = {"state": start}  # the state after the last step, for on_step (which is handed the metrics only)
+
+    def step(state: dict, t: int, generator: torch.Generator) -> tuple[dict, dict]:
+        state = one_run(rule, family, config, state, t, generator, adam, val_family or family, on_truncation,
+                        ck_path)
+        latest["state"] = state
+        return state, state.pop("row")
+
+    def write_optimizers(state: dict, iteration: int) -> None:
+        save_learned(os.path.join(out_dir, "optimizer-last.pt"), rule, state["meta"], {**info, "iteration": iteration})
+        best = state["best_meta"] is not None
+        save_learned(os.path.join(out_dir, "optimizer.pt"), rule, state["best_meta"] if best else state["meta"],
+                     {**info, "iteration": iteration, "val": state["best_val"] if best else None})
+
+    def on_step(done: int, row: dict) -> None:
+        if out_dir and done % config.checkpoint_every == 0:
+            write_optimizers(latest["state"], done)
+
+    generator = torch.Generator().manual_seed(config.seed)
+    record = train_online.run(
+        step, start, config.iterations, generator=generator, checkpoint=ck_path, every=config.checkpoint_every,
+        identity={"rule": rule.spec(), "family": family.spec()}, resume=resume, on_step=on_step,
+        progress=f"meta-train {rule.spec()['name']}" if progress else None,
+        metrics_file=os.path.join(out_dir, "metrics.jsonl") if out_dir else None,
+        # the run's own time budget (training time, not validation) ends it; a rule that diverges on the
+        # validation problems scores an infinite val, a result rather than a failure
+        stop=lambda state: state["stopped_early"], finite=("meta_loss",),
+        hint="lower the meta learning rate or clip the meta-gradient")
+    final = record["state"]
     if out_dir:
-        with open(os.path.join(out_dir, "metrics.jsonl"), "w") as f:
-            for row in state.history:
-                f.write(json.dumps(row) + "\n")
+        write_optimizers(final, record["step"])
+    return L2OState(meta=final["meta"], meta_optimizer=final["meta_optimizer"], generator=generator,
+                    iteration=record["step"], truncations=final["truncations"], seconds=final["seconds"],
+                    history=record["history"], best_meta=final["best_meta"], best_val=final["best_val"],
+                    stopped_early=final["stopped_early"])
 
-    def save() -> None:
-        if not out_dir:
-            return
-        atomic_save({"format": CHECKPOINT_FORMAT, "rule": rule.spec(), "family": family.spec(),
-                     "config": asdict(config), "meta": detach(state.meta),
-                     "meta_optimizer": state.optimizer.state_dict(), "generator": state.generator.get_state(),
-                     "iteration": state.iteration, "truncations": state.truncations, "seconds": state.seconds,
-                     "history": state.history, "best_meta": state.best_meta, "best_val": state.best_val,
-                     "stopped_early": state.stopped_early}, ck_path)
-        save_learned(os.path.join(out_dir, "optimizer-last.pt"), rule, state.meta,
-                     {**info, "iteration": state.iteration})
-        save_learned(os.path.join(out_dir, "optimizer.pt"), rule, state.best_meta or state.meta,
-                     {**info, "iteration": state.iteration, "val": state.best_val if state.best_meta else None})
 
-    bar = tqdm(total=config.iterations, initial=state.iteration, desc=f"meta-train {rule.spec()['name']}",
-               disable=not progress, dynamic_ncols=True)
-    try:
-        while state.iteration < config.iterations and not state.stopped_early:
-            started = time.perf_counter()
-            params, data = family.sample(config.problems, state.generator)
-            rule_state = rule.init(params)
-            batch = family.batch(data, state.generator)
-            losses = []
-            for length in pieces:
-                if config.estimator == "es":
-                    grads = es_meta_gradient(rule, detach(state.meta), family, params, rule_state, data, batch, length,
-                                             state.generator, config, state.truncations)
-                    loss, params, rule_state, batch = unroll(rule, detach(state.meta), family, params, rule_state, data,
-                                                             batch, length, state.generator)
-                else:
-                    loss, params, rule_state, batch = unroll(rule, state.meta, family, params, rule_state, data, batch,
-                                                             length, state.generator, config.second_order)
-                    grads = torch.autograd.grad(loss, list(state.meta.values()), allow_unused=True)
-                    grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, state.meta.values())]
-                if not math.isfinite(float(loss.detach())) or not all(torch.isfinite(g).all() for g in grads):
-                    save()
-                    raise NonFiniteLoss(f"the meta-loss became {float(loss.detach())} in run {state.iteration + 1}; the last "
-                                        f"good state is kept in {ck_path or '(no out_dir)'}. Lower the meta learning "
-                                        f"rate or clip the meta-gradient.")
-                if config.clip:
-                    torch.nn.utils.clip_grad_norm_(grads, config.clip)
-                for p, g in zip(state.meta.values(), grads):
-                    p.grad = g
-                state.optimizer.step()
-                state.optimizer.zero_grad(set_to_none=True)
-                state.truncations += 1
-                losses.append(float(loss.detach()))
-                if on_truncation:
-                    on_truncation(length, loss.detach())
-                params, rule_state = detach(params), detach_state(rule_state)
-            state.iteration += 1
-            state.seconds += time.perf_counter() - started
-            row = {"iteration": state.iteration, "meta_loss": sum(losses) / len(losses),
-                   "final_loss": float(family.full_loss(params, data).mean()), "seconds": round(state.seconds, 3)}
-            if config.max_seconds is not None and state.seconds >= config.max_seconds:
-                state.stopped_early = state.iteration < config.iterations
-            if config.val_every and (state.iteration % config.val_every == 0 or state.iteration == config.iterations
-                                     or state.stopped_early):
-                row["val"] = validate(rule, detach(state.meta), val_family or family, config.horizon,
-                                      config.val_problems, config.val_seed)
-                if row["val"] < state.best_val:
-                    state.best_val, state.best_meta = row["val"], {k: v.detach().clone() for k, v in state.meta.items()}
-            state.history.append(row)
-            if out_dir:
-                with open(os.path.join(out_dir, "metrics.jsonl"), "a") as f:
-                    f.write(json.dumps(row) + "\n")
-            if state.iteration % config.checkpoint_every == 0:
-                save()
-            bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k in ("meta_loss", "final_loss", "val")})
-            bar.update(1)
-    finally:
-        bar.close()
-    save()
-    return state
+def one_run(rule, family, config: L2OConfig, state: dict, t: int, generator: torch.Generator, adam, val_family,
+            on_truncation: Callable[[int, Tensor], None] | None = None, kept: str | None = None) -> dict:
+    """Run ``t`` of meta-training: ``config.problems`` fresh problems trained for ``config.horizon`` steps
+    by the rule, φ taking one step of ``adam`` after each truncation. Returns the new state (``state``
+    is not changed) with its metrics row under "row"; validates every ``val_every`` runs, at the last
+    and at the run that ends the time budget (``max_seconds``, time in training, not validation)."""
+    from metaphi.train import NonFiniteLoss
+
+    started = time.perf_counter()
+    meta, meta_opt, count = state["meta"], state["meta_optimizer"], state["truncations"]
+    params, data = family.sample(config.problems, generator)
+    rule_state = rule.init(params)
+    batch = family.batch(data, generator)
+    losses = []
+    for length in truncations(config.horizon, config.unroll):
+        if config.estimator == "es":
+            grads = es_meta_gradient(rule, meta, family, params, rule_state, data, batch, length, generator,
+                                     config, count)
+            loss, params, rule_state, batch = unroll(rule, meta, family, params, rule_state, data, batch, length,
+                                                     generator)
+        else:
+            leaves = {k: v.detach().requires_grad_() for k, v in meta.items()}
+            loss, params, rule_state, batch = unroll(rule, leaves, family, params, rule_state, data, batch, length,
+                                                     generator, config.second_order)
+            grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, meta.values())]
+        if not math.isfinite(float(loss.detach())) or not all(torch.isfinite(g).all() for g in grads):
+            raise NonFiniteLoss(f"the meta-loss became {float(loss.detach())} in run {t + 1}; the last checkpoint "
+                                f"is kept in {kept or '(no out_dir)'}. Lower the meta learning rate or clip the "
+                                f"meta-gradient.")
+        if config.clip:
+            torch.nn.utils.clip_grad_norm_(grads, config.clip)
+        meta, meta_opt = adam.update(meta, dict(zip(meta, grads)), meta_opt, {})
+        count += 1
+        losses.append(float(loss.detach()))
+        if on_truncation:
+            on_truncation(length, loss.detach())
+        params, rule_state = detach(params), detach_state(rule_state)
+    iteration = t + 1
+    seconds = state["seconds"] + time.perf_counter() - started
+    row = {"iteration": iteration, "meta_loss": sum(losses) / len(losses),
+           "final_loss": float(family.full_loss(params, data).mean()), "seconds": round(seconds, 3)}
+    stopped = config.max_seconds is not None and seconds >= config.max_seconds and iteration < config.iterations
+    best_meta, best_val = state["best_meta"], state["best_val"]
+    if config.val_every and (iteration % config.val_every == 0 or iteration == config.iterations or stopped):
+        row["val"] = validate(rule, meta, val_family, config.horizon, config.val_problems, config.val_seed)
+        if row["val"] < best_val:
+            best_val, best_meta = row["val"], {k: v.detach().clone() for k, v in meta.items()}
+    return {"meta": meta, "meta_optimizer": meta_opt, "truncations": count, "seconds": seconds,
+            "best_meta": best_meta, "best_val": best_val, "stopped_early": stopped, "row": row}
 
 
 # --------------------------------------------------------------------------------------- evaluation
@@ -517,3 +530,186 @@ def summarize(curve: Tensor, horizons: Iterable[int]) -> dict:
         out[str(h)] = {"mean": float(values.mean()), "ci95": mean_ci95(values.tolist())[1] if finite else math.inf,
                        "diverged": int((~torch.isfinite(values)).sum()), "values": [float(v) for v in values]}
     return out
+
+
+# ------------------------------------------------------------------------------- the study: train, eval
+def _progress(quiet: bool) -> bool:
+    return not quiet and (sys.stderr.isatty() or os.environ.get("METAPHI_PROGRESS") == "1")
+
+
+@dataclass
+class L2OTrainConfig(L2OConfig):
+    """``metaphi l2o train``: the meta-training settings (``L2OConfig``) and what the study adds around them."""
+    rule: str = option("lstm", "the learned update rule", choices=RULE_NAMES)
+    family: str = option("quadratic", "optimizee family", choices=tuple(PRESETS))
+    lr: float | None = option(None, "starting step size of per-layer-sgd / schedule-sgd (0.1) and mlp-rule "
+                                    "(Adam's, 0.01)", check="positive")
+    eval_problems: int = option(20, "test problems scored at the end", check="positive")
+    eval_seed: int = option(1234, "seed of the test problems")
+    threads: int | None = option(None, "torch CPU threads (none: torch's choice)", check="positive")
+    out: str | None = option(None, "output folder for checkpoint.pt, metrics.jsonl, optimizer.pt, result.json, "
+                                   "config.yaml (none: runs/l2o-RULE-FAMILY-seedS)")
+    resume: bool = option(False, "continue the run in --out from its checkpoint")
+    quiet: bool = option(False, "no progress bar")
+
+
+def run_train(config: L2OTrainConfig) -> dict:
+    """Meta-train ``config.rule`` on the train split of ``config.family``, keep the meta-parameters best on
+    the validation split, and score them on ``eval_problems`` test problems.
+
+    Writes into ``out``: config.yaml (the resolved config; ``--config`` it with another ``--out`` to run
+    again), metrics.jsonl, checkpoint.pt, optimizer.pt, optimizer-last.pt (``meta_train``) and result.json.
+    """
+    from metaphi.config import writable_dir
+    from metaphi.experiments.report import machine, save_config, write_json
+    from metaphi.inner.learned import make_rule
+    from metaphi.inner.optim import load_learned
+
+    if config.es_population < 2 or config.es_population % 2:
+        raise UsageError(f"--population must be an even number >= 2 (antithetic pairs), got {config.es_population}")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    out = writable_dir(config.out or os.path.join("runs", f"l2o-{config.rule}-{config.family}-seed{config.seed}"))
+    if config.resume and not os.path.exists(os.path.join(out, "checkpoint.pt")):
+        raise UsageError(f"--resume: no checkpoint in {out}")
+    family = build_family(config.family, split="train")
+    val_family = build_family(config.family, split="val")
+    test_family = build_family(config.family, split="test")
+    rule = make_rule(config.rule, config.lr, config.horizon, config.seed)
+    save_config(replace(config, out=out, resume=False), out)  # what reruns it: from the start, into its --out
+    started = time.perf_counter()
+    try:
+        state = meta_train(rule, family, config, out_dir=out, resume=config.resume, val_family=val_family,
+                           progress=_progress(config.quiet))
+    except ValueError as e:  # a checkpoint of another configuration, or not a checkpoint
+        raise UsageError(str(e))
+    rule, meta, info = load_learned(os.path.join(out, "optimizer.pt"))
+    curve = evaluate_rule(rule, meta, test_family, config.horizon, config.eval_problems, config.eval_seed,
+                          at=[config.horizon])
+    result = {"rule": rule.spec(), "family": config.family, "family_spec": family.spec(), "config": to_dict(config),
+              "iterations": state.iteration, "truncations": state.truncations, "stopped_early": state.stopped_early,
+              "train_seconds": state.seconds, "best_val": None if state.best_meta is None else state.best_val,
+              "test": summarize(curve, [config.horizon]), "eval_problems": config.eval_problems,
+              "eval_seed": config.eval_seed, "wall_seconds": time.perf_counter() - started, "machine": machine(),
+              "optimizer": os.path.join(out, "optimizer.pt")}
+    write_json(result, os.path.join(out, "result.json"))
+    test = result["test"][str(config.horizon)]
+    print(f"{config.rule} on {config.family}: final loss after {config.horizon} steps {test['mean']:.4g} ± "
+          f"{test['ci95']:.2g} ({config.eval_problems} test problems), {state.iteration} runs in {state.seconds:.0f} s")
+    print(f"wrote {os.path.join(out, 'result.json')} and {os.path.join(out, 'optimizer.pt')}")
+    return result
+
+
+@dataclass
+class L2OEvalConfig:
+    """``metaphi l2o eval``: learned optimizers against hand-designed ones tuned on a grid."""
+    optimizers: list[str] = option(default_factory=list, help="learned optimizer files (optimizer.pt)",
+                                   positional=True)
+    family: str = option("quadratic", "optimizee family", choices=tuple(PRESETS))
+    horizons: list[int] = option(default_factory=lambda: [100, 200], help="optimizee steps at which losses are "
+                                 "compared", check="positive")
+    problems: int = option(20, "test problems (seeds)", check="positive")
+    seed: int = option(1234, "seed of the test problems")
+    baselines: list[str] = option(default_factory=lambda: list(BASELINES), help="hand-designed optimizers, each "
+                                  "with its learning rate tuned on --grid", choices=tuple(BASELINES))
+    grid: list[float] | None = option(None, "learning rates tried (none: 1e-4 .. 10 in half-decades)",
+                                      check="positive")
+    tune_problems: int = option(10, "problems the learning rates are tuned on", check="positive")
+    tune_seed: int = option(77, "seed of the tuning problems")
+    threads: int | None = option(None, "torch CPU threads (none: torch's choice)", check="positive")
+    out: str | None = option(None, "write the result JSON here")
+    quiet: bool = option(False, "no progress bar")
+
+
+def run_eval(config: L2OEvalConfig) -> dict:
+    """Every optimizer's mean final loss ± 95% CI at each horizon on the same test problems (``compare``);
+    prints the table and writes the result (with the resolved config) to ``out`` when given."""
+    from metaphi.experiments.report import machine, write_json
+    from metaphi.inner.optim import load_learned
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    if not config.horizons:
+        raise UsageError("--horizons: give at least one horizon")
+    learned = {}
+    for path in config.optimizers:
+        try:
+            rule, meta, _ = load_learned(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise UsageError(str(e))
+        label = f"{rule.spec()['name']}:{os.path.basename(os.path.dirname(os.path.abspath(path)))}"
+        learned[label] = (rule, meta)
+    if not learned and not config.baselines:
+        raise UsageError("nothing to evaluate: give learned optimizer files or --baselines")
+    started = time.perf_counter()
+    horizons = sorted(set(config.horizons))
+    result = compare(config.family, learned, horizons, config.problems, config.seed, config.baselines, config.grid,
+                     config.tune_problems, config.tune_seed, progress=_progress(config.quiet))
+    result.update({"family": config.family, "horizons": horizons, "problems": config.problems, "seed": config.seed,
+                   "tune_problems": config.tune_problems, "tune_seed": config.tune_seed,
+                   "optimizers": list(config.optimizers), "wall_seconds": time.perf_counter() - started,
+                   "machine": machine(), "config": to_dict(config)})
+    print(format_rows(f"{config.family}: mean final loss ± 95% CI over {config.problems} test problems "
+                      f"(seed {config.seed})", result["rows"], horizons))
+    if config.out:
+        write_json(result, config.out)
+        print(f"wrote {config.out}")
+    return result
+
+
+def compare(family_name: str, learned: dict, horizons: list[int], problems: int, seed: int, baselines: list[str],
+            grid, tune_problems: int, tune_seed: int, progress: bool = False) -> dict:
+    """Every optimizer's final loss at each horizon on the same test problems; baselines tuned first.
+
+    ``learned`` maps a label to ``(rule, meta)``. Returns ``{"rows": {label: row}, "curves": {label:
+    mean loss per step}}``; a row holds ``{str(horizon): {mean, ci95, diverged[, lr]}}``.
+    """
+    from tqdm.auto import tqdm
+
+    test_family = build_family(family_name, split="test")
+    tune_family = build_family(family_name, split="val")
+    top = max(horizons)
+    rows, curves = {}, {}
+    jobs = [("baseline", b) for b in baselines] + [("learned", k) for k in learned]
+    for kind, label in tqdm(jobs, desc=f"eval {family_name}", disable=not progress, leave=False):
+        started = time.perf_counter()
+        if kind == "baseline":
+            tuned = tune_learning_rate(label, tune_family, horizons, tune_problems, tune_seed, grid or LR_GRID)
+            row = {}
+            by_lr = {}
+            for h in horizons:
+                lr = tuned[h]["lr"]
+                if lr not in by_lr:
+                    by_lr[lr] = evaluate_optimizer(baseline(label, lr), test_family, top, problems, seed)
+                row[str(h)] = {**summarize(by_lr[lr], [h])[str(h)], "lr": lr, "tuning_grid": tuned[h]["grid"]}
+            curve = by_lr[tuned[top]["lr"]]
+        else:
+            rule, meta = learned[label]
+            try:
+                curve = evaluate_rule(rule, meta, test_family, top, problems, seed)
+            except ValueError as e:  # a per-layer rule on a net with other tensors
+                rows[label] = {"error": str(e)}
+                continue
+            row = summarize(curve, horizons)
+        row["seconds"] = time.perf_counter() - started
+        rows[label] = row
+        curves[label] = [float(v) for v in torch.where(torch.isfinite(curve), curve, torch.nan).nanmean(1)]
+    return {"rows": rows, "curves": curves}
+
+
+def format_rows(title: str, rows: dict, horizons: list[int]) -> str:
+    """The rows of ``compare`` as a fixed-width table for the terminal: mean ± CI (tuned rate) per horizon."""
+    lines = [title, f"{'optimizer':<16}" + "".join(f"{'T=' + str(h):>26}" for h in horizons)]
+    for label, row in rows.items():
+        if "error" in row:
+            lines.append(f"{label:<16} n/a ({row['error'][:60]})")
+            continue
+        cells = []
+        for h in horizons:
+            r = row[str(h)]
+            cell = f"{r['mean']:.4g} ± {r['ci95']:.2g}" if r["diverged"] == 0 else f"diverged ({r['diverged']})"
+            if "lr" in r:
+                cell += f" (lr {r['lr']:g})"
+            cells.append(f"{cell:>26}")
+        lines.append(f"{label:<16}" + "".join(cells))
+    return "\n".join(lines)

@@ -12,24 +12,27 @@ import csv
 import io
 import os
 import sys
+from dataclasses import dataclass
 
 import torch
 
+from metaphi.config import UsageError, option
 
-def register(sub) -> None:
-    p = sub.add_parser("predict", help="adapt a checkpoint to your labelled examples and label new images")
-    p.add_argument("--checkpoint", required=True, help="a checkpoint.pt written by metaphi run")
-    p.add_argument("--support", required=True, help="folder with one subfolder of images per class")
-    p.add_argument("--query", required=True, help="folder of images to label, or one image file")
-    p.add_argument("--inner-steps", type=int, default=None, help="adaptation steps (default: the checkpoint's)")
-    p.add_argument("--out", default=None, help="also write the CSV here")
-    p.add_argument("--device", default="cpu")
-    p.set_defaults(func=cmd_predict)
+
+@dataclass
+class PredictConfig:
+    """``metaphi predict``: adapt ``checkpoint`` to the labelled images in ``support``, label ``query``."""
+
+    checkpoint: str | None = option(None, "a checkpoint.pt written by metaphi run (required)")
+    support: str | None = option(None, "folder with one subfolder of images per class (required)")
+    query: str | None = option(None, "folder of images to label, or one image file (required)")
+    inner_steps: int | None = option(None, "adaptation steps (none: the checkpoint's)", check="nonneg")
+    out: str | None = option(None, "also write the CSV to this file")
+    device: str = option("cpu", "torch device")
 
 
 def load_for_prediction(path: str):
     from metaphi.algorithms import build_algorithm
-    from metaphi.config import UsageError
     from metaphi.train import load_checkpoint
 
     if not os.path.isfile(path):
@@ -47,14 +50,13 @@ def load_for_prediction(path: str):
 def predict(ck, algorithm, spec: dict, support_dir: str, query: str, steps: int | None = None,
             device: str = "cpu") -> list[tuple[str, str, float]]:
     """(file, predicted class, confidence) for each query image."""
-    from metaphi.config import UsageError
     from metaphi.tasks.folder import load_folder, load_query_images
 
     c, h, w, invert = spec["channels"], spec["height"], spec["width"], spec.get("invert", False)
     support = load_folder(support_dir, channels=c, image_size=(h, w), invert=invert, cache_dir=False)
     names, query_images = load_query_images(query, c, h, w, invert=invert)
     n = support.num_classes
-    trained_ways = ck["algorithm"].get("model", {}).get("out_features")
+    trained_ways = (ck["algorithm"].get("model") or {}).get("out_features")
     if getattr(algorithm, "fixed_ways", True) and ck["algorithm"].get("class") == "maml" and trained_ways < n:
         raise UsageError(f"{support_dir} has {n} classes but this checkpoint was meta-trained for {trained_ways}-way "
                          f"tasks; give at most {trained_ways} class folders")
@@ -71,12 +73,14 @@ def predict(ck, algorithm, spec: dict, support_dir: str, query: str, steps: int 
     return [(f, support.classes[int(i)], float(p)) for f, i, p in zip(names, label, confidence)]
 
 
-def cmd_predict(args) -> int:
-    from metaphi.config import UsageError, positive as _positive
-
-    _positive("inner-steps", args.inner_steps, allow_zero=True)
-    ck, algorithm, spec = load_for_prediction(args.checkpoint)
-    rows = predict(ck, algorithm, spec, args.support, args.query, args.inner_steps, args.device)
+def run(config: PredictConfig) -> int:
+    """``metaphi predict``: the CSV ``file,prediction,confidence`` to stdout and to ``config.out``."""
+    missing = [name for name in ("checkpoint", "support", "query") if getattr(config, name) is None]
+    if missing:
+        raise UsageError(f"give {', '.join('--' + m for m in missing)} (or a --config file that sets "
+                         f"{'them' if len(missing) > 1 else 'it'})")
+    ck, algorithm, spec = load_for_prediction(config.checkpoint)
+    rows = predict(ck, algorithm, spec, config.support, config.query, config.inner_steps, config.device)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["file", "prediction", "confidence"])
@@ -84,10 +88,10 @@ def cmd_predict(args) -> int:
         writer.writerow([f, label, f"{p:.4f}"])
     text = buffer.getvalue()
     sys.stdout.write(text)
-    if args.out:
+    if config.out:
         try:
-            with open(args.out, "w", newline="") as f:
+            with open(config.out, "w", newline="") as f:
                 f.write(text)
         except OSError as e:
-            raise UsageError(f"--out {args.out}: cannot write ({e.strerror})")
+            raise UsageError(f"--out {config.out}: cannot write ({e.strerror})")
     return 0

@@ -3,7 +3,7 @@
 Learning to learn to learn: MAML and its family have hyperparameters of their own (the inner step
 size α, the number of inner steps, the meta-batch size) and the loss of a configuration, the
 validation score after meta-training with it, is not differentiable in them. So they are searched
-with the black-box estimators of ``metaphi.outer``:
+with the black-box searchers of ``metaphi.outer.search``:
 
 * ``reinforce`` — a factorised categorical policy over a grid (α on a log grid, the step counts, the
   meta-batch sizes), updated by REINFORCE with a moving-average baseline (metaphi.outer.reinforce);
@@ -16,11 +16,16 @@ Every trial meta-trains from the same seed on the same number of training tasks 
 inversely with the meta-batch, so a larger batch is not simply more compute) and is scored on fixed
 *validation* tasks; the number of inner steps at test is chosen from the same validation curve.
 Test tasks are never drawn here: they are for the one final ``metaphi run`` with the configuration
-this writes. The first trial is always the benchmark's default configuration, so the result is never
-worse than the default on validation.
+this writes. The first trial is always the default configuration (the family's for the benchmark),
+so the result is never worse than the default on validation.
+
+A trial is ``metaphi run``'s meta-training (:mod:`metaphi.experiments.fewshot`) with the trial's
+inner lr, inner steps and meta-batch in the run config; family and estimator options (``--lam``,
+``--loop``, ...) are those of ``metaphi run``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -31,12 +36,56 @@ from typing import Callable
 
 import torch
 
-from metaphi.config import UsageError, positive as _positive, writable_dir as _writable_dir
+from metaphi.algorithms import ALGORITHMS
+from metaphi.config import UsageError, option, writable_dir
+from metaphi.experiments.fewshot import RunConfig
+from metaphi.experiments.report import machine, save_config, write_json
+from metaphi.outer import ESTIMATORS
+from metaphi.outer.search import METHODS, best_trial, search
 
-from metaphi.experiments.report import machine, write_json
-
-METHODS = ("reinforce", "es", "cma", "random")
 DIMS = ("inner_lr", "inner_steps", "meta_batch")
+
+
+@dataclass
+class TuneConfig:
+    """``metaphi tune``: search ``algorithm``'s inner lr, inner steps and meta-batch on validation tasks."""
+
+    algorithm: str | None = option(None, "the algorithm whose hyperparameters are searched", choices=ALGORITHMS,
+                                   positional=True)
+    benchmark: str = option("glyphs", "a benchmark with a validation split (glyphs is built in)")
+    data_root: str | None = option(None, "folder with the data set's archives (none: $METAPHI_DATA or "
+                                         "~/.cache/metaphi/data)")
+    budget: int = option(12, "trials, the default configuration included", check="positive")
+    method: str = option("reinforce", "search method", choices=METHODS)
+    round_size: int = option(4, "proposals per update of the search distribution", check="positive", flag="--round")
+    iterations: int | None = option(None, "meta-training iterations of a trial at the default meta-batch (none: the "
+                                          "benchmark's)", check="positive")
+    lr_range: list[float] | None = option(None, "inner lr range LOW HIGH, log scale (none: the default lr /10 to x5)",
+                                          cli=False)  # the flag takes two numbers: metaphi.cli.tune adds it
+    lr_points: int = option(9, "inner lr grid points for reinforce", check="positive")
+    steps: list[int] = option(default_factory=lambda: [1, 2, 3, 4, 5], help="inner step counts to try",
+                              check="nonneg")
+    meta_batches: list[int] | None = option(None, "meta-batch sizes to try (none: the default's /4 to x2)",
+                                            check="positive")
+    max_eval_steps: int | None = option(None, "inner steps on validation tasks; the best count up to this is chosen "
+                                              "(none: the larger of the default eval steps and the largest --steps)",
+                                        check="positive")
+    val_tasks: int = option(100, "validation tasks per trial", check="positive")
+    val_seed: int = option(1235, "seed of the fixed validation tasks")
+    ways: int | None = option(None, "classes per task (none: the benchmark's)", check="positive")
+    shots: int | None = option(None, "support examples per class (none: the benchmark's)", check="positive")
+    query: int | None = option(None, "query examples per class (none: the benchmark's)", check="positive")
+    meta_lr: float | None = option(None, "outer step size (none: the benchmark's)", check="positive")
+    estimator: str | None = option(None, "how trials meta-train (none: the algorithm's own)", choices=ESTIMATORS)
+    algorithm_options: dict = option(default_factory=dict, cli=False,
+                                     help="the family's own options (flags as for metaphi run)")
+    estimator_options: dict = option(default_factory=dict, cli=False,
+                                     help="the estimator's options (flags as for metaphi run)")
+    seed: int = option(0, "seed of every trial's meta-training and of the search")
+    device: str = option("cpu", "torch device")
+    out: str | None = option(None, "output folder (none: runs/tune-ALGO-BENCHMARK-seedSEED)")
+    plot: bool = option(True, "draw the trace PNG (needs matplotlib; --no-plot skips it)")
+    quiet: bool = option(False, "no progress output")
 
 
 @dataclass
@@ -47,6 +96,7 @@ class Space:
     steps: tuple[int, ...]
     meta_batch: tuple[int, ...]
     lr_points: int = 9
+    dims = DIMS
 
     def grid(self) -> dict[str, list]:
         lo, hi = math.log(self.lr[0]), math.log(self.lr[1])
@@ -68,191 +118,55 @@ class Space:
 
     def to_unit(self, config: dict) -> torch.Tensor:
         lo, hi = math.log(self.lr[0]), math.log(self.lr[1])
-        where = lambda options, v: (min(range(len(options)), key=lambda i: abs(options[i] - v)) / max(len(options) - 1, 1))
+        where = lambda options, v: (min(range(len(options)), key=lambda i: abs(options[i] - v))
+                                    / max(len(options) - 1, 1))
         return torch.tensor([(math.log(config["inner_lr"]) - lo) / (hi - lo) if hi > lo else 0.5,
                              where(self.steps, config["inner_steps"]), where(self.meta_batch, config["meta_batch"])],
                             dtype=torch.float64).clamp(0, 1)
 
 
-# -- searchers: propose(n) -> configurations; observe(configurations, scores) with higher = better -----------
-
-class RandomSearch:
-    def __init__(self, space: Space, generator: torch.Generator, **_):
-        self.space, self.generator = space, generator
-
-    def propose(self, n: int) -> list[dict]:
-        return [self.space.from_unit(torch.rand(3, generator=self.generator, dtype=torch.float64)) for _ in range(n)]
-
-    def observe(self, configs: list[dict], scores: list[float]) -> None:
-        pass
-
-
-class ReinforceSearch:
-    """A categorical per dimension over the grid; logits follow REINFORCE on −score with Adam."""
-
-    def __init__(self, space: Space, generator: torch.Generator, lr: float = 0.2, decay: float = 0.8, **_):
-        from metaphi.outer.reinforce import baseline_init
-
-        self.space, self.generator, self.decay = space, generator, decay
-        sizes = [len(v) for v in space.grid().values()]
-        self.logits = [torch.zeros(n, dtype=torch.float64, requires_grad=True) for n in sizes]
-        self.optimizer = torch.optim.Adam(self.logits, lr=lr)
-        self.baseline = baseline_init()
-        self._draws: list[torch.Tensor] = []
-
-    def propose(self, n: int) -> list[dict]:
-        from metaphi.outer.reinforce import sample
-
-        self._draws = [sample(l, "categorical", self.generator, n) for l in self.logits]
-        return [self.space.from_indices([d[i] for d in self._draws]) for i in range(n)]
-
-    def observe(self, configs: list[dict], scores: list[float]) -> None:
-        from metaphi.outer.reinforce import baseline_update, reinforce_gradient
-
-        losses = -torch.tensor(scores, dtype=torch.float64)
-        b = self.baseline["value"] if self.baseline["count"] else float(losses.mean())
-        self.optimizer.zero_grad()
-        for logits, z in zip(self.logits, self._draws):
-            logits.grad = reinforce_gradient(logits, z[:len(scores)], losses, b, "categorical")
-        self.optimizer.step()
-        self.baseline = baseline_update(self.baseline, losses, self.decay)
-
-    def probabilities(self) -> dict[str, list[float]]:
-        return {d: torch.softmax(l.detach(), -1).tolist() for d, l in zip(DIMS, self.logits)}
-
-
-class ESSearch:
-    """Antithetic ES on the [0, 1]³ encoding, from the default configuration, with Adam on the centre."""
-
-    def __init__(self, space: Space, generator: torch.Generator, start: dict, sigma: float = 0.15, lr: float = 0.1, **_):
-        self.space, self.generator, self.sigma = space, generator, sigma
-        self.center = space.to_unit(start).clone().requires_grad_()
-        self.optimizer = torch.optim.Adam([self.center], lr=lr)
-        self._noise = None
-
-    def propose(self, n: int) -> list[dict]:
-        from metaphi.outer.es import antithetic_noise
-
-        pairs = max(1, n // 2)
-        self._noise = antithetic_noise(pairs, 3, self.generator, torch.float64)
-        c = self.center.detach()
-        population = torch.cat([c + self.sigma * self._noise, c - self.sigma * self._noise])
-        return [self.space.from_unit(u) for u in population][:n]
-
-    def observe(self, configs: list[dict], scores: list[float]) -> None:
-        from metaphi.outer.es import es_gradient
-
-        if len(scores) != 2 * self._noise.shape[0]:
-            return  # the budget cut a population short: a lone member has no antithetic partner
-        self.optimizer.zero_grad()
-        self.center.grad = es_gradient(-torch.tensor(scores, dtype=torch.float64), self._noise, self.sigma)
-        self.optimizer.step()
-        with torch.no_grad():
-            self.center.clamp_(0, 1)
-
-
-class CMASearch:
-    def __init__(self, space: Space, generator: torch.Generator, start: dict, round_size: int = 4, **_):
-        from metaphi.outer.es import CMAES
-
-        self.space = space
-        self.cma = CMAES(space.to_unit(start).tolist(), 0.25, generator, popsize=max(round_size, 2), bounds=(0.0, 1.0))
-        self._asked = None
-
-    def propose(self, n: int) -> list[dict]:
-        self._asked = self.cma.ask()
-        return [self.space.from_unit(u) for u in self._asked][:n]
-
-    def observe(self, configs: list[dict], scores: list[float]) -> None:
-        if len(scores) == len(self._asked):
-            self.cma.tell(self._asked, [-s for s in scores])
-
-
-def make_searcher(method: str, space: Space, generator: torch.Generator, start: dict, round_size: int):
-    classes = {"random": RandomSearch, "reinforce": ReinforceSearch, "es": ESSearch, "cma": CMASearch}
-    if method not in classes:
-        raise ValueError(f"unknown search method '{method}' (valid: {', '.join(METHODS)})")
-    return classes[method](space, generator, start=start, round_size=round_size)
-
-
-def _key(config: dict) -> tuple:
-    return (round(config["inner_lr"], 12), config["inner_steps"], config["meta_batch"])
-
-
-def search(objective: Callable[[dict], dict], space: Space, budget: int, method: str, generator: torch.Generator,
-           start: dict, round_size: int = 4, on_trial: Callable[[dict], None] | None = None) -> list[dict]:
-    """Run ``budget`` trials: ``start`` first, then rounds of ``round_size`` proposals of ``method``.
-
-    ``objective(config)`` returns a dict with ``score`` (higher is better). A configuration proposed
-    again is not re-run (every trial starts from the same seed, so it would score the same); it still
-    counts toward the budget, so a converged search ends. Returns the trial records in order.
-    """
-    searcher = make_searcher(method, space, generator, start, round_size)
-    cache: dict[tuple, dict] = {}
-    trials: list[dict] = []
-
-    def run(config: dict, proposer: str) -> dict:
-        key = _key(config)
-        cached = key in cache
-        if not cached:
-            cache[key] = objective(config)
-        record = {"trial": len(trials), "proposer": proposer, "cached": cached, **config, **cache[key]}
-        trials.append(record)
-        if on_trial:
-            on_trial(record)
-        return record
-
-    run(dict(start), "default")
-    while len(trials) < budget:
-        n = min(round_size, budget - len(trials))
-        configs = searcher.propose(n)
-        scores = [run(c, method)["score"] for c in configs]
-        # a failed trial (a diverging run) ranks below every finished one
-        finite = [s for s in scores if math.isfinite(s)]
-        floor = (min(finite) - 1.0) if finite else -1.0
-        searcher.observe(configs, [s if math.isfinite(s) else floor for s in scores])
-    return trials
-
-
-def best_trial(trials: list[dict]) -> dict:
-    finished = [t for t in trials if math.isfinite(t["score"])]
-    if not finished:
-        raise RuntimeError("every trial diverged; narrow --lr-range")
-    return max(finished, key=lambda t: t["score"])
-
-
-# -- the objective: meta-train with a configuration, score it on validation tasks -----------------------------
 
 def trial_iterations(base_iterations: int, base_meta_batch: int, meta_batch: int) -> int:
     """Iterations that see as many training tasks as the default configuration."""
     return max(1, round(base_iterations * base_meta_batch / meta_batch))
 
 
-def make_objective(name: str, benchmark, settings: dict, args, progress: bool) -> Callable[[dict], dict]:
-    from metaphi.algorithms import create_algorithm
+def base_run(config: TuneConfig, benchmark) -> RunConfig:
+    """The run config every trial starts from: the tune config's run settings, completed as
+    ``metaphi run`` completes them (the family's and the benchmark's defaults)."""
+    from metaphi.experiments.fewshot import complete
+
+    run = RunConfig(algorithm=config.algorithm, benchmark=config.benchmark, data_root=config.data_root,
+                    ways=config.ways, shots=config.shots, query=config.query, meta_lr=config.meta_lr,
+                    iterations=config.iterations, estimator=config.estimator,
+                    algorithm_options=config.algorithm_options, estimator_options=config.estimator_options,
+                    seed=config.seed, device=config.device, baselines=False, quiet=True)
+    return complete(run, benchmark)
+
+
+def make_objective(base: RunConfig, benchmark, val_tasks: int, val_seed: int, max_eval_steps: int,
+                   progress: bool = False) -> Callable[[dict], dict]:
+    """``objective(point)``: meta-train as ``metaphi run`` does with the point's inner lr, inner steps
+    and meta-batch (iterations scaled to see as many tasks as ``base``), then the best score over 0 to
+    ``max_eval_steps`` inner steps on fixed validation tasks."""
     from metaphi.evaluate import evaluate
-    from metaphi.outer import build_estimator
-    from metaphi.train import NonFiniteLoss, TrainConfig, meta_train
+    from metaphi.experiments.fewshot import make_algorithm, make_estimator, meta_train_algorithm
+    from metaphi.train import NonFiniteLoss
 
     higher = benchmark.problem.higher_is_better
-    val_sampler = benchmark.episodes("val", settings["ways"], settings["eval_shots"], settings["eval_query"])
+    val_sampler = benchmark.episodes("val", base.ways, base.eval_shots, base.eval_query)
 
-    def objective(config: dict) -> dict:
+    def objective(point: dict) -> dict:
         started = time.perf_counter()
-        iterations = trial_iterations(settings["iterations"], settings["meta_batch"], config["meta_batch"])
-        with torch.random.fork_rng():  # every trial starts from the same initial weights
-            torch.manual_seed(args.seed)
-            algo = create_algorithm(name, benchmark, settings["ways"], config["inner_lr"], config["inner_steps"],
-                                    args.max_eval_steps)
-        estimator = build_estimator(args.estimator or algo.estimators[0], vectorize=not args.loop)
-        sample = algo.training_tasks(benchmark, settings["ways"], settings["shots"], settings["query"])
-        train_config = TrainConfig(iterations=iterations, meta_batch=config["meta_batch"], meta_lr=settings["meta_lr"],
-                                   seed=args.seed, device=args.device)
+        iterations = trial_iterations(base.iterations, base.meta_batch, point["meta_batch"])
+        config = dataclasses.replace(base, inner_lr=point["inner_lr"], inner_steps=point["inner_steps"],
+                                     meta_batch=point["meta_batch"], iterations=iterations, eval_steps=max_eval_steps)
+        algorithm = make_algorithm(config, benchmark)  # every trial starts from the same initial weights
+        estimator = make_estimator(config, algorithm)
         record = {"iterations": iterations}
         try:
-            state = meta_train(algo, estimator, sample, train_config, progress=progress)
-            val = evaluate(algo, state.phi, val_sampler, args.val_tasks, args.val_seed, args.max_eval_steps,
-                           device=args.device)
+            state = meta_train_algorithm(config, benchmark, algorithm, estimator, progress=progress)
+            val = evaluate(algorithm, state.phi, val_sampler, val_tasks, val_seed, max_eval_steps, device=config.device)
             means = torch.tensor([row["mean"] for row in val["per_step"]], dtype=torch.float64)
             if not torch.isfinite(means).all():
                 raise NonFiniteLoss("a non-finite validation score")
@@ -304,104 +218,69 @@ def plot_trace(trials: list[dict], metric: str, higher: bool, path: str, title: 
     plt.close(fig)
 
 
-def _int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise UsageError(f"expected comma-separated integers, got '{text}'")
-    if not values:
-        raise UsageError(f"expected comma-separated integers, got '{text}'")
-    return values
+def option_flags(options: dict, cls) -> str:
+    """`` --name value`` for each of ``options`` that differs from ``cls``'s default (a command line)."""
+    from metaphi.config import default_of, fields, flag_of
+
+    words = []
+    for f in fields(cls):
+        value = options.get(f.name, default_of(f))
+        if value == default_of(f):
+            continue
+        if isinstance(value, bool):
+            words.append(flag_of(f) if value else "--no-" + flag_of(f)[2:])
+        else:
+            words.append(f"{flag_of(f)} {','.join(map(str, value)) if isinstance(value, list) else value}")
+    return "".join(" " + w for w in words)
 
 
-def register(subparsers) -> None:
-    from metaphi.algorithms import ALGORITHMS
-    from metaphi.outer import ESTIMATORS
+def run(config: TuneConfig) -> int:
+    """``metaphi tune``: writes best.json, trials.jsonl, trace.png and config.yaml to ``config.out``."""
+    from metaphi.algorithms import options_class
+    from metaphi.experiments.fewshot import load_benchmark, make_algorithm, make_estimator
+    from metaphi.outer import estimator_options_class
+    from metaphi.train import NonFiniteLoss
 
-    p = subparsers.add_parser("tune", help="search inner lr, inner steps and meta-batch on validation tasks")
-    p.add_argument("algorithm", choices=list(ALGORITHMS))
-    p.add_argument("--benchmark", default="glyphs", help="a benchmark with a validation split (default: glyphs)")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--budget", type=int, default=12, help="trials, the default configuration included (default 12)")
-    p.add_argument("--method", choices=METHODS, default="reinforce", help="search method (default: reinforce)")
-    p.add_argument("--round", type=int, default=4, dest="round_size",
-                   help="proposals per update of the search distribution (default 4)")
-    p.add_argument("--iterations", type=int,
-                   help="meta-training iterations of a trial at the default meta-batch (default: the benchmark's)")
-    p.add_argument("--lr-range", type=float, nargs=2, metavar=("LOW", "HIGH"),
-                   help="inner lr range, log scale (default: the benchmark's lr /10 to x5)")
-    p.add_argument("--lr-points", type=int, default=9, help="inner lr grid points for reinforce (default 9)")
-    p.add_argument("--steps", default="1,2,3,4,5", help="inner step counts to try (default 1,2,3,4,5)")
-    p.add_argument("--meta-batches", default=None, help="meta-batch sizes to try (default: the benchmark's /4 to x2)")
-    p.add_argument("--max-eval-steps", type=int,
-                   help="inner steps on validation tasks; the best count up to this is chosen (default: "
-                        "the larger of the benchmark's eval steps and the largest --steps)")
-    p.add_argument("--val-tasks", type=int, default=100, help="validation tasks per trial (default 100)")
-    p.add_argument("--val-seed", type=int, default=1235, help="seed of the fixed validation tasks")
-    p.add_argument("--ways", type=int)
-    p.add_argument("--shots", type=int)
-    p.add_argument("--query", type=int)
-    p.add_argument("--meta-lr", type=float)
-    p.add_argument("--estimator", choices=list(ESTIMATORS), help="how trials meta-train (default: the algorithm's own)")
-    p.add_argument("--loop", action="store_true", help="run the tasks of a meta-batch one by one")
-    p.add_argument("--seed", type=int, default=0, help="seed of every trial's meta-training and of the search")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--out", default=None, help="output folder (default: runs/tune-ALGO-BENCHMARK-seedS)")
-    p.add_argument("--no-plot", action="store_true", help="skip the trace PNG (needs matplotlib)")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_tune)
-
-
-def cmd_tune(args) -> int:
-    from metaphi.algorithms import create_algorithm
-    from metaphi.tasks.registry import build_benchmark
-
-    for name in ("budget", "round_size", "iterations", "val_tasks", "lr_points", "ways", "shots", "query", "meta_lr",
-                 "max_eval_steps"):
-        _positive(name.replace("_", "-") if name != "round_size" else "round", getattr(args, name))
-    if args.method == "cma":
+    if config.algorithm is None:
+        raise UsageError(f"name the algorithm: metaphi tune ALGORITHM (valid: {', '.join(ALGORITHMS)})")
+    if config.method == "cma":
         try:
             import cma  # noqa: F401
         except ImportError:
             raise UsageError("--method cma needs the 'cma' package: pip install 'metaphi[cma]'")
-    if not args.no_plot:
+    if config.plot:
         try:
             import matplotlib  # noqa: F401
         except ImportError:
             raise UsageError("the trace plot needs matplotlib (pip install 'metaphi[plot]'); or pass --no-plot")
-    benchmark = build_benchmark(args.benchmark, args.data_root)
+    if not config.steps:
+        raise UsageError("--steps must list at least one inner step count")
+    benchmark = load_benchmark(RunConfig(benchmark=config.benchmark, data_root=config.data_root))
     if benchmark.regression_tasks is None and "val" not in benchmark.splits:
         raise UsageError(f"benchmark '{benchmark.name}' has no validation split; tune never scores on test tasks")
-    d = benchmark.defaults
-    s = {k: getattr(args, k, None) if getattr(args, k, None) is not None else d.get(k)
-         for k in ("ways", "shots", "query", "meta_lr", "iterations")}
-    s["meta_batch"] = d["meta_batch"]
-    s["eval_shots"] = d.get("eval_shots") or s["shots"]
-    s["eval_query"] = d.get("eval_query") or s["query"]
-    steps = _int_list(args.steps)
-    meta_batches = _int_list(args.meta_batches) if args.meta_batches else tuple(
-        sorted({max(1, d["meta_batch"] // 4), max(1, d["meta_batch"] // 2), d["meta_batch"], 2 * d["meta_batch"]}))
-    if min(meta_batches) < 1:
-        raise UsageError(f"--meta-batches must be positive, got {args.meta_batches}")
-    if min(steps) < 0:
-        raise UsageError(f"--steps must be >= 0, got {args.steps}")
-    lr_range = tuple(args.lr_range) if args.lr_range else (d["inner_lr"] / 10, d["inner_lr"] * 5)
-    if not 0 < lr_range[0] <= lr_range[1]:
-        raise UsageError(f"--lr-range must be 0 < LOW <= HIGH, got {lr_range[0]} {lr_range[1]}")
-    if args.max_eval_steps is None:
-        args.max_eval_steps = max(d.get("eval_steps") or 0, max(steps))
-    space = Space(lr_range, steps, meta_batches, args.lr_points)
-    start = {"inner_lr": float(d["inner_lr"]), "inner_steps": int(d["inner_steps"]), "meta_batch": int(d["meta_batch"])}
-    probe = create_algorithm(args.algorithm, benchmark, s["ways"], start["inner_lr"], start["inner_steps"], 1)
+    base = base_run(config, benchmark)
+    steps = tuple(config.steps)
+    meta_batches = tuple(config.meta_batches) if config.meta_batches else tuple(
+        sorted({max(1, base.meta_batch // 4), max(1, base.meta_batch // 2), base.meta_batch, 2 * base.meta_batch}))
+    lr_range = tuple(config.lr_range) if config.lr_range else (base.inner_lr / 10, base.inner_lr * 5)
+    if len(lr_range) != 2 or not 0 < lr_range[0] <= lr_range[1]:
+        raise UsageError(f"--lr-range must be 0 < LOW <= HIGH, got {' '.join(map(str, lr_range))}")
+    max_eval_steps = config.max_eval_steps or max(base.eval_steps or 0, max(steps))
+    space = Space(lr_range, steps, meta_batches, config.lr_points)
+    start = {"inner_lr": float(base.inner_lr), "inner_steps": int(base.inner_steps), "meta_batch": int(base.meta_batch)}
+    probe = make_algorithm(dataclasses.replace(base, eval_steps=1), benchmark)
     if not probe.trains:
-        raise UsageError(f"{args.algorithm} has nothing to meta-train, so nothing to tune")
-    if args.estimator and probe.estimators and args.estimator not in tuple(probe.estimators) + _black_box():
-        raise UsageError(f"--estimator {args.estimator} does not apply to {args.algorithm} "
-                         f"(valid: {', '.join(probe.estimators)})")
-    for split, shots, query in (("train", s["shots"], s["query"]), ("val", s["eval_shots"], s["eval_query"])):
-        benchmark.episodes(split, s["ways"], shots, query)  # sizes are checked before any training
-    out_dir = _writable_dir(args.out or os.path.join("runs", f"tune-{args.algorithm}-{benchmark.name}-seed{args.seed}"))
-    progress = not args.quiet
+        raise UsageError(f"{config.algorithm} has nothing to meta-train, so nothing to tune")
+    make_estimator(base, probe)  # refused here, before any trial, when it does not fit the algorithm
+    for split, shots, query in (("train", base.shots, base.query), ("val", base.eval_shots, base.eval_query)):
+        benchmark.episodes(split, base.ways, shots, query)  # sizes are checked before any training
+    out_dir = writable_dir(config.out or os.path.join("runs", f"tune-{config.algorithm}-{benchmark.name}-"
+                                                              f"seed{config.seed}"))
+    save_config(dataclasses.replace(
+        config, ways=base.ways, shots=base.shots, query=base.query, meta_lr=base.meta_lr, iterations=base.iterations,
+        estimator=base.estimator, algorithm_options=base.algorithm_options, estimator_options=base.estimator_options,
+        lr_range=list(lr_range), meta_batches=list(meta_batches), max_eval_steps=max_eval_steps, out=out_dir), out_dir)
+    progress = not config.quiet
     trials_path = os.path.join(out_dir, "trials.jsonl")
     open(trials_path, "w").close()
     metric = benchmark.problem.metric
@@ -415,46 +294,47 @@ def cmd_tune(args) -> int:
         if progress:
             result = "diverged" if t["diverged"] else f"val {metric} {t['val']:.4f} @ {t['eval_steps']} steps"
             best = best_so_far[0]["val"] if best_so_far[0] else float("nan")
-            print(f"trial {t['trial'] + 1}/{args.budget} [{t['proposer']}{', seen' if t['cached'] else ''}] "
+            print(f"trial {t['trial'] + 1}/{config.budget} [{t['proposer']}{', seen' if t['cached'] else ''}] "
                   f"inner_lr={t['inner_lr']:.4g} inner_steps={t['inner_steps']} meta_batch={t['meta_batch']} "
                   f"({t['iterations']} it): {result} in {t['seconds']:.0f} s (best {best:.4f})", file=sys.stderr,
                   flush=True)
 
     started = time.perf_counter()
-    objective = make_objective(args.algorithm, benchmark, s, args, progress=False)
-    generator = torch.Generator().manual_seed(args.seed)
-    trials = search(objective, space, args.budget, args.method, generator, start, args.round_size, on_trial)
-    best = best_trial(trials)
-    run_iterations = trial_iterations(d["iterations"], d["meta_batch"], best["meta_batch"])
-    config = {k: best[k] for k in ("inner_lr", "inner_steps", "meta_batch", "eval_steps")}
-    command = (f"metaphi run {args.algorithm} --benchmark {benchmark.name} --inner-lr {best['inner_lr']:.6g} "
+    objective = make_objective(base, benchmark, config.val_tasks, config.val_seed, max_eval_steps)
+    generator = torch.Generator().manual_seed(config.seed)
+    trials = search(objective, space, config.budget, config.method, generator, start, config.round_size, on_trial)
+    try:
+        best = best_trial(trials)
+    except RuntimeError:
+        raise NonFiniteLoss("every trial diverged; narrow --lr-range") from None
+    d = benchmark.defaults
+    run_iterations = trial_iterations(d["iterations"], base.meta_batch, best["meta_batch"])
+    chosen = {k: best[k] for k in ("inner_lr", "inner_steps", "meta_batch", "eval_steps")}
+    command = (f"metaphi run {config.algorithm} --benchmark {benchmark.name} --inner-lr {best['inner_lr']:.6g} "
                f"--inner-steps {best['inner_steps']} --eval-steps {best['eval_steps']} "
-               f"--meta-batch {best['meta_batch']} --iterations {run_iterations}")
+               f"--meta-batch {best['meta_batch']} --iterations {run_iterations}"
+               + (f" --estimator {config.estimator}" if config.estimator else "")
+               + option_flags(base.algorithm_options, options_class(config.algorithm))
+               + option_flags(base.estimator_options, estimator_options_class(base.estimator)))
     summary = {
-        "algorithm": args.algorithm, "benchmark": benchmark.name, "method": args.method, "budget": args.budget,
+        "algorithm": config.algorithm, "benchmark": benchmark.name, "method": config.method, "budget": config.budget,
         "evaluated": sum(not t["cached"] for t in trials), "metric": metric,
-        "higher_is_better": benchmark.problem.higher_is_better, "best": config, "best_trial": best["trial"],
+        "higher_is_better": benchmark.problem.higher_is_better, "best": chosen, "best_trial": best["trial"],
         "val": best["val"], "val_ci95": best["val_ci95"], "default": {**start, "eval_steps": trials[0]["eval_steps"]},
         "default_val": trials[0]["val"], "run_iterations": run_iterations, "command": command,
         "space": {"inner_lr": list(space.lr), "inner_steps": list(space.steps), "meta_batch": list(space.meta_batch),
-                  "max_eval_steps": args.max_eval_steps},
-        "trial_iterations_at_default_batch": s["iterations"], "val_tasks": args.val_tasks, "val_seed": args.val_seed,
-        "seed": args.seed, "ways": s["ways"], "shots": s["shots"], "query": s["query"],
+                  "max_eval_steps": max_eval_steps},
+        "trial_iterations_at_default_batch": base.iterations, "val_tasks": config.val_tasks,
+        "val_seed": config.val_seed, "seed": config.seed, "ways": base.ways, "shots": base.shots, "query": base.query,
         "wall_seconds": round(time.perf_counter() - started, 2), "machine": machine(),
     }
     write_json(summary, os.path.join(out_dir, "best.json"))
-    if not args.no_plot:
+    if config.plot:
         plot_trace(trials, metric, benchmark.problem.higher_is_better, os.path.join(out_dir, "trace.png"),
-                   f"metaphi tune {args.algorithm} --benchmark {benchmark.name} --method {args.method}")
-    print(f"best of {len(trials)} trials ({summary['evaluated']} run) on {args.val_tasks} validation tasks: "
+                   f"metaphi tune {config.algorithm} --benchmark {benchmark.name} --method {config.method}")
+    print(f"best of {len(trials)} trials ({summary['evaluated']} run) on {config.val_tasks} validation tasks: "
           f"{metric} {best['val']:.4f} ± {best['val_ci95']:.4f} (default {trials[0]['val']:.4f})")
     print(f"  {command}")
     print(f"wrote {os.path.join(out_dir, 'best.json')}, {trials_path}" +
-          ("" if args.no_plot else f" and {os.path.join(out_dir, 'trace.png')}"))
+          ("" if not config.plot else f" and {os.path.join(out_dir, 'trace.png')}"))
     return 0
-
-
-def _black_box() -> tuple[str, ...]:
-    from metaphi.outer import BLACK_BOX
-
-    return BLACK_BOX

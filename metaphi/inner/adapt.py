@@ -1,19 +1,23 @@
 """The inner loop: learning one task from its support set.
 
-Gradient checkpointing (``checkpoint=True``, or ``with inner_checkpointing():`` around code that
-adapts) keeps only each step's parameters and recomputes a step's graph when the outer backward
-reaches it (``torch.utils.checkpoint``), so the memory of a second-order meta-gradient grows with
-the inner steps by one parameter set per step instead of one full double-backward graph per step:
-long inner loops fit, for about two more forwards and one more inner backward per step (torch's
-checkpoint recomputes a step's forward once for its inner gradient and once for the outer
-backward). It runs one task at a time: the checkpointed step takes its gradient with
-``torch.autograd.grad``, because ``torch.func.grad`` does not run under checkpointing's saved-tensor
-hooks, so it cannot be vmapped.
+How the inner loop is unrolled for the outer gradient is one small value, ``Unroll``, that the
+estimator (step 3) hands to the algorithm's task loss (step 2), which hands it to ``adapt``:
+
+* ``first_order``: the inner gradients are constants (first-order MAML); no second derivatives.
+* ``checkpoint``: gradient checkpointing. It keeps only each step's parameters and recomputes a
+  step's graph when the outer backward reaches it (``torch.utils.checkpoint``), so the memory of a
+  second-order meta-gradient grows with the inner steps by one parameter set per step instead of one
+  full double-backward graph per step: long inner loops fit, for about two more forwards and one
+  more inner backward per step (torch's checkpoint recomputes a step's forward once for its inner
+  gradient and once for the outer backward). It runs one task at a time: the checkpointed step takes
+  its gradient with ``torch.autograd.grad``, because ``torch.func.grad`` does not run under
+  checkpointing's saved-tensor hooks, so it cannot be vmapped.
+
+There is no hidden state: what is not in the ``Unroll`` an algorithm is handed does not happen.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -25,26 +29,46 @@ from metaphi.functional import Params, detach
 from metaphi.inner.rules import UpdateRule
 
 
+@dataclass(frozen=True)
+class Unroll:
+    """How the inner loop is differentiated: chosen by the estimator, obeyed by ``adapt``.
+
+    ``first_order``: the inner gradients are held constant, so ∂θ_k/∂φ drops its second-derivative
+    terms (Finn et al. 2017, §5.2). ``checkpoint``: each inner step is recomputed in the outer
+    backward instead of stored (see the module docstring); it applies only while gradients are
+    recorded, and one task at a time.
+    """
+
+    first_order: bool = False
+    checkpoint: bool = False
+
+
+#: the inner loop with constant inner gradients: first-order meta-gradients, and the cheap way to
+#: adapt where no outer gradient is taken (evaluation, prediction)
+FIRST_ORDER = Unroll(first_order=True)
+
+
 def adapt_steps(
     loss_fn: Callable[[Params], Tensor],
     params: Params,
     rule: UpdateRule,
     rule_meta: Params,
     steps: int,
-    first_order: bool = False,
+    unroll: Unroll = Unroll(),
     trainable: Iterable[str] | None = None,
-    checkpoint: bool | None = None,
 ) -> Iterator[Params]:
     """Yield the params after 0, 1, ..., ``steps`` updates of ``rule`` on ``loss_fn``.
 
     ``loss_fn(params)`` is the support loss. Only the keys in ``trainable`` change (all by default;
-    ANIL passes the head's). With ``first_order`` the inner gradients are constants: the update
-    arithmetic stays differentiable (so a learned step size still gets a gradient) but no second
-    derivatives are formed, which is first-order MAML. Gradients come from ``torch.func.grad`` so the
-    same code runs inside ``vmap`` over a batch of tasks and under an outer ``autograd.grad``.
-    ``checkpoint`` checkpoints each step (see the module docstring); ``None`` follows the enclosing
-    ``inner_checkpointing`` block (off by default). It applies only while gradients are recorded.
+    ANIL passes the head's). With ``unroll.first_order`` the inner gradients are constants: the
+    update arithmetic stays differentiable (so a learned step size still gets a gradient) but no
+    second derivatives are formed, which is first-order MAML. Gradients come from ``torch.func.grad``
+    so the same code runs inside ``vmap`` over a batch of tasks and under an outer ``autograd.grad``.
+    ``unroll.checkpoint`` checkpoints each step (see the module docstring) while gradients are recorded.
     """
+    if not isinstance(unroll, Unroll):
+        raise TypeError(f"unroll must be a metaphi.inner.Unroll, got {type(unroll).__name__}")
+    first_order = unroll.first_order
     keys = list(params) if trainable is None else [k for k in params if k in set(trainable)]
     fixed = {k: v for k, v in params.items() if k not in keys}
     current = {k: params[k] for k in keys}
@@ -54,10 +78,10 @@ def adapt_steps(
     if torch.compiler.is_compiling():  # compiled code is one graph: never checkpointed (Unrolled refuses both)
         checkpointed = False
     else:
-        checkpointed = (_CHECKPOINT.get() if checkpoint is None else checkpoint) and torch.is_grad_enabled()
+        checkpointed = unroll.checkpoint and torch.is_grad_enabled()
     if checkpointed and torch._C._functorch.maybe_current_level() is not None:
         raise ValueError("a checkpointed inner loop runs one task at a time and cannot run under torch.func "
-                         "transforms (vmap, grad); run the tasks in a loop (vectorize=False)")
+                         "transforms (vmap, grad); run the tasks in a loop (the estimator option loop)")
     for _ in range(steps):
         if checkpointed:
             current, state = _checkpointed_step(loss_fn, fixed_const, current, state, rule,
@@ -72,25 +96,12 @@ def adapt_steps(
 
 
 def adapt(loss_fn: Callable[[Params], Tensor], params: Params, rule: UpdateRule, rule_meta: Params, steps: int,
-          first_order: bool = False, trainable: Iterable[str] | None = None, checkpoint: bool | None = None) -> Params:
+          unroll: Unroll = Unroll(), trainable: Iterable[str] | None = None) -> Params:
     """The params after ``steps`` inner updates (see ``adapt_steps``)."""
     result = params
-    for result in adapt_steps(loss_fn, params, rule, rule_meta, steps, first_order, trainable, checkpoint):
+    for result in adapt_steps(loss_fn, params, rule, rule_meta, steps, unroll, trainable):
         pass
     return result
-
-
-_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar("metaphi_inner_checkpoint", default=False)
-
-
-@contextlib.contextmanager
-def inner_checkpointing(enabled: bool = True):
-    """Inner loops adapted inside this block are checkpointed (unless ``adapt`` is told otherwise)."""
-    token = _CHECKPOINT.set(enabled)
-    try:
-        yield
-    finally:
-        _CHECKPOINT.reset(token)
 
 
 def _checkpointed_step(loss_fn, fixed: Params, current: Params, state, rule: UpdateRule, meta: Params,

@@ -290,3 +290,22 @@ class MLPRule:
 
 
 RULES = {"per-layer-sgd": PerLayerSGD, "schedule-sgd": ScheduledSGD, "lstm": LSTMRule, "mlp-rule": MLPRule}
+
+
+#: the learned rules by their command-line names (``metaphi l2o train --rule``)
+RULE_NAMES = ("lstm", "mlp-rule", "per-layer-sgd", "schedule-sgd")
+
+
+def make_rule(name: str, lr: float | None = None, horizon: int = 100, seed: int = 0):
+    """A fresh rule by its name in ``RULE_NAMES``. ``lr``: the starting step size of per-layer-sgd and
+    schedule-sgd (default 0.1) and of mlp-rule (Adam's, default 0.01); ``horizon``: schedule-sgd's
+    number of steps; ``seed``: the initial weights of the lstm and mlp-rule networks."""
+    if name == "lstm":
+        return LSTMRule(seed=seed)
+    if name == "mlp-rule":
+        return MLPRule(lr=0.01 if lr is None else lr, seed=seed)
+    if name == "per-layer-sgd":
+        return PerLayerSGD(0.1 if lr is None else lr)
+    if name == "schedule-sgd":
+        return ScheduledSGD(0.1 if lr is None else lr, steps=horizon)
+    raise ValueError(f"unknown learned rule '{name}' (valid: {', '.join(RULE_NAMES)})")

@@ -31,22 +31,25 @@ FILE_FORMAT = "metaphi-learned-optimizer-1"
 
 
 def save_learned(path: str | os.PathLike, rule, meta: Params, info: dict | None = None) -> None:
-    """Write a learned optimizer file: the rule's spec, its meta-parameters and free-form ``info``."""
-    from metaphi.tasks import atomic_save
+    """Write a learned optimizer file: the rule's spec, its meta-parameters and ``info``, all plain data
+    (``metaphi.checkpoint``), so that reading it back runs no code from the file."""
+    from metaphi import checkpoint
 
-    atomic_save({"format": FILE_FORMAT, "rule": rule.spec(), "meta": {k: v.detach().cpu().clone() for k, v in meta.items()},
-                 "info": info or {}}, path)
+    checkpoint.save({"format": FILE_FORMAT, "rule": rule.spec(),
+                     "meta": {k: v.detach().cpu().clone() for k, v in meta.items()}, "info": info or {}}, path)
 
 
 def load_learned(source: str | os.PathLike | dict) -> tuple[Any, Params, dict]:
-    """(rule, meta-parameters, info) from a learned optimizer file or the dict it holds."""
+    """(rule, meta-parameters, info) from a learned optimizer file or the dict it holds. The file is read
+    as plain data (``metaphi.checkpoint.load``): one holding anything else is refused, never unpickled."""
+    from metaphi import checkpoint
     from metaphi.inner import build_rule
 
     obj = source
     if not isinstance(source, dict):
         if not os.path.isfile(source):
             raise FileNotFoundError(f"no learned optimizer file at {source}")
-        obj = torch.load(source, map_location="cpu", weights_only=False)
+        obj = checkpoint.load(source)
     if not isinstance(obj, dict) or obj.get("format") != FILE_FORMAT:
         raise ValueError(f"{source if not isinstance(source, dict) else 'the dict'} is not a learned optimizer "
                          f"({FILE_FORMAT}); write one with metaphi.inner.optim.save_learned or `metaphi l2o train`")

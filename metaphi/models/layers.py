@@ -192,3 +192,30 @@ def conv2d_gemm(x: Tensor, weight: Tensor, bias: Tensor | None, stride: tuple[in
     ho = (h + 2 * padding[0] - kh) // stride[0] + 1
     wo = (w + 2 * padding[1] - kw) // stride[1] + 1
     return out.reshape(n, out_channels, ho, wo)
+
+
+class GroupNorm(nn.Module):
+    """Group normalization (Wu & He 2018) in plain tensor operations: per example, no batch statistics.
+
+    Batch statistics would normalise every test batch of the held-out domain with that domain's own
+    statistics, which is a form of unsupervised adaptation (AdaBN), and would mix the domains of a
+    pooled batch; per-example statistics keep domain generalization honest. Written in plain tensor
+    operations, as TaskBatchNorm is, so second derivatives under ``vmap`` use no fused kernel.
+    """
+
+    def __init__(self, channels: int, groups: int = 4, eps: float = 1e-5):
+        super().__init__()
+        if channels % groups:
+            raise ValueError(f"{channels} channels do not split into {groups} groups")
+        self.groups, self.eps = groups, eps
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        n, c = x.shape[:2]
+        g = x.reshape(n, self.groups, -1)
+        mean = g.mean(-1, keepdim=True)
+        var = g.var(-1, keepdim=True, unbiased=False)
+        g = (g - mean) * torch.rsqrt(var + self.eps)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        return g.reshape(x.shape) * self.weight.view(shape) + self.bias.view(shape)

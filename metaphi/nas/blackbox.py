@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from metaphi.functional import Params
+from metaphi.inner import Unroll
 from metaphi.outer.es import derived_seed
 from metaphi.tasks import Task
 from metaphi.nas.child import Split, TrainSettings, accuracy, train
@@ -85,7 +86,7 @@ class ChildFitness:
         self.evaluated.append(row)
         return row
 
-    def task_loss(self, phi: Params, task: Task, first_order: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    def task_loss(self, phi: Params, task: Task, unroll: Unroll = Unroll()) -> tuple[Tensor, dict[str, Tensor]]:
         choice = [int(phi[k].argmax()) for k in self.discrete]
         row = self.score(choice, task.support, task.query)
         return (torch.tensor(1.0 - row["val_acc"], dtype=torch.float64),
@@ -162,8 +163,8 @@ def search(method: str, config: NetworkConfig, data: dict[str, Split], candidate
     Candidate i of random search and evolution draws from ``derived_seed(seed, i)``; REINFORCE's draws
     come from the estimator's own seeded stream. With ``checkpoint`` the state is saved after every
     candidate (REINFORCE: every controller update) and a run resumes from it to the same result."""
+    from metaphi import checkpoint as ck
     from metaphi.outer.reinforce import Reinforce
-    from metaphi.tasks import atomic_save
 
     if method not in METHODS:
         raise ValueError(f"unknown black-box method '{method}' (valid: {', '.join(METHODS)})")
@@ -187,7 +188,7 @@ def search(method: str, config: NetworkConfig, data: dict[str, Split], candidate
     else:
         searcher = RandomSearch(space) if method == "random" else RegularizedEvolution(space, population, tournament)
     if checkpoint and os.path.exists(checkpoint):
-        saved = torch.load(checkpoint, weights_only=False)
+        saved = ck.load(checkpoint)
         if saved["run"] != run:
             raise ValueError(f"{checkpoint} holds a different search; use another --out or delete it")
         state, fitness.evaluated = saved["state"], saved["evaluated"]
@@ -204,7 +205,7 @@ def search(method: str, config: NetworkConfig, data: dict[str, Split], candidate
         if checkpoint:
             extra = ({"estimator": estimator.state_dict(), "phi": {k: v.detach() for k, v in phi.items()},
                       "opt": opt.state_dict()} if searcher is None else {"searcher": searcher.state_dict()})
-            atomic_save({"run": run, "state": state, "evaluated": fitness.evaluated, **extra}, checkpoint)
+            ck.save({"run": run, "state": state, "evaluated": fitness.evaluated, **extra}, checkpoint)
 
     task = Task.stack([Task(data["train"], data["val"])]) if searcher is None else None
     started = time.perf_counter() - state["seconds"]

@@ -6,7 +6,8 @@ on which every network's weights are learned, a *val* part, on which architectur
 network retrained from scratch.
 
 Weights are trained functionally (params in, params out) by SGD with Nesterov-free heavy-ball
-momentum, weight decay and a cosine step size, as in DARTS's weight updates:
+momentum, weight decay and a cosine step size, as in DARTS's weight updates
+(``metaphi.inner.rules.MomentumSGD``):
 
     v ← μ v + ∇L(w) + λ w,      w ← w − η_t v,      η_t = η_min + (η − η_min)(1 + cos(π t / T)) / 2.
 
@@ -85,17 +86,6 @@ class TrainSettings:
         return asdict(self)
 
 
-def sgd_step(params: Params, grads: Params, velocity: Params, lr: float, momentum: float, weight_decay: float,
-             grad_clip: float | None = None) -> tuple[Params, Params]:
-    """One step of momentum SGD with weight decay and gradient-norm clipping; returns (params, velocity)."""
-    if grad_clip:
-        total = torch.sqrt(sum((g.double() ** 2).sum() for g in grads.values()))
-        factor = min(1.0, grad_clip / (float(total) + 1e-6))
-        grads = {k: g * factor for k, g in grads.items()}
-    velocity = {k: momentum * velocity[k] + grads[k] + weight_decay * params[k] for k in params}
-    return {k: params[k] - lr * velocity[k] for k in params}, velocity
-
-
 def loss_and_grads(net: nn.Module, params: Params, x: Tensor, y: Tensor, *args) -> tuple[Tensor, Params]:
     """Cross-entropy of a minibatch and its gradient in the weights (other inputs held fixed).
 
@@ -111,6 +101,8 @@ def loss_and_grads(net: nn.Module, params: Params, x: Tensor, y: Tensor, *args) 
 def train(net: nn.Module, params: Params, data: Split, settings: TrainSettings, seed: int,
           progress=None) -> Params:
     """``settings.steps`` steps of momentum SGD from ``params`` on minibatches of ``data``."""
+    from metaphi.inner.rules import MomentumSGD
+
     params = {k: v.detach() for k, v in params.items()}
     velocity = {k: torch.zeros_like(v) for k, v in params.items()}
     for step in range(settings.steps):
@@ -119,8 +111,8 @@ def train(net: nn.Module, params: Params, data: Split, settings: TrainSettings, 
         if not torch.isfinite(loss):
             from metaphi.train import NonFiniteLoss
             raise NonFiniteLoss(f"the training loss became {float(loss)} at step {step}; lower the step size")
-        params, velocity = sgd_step(params, grads, velocity, settings.lr_at(step), settings.momentum,
-                                    settings.weight_decay, settings.grad_clip)
+        rule = MomentumSGD(settings.lr_at(step), settings.momentum, settings.weight_decay, settings.grad_clip)
+        params, velocity = rule.update(params, grads, velocity, {})
         if progress is not None:
             progress(step)
     return params

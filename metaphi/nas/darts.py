@@ -42,8 +42,6 @@ order 3.00 ± 0.14% (1.5 GPU-days), random search in the same space 3.29 ± 0.15
 from __future__ import annotations
 
 import math
-import os
-import time
 from dataclasses import asdict, dataclass
 from typing import Callable
 
@@ -52,10 +50,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from metaphi.functional import Params, call, detach, grads_or_zeros, prefixed, with_prefix
-from metaphi.inner import SGD, adapt
+from metaphi.inner import FIRST_ORDER, SGD, Unroll, adapt
+from metaphi.inner.rules import MomentumSGD, TorchAdam
 from metaphi.outer.es import derived_seed
 from metaphi.tasks import Task
-from metaphi.nas.child import Split, batch_of, loss_and_grads, sgd_step
+from metaphi.nas.child import Split, batch_of, loss_and_grads
 from metaphi.nas.space import Network, NetworkConfig, alpha_init, derive, init_params
 
 
@@ -64,7 +63,7 @@ class SearchProblem:
     current weights as constants under "w.*"); a task is (train batch, val batch).
 
     ``task_loss`` is the validation loss after ξ-step SGD from w on the training batch (no step when
-    ξ = 0). ``first_order`` holds the step's gradient constant (the inner loop's usual meaning).
+    ξ = 0). ``unroll.first_order`` holds the step's gradient constant (the inner loop's usual meaning).
     """
 
     name = "darts"
@@ -82,18 +81,18 @@ class SearchProblem:
         x, y = batch
         return F.cross_entropy(call(self.net, w, x, alpha), y)
 
-    def unrolled(self, phi: Params, batch, first_order: bool = False) -> Params:
-        """w' = w − ξ ∇_w L_train(w, α), differentiable in α unless ``first_order``."""
+    def unrolled(self, phi: Params, batch, unroll: Unroll = Unroll()) -> Params:
+        """w' = w − ξ ∇_w L_train(w, α), differentiable in α unless ``unroll.first_order``."""
         alpha, w = self.split(phi)
         steps = 1 if self.xi > 0 else 0
-        if first_order:  # the step's gradient is a constant in α as well as in w
+        if unroll.first_order:  # the step's gradient is a constant in α as well as in w
             alpha = detach(alpha)
-        return adapt(lambda p: self.train_loss(p, alpha, batch), w, SGD(self.xi), {}, steps, first_order)
+        return adapt(lambda p: self.train_loss(p, alpha, batch), w, SGD(self.xi), {}, steps, unroll)
 
-    def task_loss(self, phi: Params, task: Task, first_order: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+    def task_loss(self, phi: Params, task: Task, unroll: Unroll = Unroll()) -> tuple[Tensor, dict[str, Tensor]]:
         alpha, _ = self.split(phi)
         x, y = task.query
-        out = call(self.net, self.unrolled(phi, task.support, first_order), x, alpha)
+        out = call(self.net, self.unrolled(phi, task.support, unroll), x, alpha)
         return F.cross_entropy(out, y), {"accuracy": (out.argmax(-1) == y).to(out.dtype).mean()}
 
 
@@ -112,7 +111,7 @@ class FiniteDifference:
             alpha = {k: v.detach().requires_grad_() for k, v in alpha.items()}
             w_prime = {k: v.detach().requires_grad_() for k, v in
                        problem.unrolled({**with_prefix(alpha, "alpha"), **with_prefix(w, "w")}, task.support,
-                                        first_order=True).items()}
+                                        FIRST_ORDER).items()}
             x, y = task.query
             out = call(problem.net, w_prime, x, alpha)
             loss = F.cross_entropy(out, y)
@@ -228,9 +227,9 @@ class DartsSettings:
 def estimator_for(settings: DartsSettings):
     from metaphi.outer import build_estimator
     if settings.order == 1:
-        return build_estimator("first-order")
+        return build_estimator("first-order", {"loop": True})
     if settings.arch_grad == "exact":
-        return build_estimator("second-order")
+        return build_estimator("second-order", {"loop": True})
     if settings.arch_grad == "implicit":
         return Implicit(settings.implicit_steps, settings.implicit_damping)
     return FiniteDifference(settings.epsilon)
@@ -238,69 +237,53 @@ def estimator_for(settings: DartsSettings):
 
 def search(config: NetworkConfig, data: dict[str, Split], settings: DartsSettings, seed: int,
            checkpoint: str | None = None, checkpoint_every: int = 50, progress: Callable | None = None) -> dict:
-    """Run DARTS; returns {"alpha", "genotype", "history", "seconds", "grad_evals"}.
+    """Run DARTS; returns {"alpha", "genotype", "history", "seconds", "grad_evals", "weights"}.
 
-    Iteration t draws its training and validation batches from ``derived_seed(seed, t)``; the weights
+    One step of ``metaphi.train_online``: α takes an Adam step on the architecture gradient of the
+    validation batch, then w a momentum-SGD step (``MomentumSGD``, cosine step size) on the training
+    batch with the new α. Iteration t draws its batches from ``derived_seed(seed, t)``; the weights
     and α start from generators seeded by ``seed``. With ``checkpoint`` the state is saved every
-    ``checkpoint_every`` iterations and a run resumes from it to the same result."""
-    from metaphi.tasks import atomic_save
+    ``checkpoint_every`` iterations and a run resumes from it to the same result. ``progress(t, row)``
+    after iteration t (from 0)."""
+    from metaphi import train_online
+    from metaphi.train import NonFiniteLoss
 
     net = Network(config)
     dtype = data["train"][0].dtype
     w = init_params(net, torch.Generator().manual_seed(derived_seed(seed, -1)), dtype)
-    alpha = {k: v.requires_grad_() for k, v in
-             alpha_init(config, torch.Generator().manual_seed(derived_seed(seed, -2)), dtype=dtype).items()}
-    opt = torch.optim.Adam(list(alpha.values()), lr=settings.alpha_lr, betas=(0.5, 0.999),
-                           weight_decay=settings.alpha_weight_decay)
-    velocity = {k: torch.zeros_like(v) for k, v in w.items()}
-    state = {"iteration": 0, "history": [], "seconds": 0.0}
-    run = {"config": config.to_dict(), "settings": settings.to_dict(), "seed": seed}
-    if checkpoint and os.path.exists(checkpoint):
-        saved = torch.load(checkpoint, weights_only=False)
-        if saved["run"] != run:
-            raise ValueError(f"{checkpoint} holds a different search; use another --out or delete it")
-        w, velocity, state = saved["w"], saved["velocity"], saved["state"]
-        with torch.no_grad():
-            for k in alpha:
-                alpha[k].copy_(saved["alpha"][k])
-        opt.load_state_dict(saved["opt"])
+    alpha = alpha_init(config, torch.Generator().manual_seed(derived_seed(seed, -2)), dtype=dtype)
+    alpha_rule = TorchAdam(settings.alpha_lr, (0.5, 0.999), weight_decay=settings.alpha_weight_decay)
 
-    def save():
-        if checkpoint:
-            atomic_save({"run": run, "w": w, "velocity": velocity, "state": state, "opt": opt.state_dict(),
-                         "alpha": {k: v.detach() for k, v in alpha.items()}}, checkpoint)
+    def w_rule(t: int) -> MomentumSGD:
+        return MomentumSGD(settings.w_lr_at(t), settings.w_momentum, settings.w_weight_decay, settings.grad_clip)
 
     estimator = estimator_for(settings)
-    started = time.perf_counter() - state["seconds"]
-    for t in range(state["iteration"], settings.iterations):
-        g = torch.Generator().manual_seed(derived_seed(seed, t))
+
+    def step(state: dict, t: int, g: torch.Generator) -> tuple[dict, dict]:
         train_batch, val_batch = batch_of(data["train"], settings.batch, g), batch_of(data["val"], settings.batch, g)
         lr = settings.w_lr_at(t)
         problem = SearchProblem(net, xi=lr if settings.order == 2 else 0.0)
-        phi = {**with_prefix(alpha, "alpha"), **with_prefix(w, "w")}
+        leaves = {k: v.detach().requires_grad_() for k, v in state["alpha"].items()}
+        phi = {**with_prefix(leaves, "alpha"), **with_prefix(state["w"], "w")}
         grads, metrics = estimator(problem, phi, Task.stack([Task(train_batch, val_batch)]))
-        finite = all(bool(torch.isfinite(grads["alpha." + k]).all()) for k in alpha)
-        if finite:
-            opt.zero_grad()
-            for k, v in alpha.items():
-                v.grad = grads["alpha." + k].to(v.dtype)
-            opt.step()
-        loss, w_grads = loss_and_grads(net, w, *train_batch, detach(alpha))
-        if not finite or not torch.isfinite(loss):
-            from metaphi.train import NonFiniteLoss
-            raise NonFiniteLoss(f"DARTS diverged at iteration {t} (training loss {float(loss)}); "
-                                 "lower --w-lr or --alpha-lr; the last checkpoint is kept")
-        w, velocity = sgd_step(w, w_grads, velocity, lr, settings.w_momentum, settings.w_weight_decay,
-                               settings.grad_clip)
-        state["iteration"] = t + 1
-        state["seconds"] = time.perf_counter() - started
-        state["history"].append({"iteration": t + 1, "train_loss": float(loss), "val_loss": metrics["loss"],
-                                 "val_acc": metrics.get("accuracy")})
-        if progress is not None:
-            progress(t, state["history"][-1])
-        if checkpoint and ((t + 1) % checkpoint_every == 0 or t + 1 == settings.iterations):
-            save()
-    alpha_out = {k: v.detach() for k, v in alpha.items()}
-    return {"alpha": alpha_out, "genotype": derive(alpha_out, config), "history": state["history"],
-            "seconds": state["seconds"], "grad_evals": settings.grad_evals_per_iteration() * settings.iterations,
-            "weights": w}
+        g_alpha = {k: grads["alpha." + k] for k in leaves}
+        if not all(bool(torch.isfinite(v).all()) for v in g_alpha.values()):
+            raise NonFiniteLoss(f"the architecture gradient of DARTS became non-finite at iteration {t + 1}; lower "
+                                "--w-lr or --alpha-lr")
+        alpha, alpha_opt = alpha_rule.update(state["alpha"], g_alpha, state["alpha_opt"], {})
+        loss, w_grads = loss_and_grads(net, state["w"], *train_batch, alpha)
+        w, velocity = w_rule(t).update(state["w"], w_grads, state["velocity"], {})
+        return ({"w": w, "velocity": velocity, "alpha": alpha, "alpha_opt": alpha_opt},
+                {"iteration": t + 1, "train_loss": float(loss), "val_loss": metrics["loss"],
+                 "val_acc": metrics.get("accuracy")})
+
+    start = {"w": w, "velocity": w_rule(0).init(w), "alpha": alpha, "alpha_opt": alpha_rule.init(alpha)}
+    done = train_online.run(
+        step, start, settings.iterations, seed=seed, checkpoint=checkpoint, every=checkpoint_every,
+        identity={"config": config.to_dict(), "settings": settings.to_dict(), "seed": seed},
+        on_step=None if progress is None else (lambda n, row: progress(n - 1, row)),
+        hint="lower --w-lr or --alpha-lr")
+    alpha_out = done["state"]["alpha"]
+    return {"alpha": alpha_out, "genotype": derive(alpha_out, config), "history": done["history"],
+            "seconds": done["seconds"], "grad_evals": settings.grad_evals_per_iteration() * settings.iterations,
+            "weights": done["state"]["w"]}

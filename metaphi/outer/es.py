@@ -26,13 +26,20 @@ For a φ of a few dimensions (hyperparameters, a handful of scalars), ``CMAES`` 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from metaphi.config import UsageError, option
 from metaphi.functional import Params
+from metaphi.inner import FIRST_ORDER
 from metaphi.tasks import Task
+
+LOOP_HELP = ("run one by one what otherwise runs as one vmap batch (the tasks of a meta-batch; for ES, the "
+             "population): same result, less memory")
+SEED_HELP = "seed of the estimator's own random draws (none: the run's --seed)"
 
 #: keeps the perturbation stream of a run apart from its task stream, which is seeded with the same number
 _STREAM = 0x5DEECE66D
@@ -123,7 +130,7 @@ def unflatten(flat: Tensor, like: Params, keys: Sequence[str]) -> Params:
     lead = flat.shape[:-1]
     for k in keys:
         n = like[k].numel()
-        out[k] = flat[..., i:i + n].reshape(*lead, *like[k].shape)
+        out[k] = flat[..., i:i + n].reshape(tuple(lead) + tuple(like[k].shape))  # a scalar entry too
         i += n
     return out
 
@@ -174,9 +181,9 @@ class EvolutionStrategies(SeededSteps):
     @staticmethod
     def _member_loss(algorithm, phi: Params, tasks: Task, vectorize: bool) -> tuple[Tensor, dict[str, Tensor]]:
         if vectorize:
-            losses, metrics = torch.func.vmap(lambda t: algorithm.task_loss(phi, t, first_order=True))(tasks)
+            losses, metrics = torch.func.vmap(lambda t: algorithm.task_loss(phi, t, FIRST_ORDER))(tasks)
             return losses.mean(), {k: v.mean() for k, v in metrics.items()}
-        parts = [algorithm.task_loss(phi, t, first_order=True) for t in tasks.unstack()]
+        parts = [algorithm.task_loss(phi, t, FIRST_ORDER) for t in tasks.unstack()]
         losses = torch.stack([p[0] for p in parts])
         return losses.mean(), {k: torch.stack([p[1][k] for p in parts]).mean() for k in parts[0][1]}
 
@@ -258,7 +265,26 @@ class CMAES:
         self.es.tell([c.numpy() for c in candidates.double()], [float(v) for v in losses])
 
 
-def es(vectorize: bool = True, population: int = 32, sigma: float = 0.01, shaping: str = "centered_ranks",
-       seed: int | None = None, chunk: int | None = None, prefixes: Sequence[str] | None = None, **_
-       ) -> EvolutionStrategies:
-    return EvolutionStrategies(population, sigma, shaping, seed, vectorize, chunk, prefixes)
+@dataclass
+class ESOptions:
+    """Settings of the evolution-strategies estimator."""
+
+    population: int = option(32, "ES: perturbed copies of φ scored per step (antithetic pairs, so even)",
+                             check="positive")
+    sigma: float = option(0.01, "ES: standard deviation of the perturbations", check="positive")
+    shaping: str = option("centered_ranks", "ES: fitness shaping of the losses", choices=("centered_ranks", "none"))
+    population_chunk: int | None = option(None, "ES: score at most this many members per vmap batch (none: all)",
+                                          check="positive", metavar="N")
+    perturb: list[str] | None = option(None, "ES: perturb only the entries of φ named by these prefixes, e.g. "
+                                       "init.head (none: all of φ)")
+    estimator_seed: int | None = option(None, SEED_HELP)
+    loop: bool = option(False, LOOP_HELP)
+
+
+def es(options: ESOptions) -> EvolutionStrategies:
+    if options.population < 2 or options.population % 2:
+        raise UsageError(f"--population must be an even number >= 2 (antithetic pairs), got {options.population}")
+    if options.population_chunk is not None and options.loop:
+        raise UsageError("--population-chunk splits the vmap batch of the population; it does not apply with --loop")
+    return EvolutionStrategies(options.population, options.sigma, options.shaping, options.estimator_seed,
+                               not options.loop, options.population_chunk, options.perturb)

@@ -3,29 +3,35 @@
 Each estimator is a callable ``(algorithm, phi, tasks) -> (grads, metrics)`` where ``tasks`` is a
 batched Task (leading dimension = task) and ``grads`` has the keys of φ. The trainer hands the
 grads to an ordinary torch optimizer, so any of them can drive any outer optimizer.
+
+How the inner loop is unrolled is the estimator's choice: it hands the algorithm's ``task_loss`` a
+``metaphi.inner.Unroll`` (first-order or not, checkpointed or not). Each estimator's settings are a
+dataclass (``UnrolledOptions``, ``ReptileOptions`` here), whose fields are the ``metaphi run`` flags.
 """
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from metaphi.config import UsageError, option
 from metaphi.functional import Params, detach, grads_or_zeros, prefixed, with_prefix
-from metaphi.inner.adapt import inner_checkpointing
+from metaphi.inner import FIRST_ORDER, Unroll
 from metaphi.tasks import Task
-from metaphi.outer.es import SeededSteps
+from metaphi.outer.es import LOOP_HELP, SEED_HELP, SeededSteps
 
 
-def _mean_task_loss(algorithm, phi: Params, tasks: Task, first_order: bool, vectorize: bool
+def _mean_task_loss(algorithm, phi: Params, tasks: Task, unroll: Unroll, vectorize: bool
                     ) -> tuple[Tensor, dict[str, Tensor]]:
     if vectorize:
-        losses, metrics = torch.func.vmap(lambda t: algorithm.task_loss(phi, t, first_order=first_order))(tasks)
+        losses, metrics = torch.func.vmap(lambda t: algorithm.task_loss(phi, t, unroll))(tasks)
         return losses.mean(), {k: v.mean() for k, v in metrics.items()}
     total, sums = 0.0, {}
     parts = tasks.unstack()
     for task in parts:
-        loss, metrics = algorithm.task_loss(phi, task, first_order=first_order)
+        loss, metrics = algorithm.task_loss(phi, task, unroll)
         total = total + loss
         for k, v in metrics.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -63,6 +69,8 @@ class Unrolled:
         self.first_order = first_order
         self.vectorize = vectorize and not checkpoint
         self.checkpoint = checkpoint
+        # what each task loss is told: a vmapped or compiled batch is never checkpointed
+        self.unroll = Unroll(first_order=first_order, checkpoint=checkpoint)
         self.chunk = chunk
         self.compile = compile
         self._compiled: tuple | None = None  # (algorithm, its compiled meta-gradient)
@@ -74,8 +82,8 @@ class Unrolled:
             return self._compiled[1]
         # layout_optimization off: inductor's channels-last copies of the activations cost memory and, on
         # the CPU, no time (20-way 5-step MAML: 40.3 instead of 46.7 MB, 7.9 instead of 7.1 tasks/s)
-        fn = torch.compile(_own_code(_meta_gradient(algorithm, self.first_order, self.vectorize)), dynamic=False,
-                           options={"layout_optimization": False})
+        fn = torch.compile(_own_code(_meta_gradient(algorithm, Unroll(self.first_order), self.vectorize)),
+                           dynamic=False, options={"layout_optimization": False})
         self._compiled = (algorithm, fn)
         return fn
 
@@ -106,14 +114,14 @@ class Unrolled:
         if self.vectorize:
             n = _task_count(tasks)
             if self.chunk is None or self.chunk >= n:
-                loss, metrics = _mean_task_loss(algorithm, phi, tasks, self.first_order, True)
+                loss, metrics = _mean_task_loss(algorithm, phi, tasks, Unroll(self.first_order), True)
                 grads = grads_or_zeros(loss, phi)
                 return grads, {"loss": float(loss.detach()), **{k: float(v) for k, v in metrics.items()}}
             grads = {k: torch.zeros_like(v) for k, v in phi.items()}
             sums: dict[str, float] = {}
             for part in _chunks(tasks, self.chunk):
                 share = _task_count(part) / n
-                loss, metrics = _mean_task_loss(algorithm, phi, part, self.first_order, True)
+                loss, metrics = _mean_task_loss(algorithm, phi, part, Unroll(self.first_order), True)
                 if loss.requires_grad:
                     for k, g in grads_or_zeros(loss * share, phi).items():
                         grads[k] += g
@@ -123,29 +131,28 @@ class Unrolled:
         grads = {k: torch.zeros_like(v) for k, v in phi.items()}
         total, sums = 0.0, {}
         parts = tasks.unstack()
-        with inner_checkpointing(self.checkpoint):
-            for task in parts:
-                loss, metrics = algorithm.task_loss(phi, task, first_order=self.first_order)
-                if loss.requires_grad:
-                    for k, g in grads_or_zeros(loss / len(parts), phi).items():
-                        grads[k] += g
-                total += float(loss.detach())
-                for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+        for task in parts:
+            loss, metrics = algorithm.task_loss(phi, task, self.unroll)
+            if loss.requires_grad:
+                for k, g in grads_or_zeros(loss / len(parts), phi).items():
+                    grads[k] += g
+            total += float(loss.detach())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
         return grads, {"loss": total / len(parts), **{k: v / len(parts) for k, v in sums.items()}}
 
 
-def _meta_gradient(algorithm, first_order: bool, batched: bool):
+def _meta_gradient(algorithm, unroll: Unroll, batched: bool):
     """(trainable φ, fixed φ, a task or a batch of tasks) -> (∇ of the mean task loss, (loss, metrics))."""
 
     def meta_gradient(trainable: Params, fixed: Params, task: Task):
         def loss_of(params: Params):
             phi = {**fixed, **params}
             if batched:
-                losses, metrics = torch.func.vmap(lambda t: algorithm.task_loss(phi, t, first_order=first_order))(task)
+                losses, metrics = torch.func.vmap(lambda t: algorithm.task_loss(phi, t, unroll))(task)
                 loss, metrics = losses.mean(), {k: v.mean() for k, v in metrics.items()}
             else:
-                loss, metrics = algorithm.task_loss(phi, task, first_order=first_order)
+                loss, metrics = algorithm.task_loss(phi, task, unroll)
             return loss, (loss.detach(), metrics)
 
         return torch.func.grad(loss_of, has_aux=True)(trainable)
@@ -200,7 +207,7 @@ class Reptile(SeededSteps):
 
     def _train(self, algorithm, phi_c: Params, data: tuple, generator: torch.Generator) -> Params:
         if not self.minibatches:
-            return algorithm.learn(phi_c, data, steps=self.steps, first_order=True)
+            return algorithm.learn(phi_c, data, steps=self.steps, unroll=FIRST_ORDER)
         steps = algorithm.inner_steps if self.steps is None else self.steps
         rule = getattr(algorithm, "rule", None)
         if rule is not None and rule.init(prefixed(phi_c, "init")) is not None:
@@ -214,7 +221,7 @@ class Reptile(SeededSteps):
         params = prefixed(phi_c, "init")
         for batch in torch.tensor_split(order, steps):
             params = algorithm.learn({**rest, **with_prefix(params, "init")}, tuple(d[batch] for d in data),
-                                     steps=1, first_order=True)
+                                     steps=1, unroll=FIRST_ORDER)
             params = detach(params)
         return params
 
@@ -231,20 +238,53 @@ class Reptile(SeededSteps):
             for k, v in init.items():
                 direction["init." + k] += (v - adapted[k].detach()) / len(parts)
             with torch.no_grad():
-                loss, _ = algorithm.task_loss(phi_c, task, first_order=True)
+                loss, _ = algorithm.task_loss(phi_c, task, FIRST_ORDER)
             loss_sum += float(loss)
         return direction, {"loss": loss_sum / len(parts)}
 
 
-def second_order(vectorize: bool = False, checkpoint: bool = False, task_chunk: int | None = None,
-                 compile: bool = False, **_) -> Unrolled:
-    return Unrolled(first_order=False, vectorize=vectorize, checkpoint=checkpoint, chunk=task_chunk, compile=compile)
+@dataclass
+class UnrolledOptions:
+    """Settings of the unrolled estimators (second-order and first-order)."""
+
+    loop: bool = option(False, LOOP_HELP)
+    task_chunk: int | None = option(None, "vmap at most this many tasks at a time, each chunk's gradient taken before "
+                                    "the next: memory grows with the chunk, not the meta-batch (none: all at once)",
+                                    check="positive", metavar="N")
+    checkpoint_inner: bool = option(False, "gradient-checkpoint the inner loop: memory grows by one parameter set "
+                                    "per inner step, for about two more forwards per step; tasks run one by one")
+    compile: bool = option(False, "compile each meta-gradient with torch.compile (the first iteration compiles: "
+                           "tens of seconds to minutes on a CPU; cached on disk)")
 
 
-def first_order(vectorize: bool = False, checkpoint: bool = False, task_chunk: int | None = None,
-                compile: bool = False, **_) -> Unrolled:
-    return Unrolled(first_order=True, vectorize=vectorize, checkpoint=checkpoint, chunk=task_chunk, compile=compile)
+def _unrolled(first_order: bool, options: UnrolledOptions) -> Unrolled:
+    if options.compile and options.checkpoint_inner:
+        raise UsageError("--compile and --checkpoint-inner do not go together (a checkpointed inner loop runs eagerly)")
+    if options.task_chunk is not None and (options.loop or options.checkpoint_inner):
+        raise UsageError("--task-chunk splits the vmap batch of tasks; it does not apply with "
+                         f"{'--loop' if options.loop else '--checkpoint-inner'}, where tasks run one by one")
+    return Unrolled(first_order=first_order, vectorize=not options.loop, checkpoint=options.checkpoint_inner,
+                    chunk=options.task_chunk, compile=options.compile)
 
 
-def reptile(steps: int | None = None, minibatches: bool = True, seed: int | None = None, **_) -> Reptile:
-    return Reptile(steps, minibatches, seed)
+def second_order(options: UnrolledOptions) -> Unrolled:
+    return _unrolled(False, options)
+
+
+def first_order(options: UnrolledOptions) -> Unrolled:
+    return _unrolled(True, options)
+
+
+@dataclass
+class ReptileOptions:
+    """Settings of the Reptile estimator."""
+
+    reptile_steps: int | None = option(None, "Reptile: SGD steps on each task (none: the run's --inner-steps)",
+                                       check="positive", metavar="K")
+    minibatches: bool = option(True, "Reptile: each step takes a different part of the task's data (--no-minibatches: "
+                               "every step sees it all)")
+    estimator_seed: int | None = option(None, SEED_HELP)
+
+
+def reptile(options: ReptileOptions) -> Reptile:
+    return Reptile(options.reptile_steps, options.minibatches, options.estimator_seed)

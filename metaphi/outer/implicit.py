@@ -41,12 +41,15 @@ gradient norm ‖∇_θ g(θ*, φ)‖ (how far θ* is from stationary, which is 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Mapping, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
 
+from metaphi.config import UsageError, option
 from metaphi.functional import Params, detach
+from metaphi.outer.es import LOOP_HELP
 
 Vector = Sequence[Tensor]
 MatVec = Callable[[Vector], Vector]
@@ -342,7 +345,23 @@ class Implicit:
         return total, sums
 
 
-def implicit(solver: str = "cg", solver_steps: int = 5, solver_tol: float = 1e-10, solver_damping: float = 0.0,
-             neumann_alpha: float | None = None, vectorize: bool = False, **_) -> Implicit:
-    """The ``implicit`` estimator; other estimators' options are ignored."""
-    return Implicit(solver, solver_steps, solver_tol, solver_damping, neumann_alpha, vectorize)
+@dataclass
+class ImplicitOptions:
+    """Settings of the implicit estimator."""
+
+    solver: str = option("cg", "implicit estimator: linear solver, conjugate gradient or a Neumann series",
+                         choices=tuple(SOLVERS))
+    solver_steps: int = option(5, "implicit estimator: most Hessian-vector products per solve", check="positive")
+    solver_tol: float = option(1e-10, "implicit estimator: relative residual to stop at", check="nonneg")
+    solver_damping: float = option(0.0, "implicit estimator: δ added to the Hessian's diagonal (for a singular or "
+                                   "indefinite one; biases the gradient)", check="nonneg")
+    neumann_alpha: float | None = option(None, "implicit estimator with --solver neumann: the series' step "
+                                         "(none: the inner lr)", check="positive")
+    loop: bool = option(False, LOOP_HELP)
+
+
+def implicit(options: ImplicitOptions) -> Implicit:
+    if options.neumann_alpha is not None and options.solver != "neumann":
+        raise UsageError(f"--neumann-alpha applies to --solver neumann, not --solver {options.solver}")
+    return Implicit(options.solver, options.solver_steps, options.solver_tol, options.solver_damping,
+                    options.neumann_alpha, vectorize=not options.loop)

@@ -20,14 +20,16 @@ algorithms that declare which entries of φ are logits.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping
 
 import torch
 from torch import Tensor
 
+from metaphi.config import UsageError, option
 from metaphi.functional import Params, grads_or_zeros
 from metaphi.tasks import Task
-from metaphi.outer.es import SeededSteps
+from metaphi.outer.es import SEED_HELP, SeededSteps
 
 KINDS = ("categorical", "bernoulli")
 
@@ -167,5 +169,18 @@ class Reinforce(SeededSteps):
                        "baseline": float(self.baseline["value"])}
 
 
-def reinforce(samples: int = 4, decay: float = 0.9, pathwise: bool = True, seed: int | None = None, **_) -> Reinforce:
-    return Reinforce(samples, decay, pathwise, seed)
+@dataclass
+class ReinforceOptions:
+    """Settings of the REINFORCE estimator."""
+
+    samples: int = option(4, "REINFORCE: choices sampled per step", check="positive")
+    decay: float = option(0.9, "REINFORCE: decay of the moving-average baseline, in [0, 1)", check="unit")
+    pathwise: bool = option(True, "REINFORCE: the continuous entries of φ get the gradient of the mean loss "
+                            "(--no-pathwise: zero, for a task loss that cannot be differentiated)")
+    estimator_seed: int | None = option(None, SEED_HELP)
+
+
+def reinforce(options: ReinforceOptions) -> Reinforce:
+    if not options.decay < 1:
+        raise UsageError(f"--decay must be in [0, 1), got {options.decay}")
+    return Reinforce(options.samples, options.decay, options.pathwise, options.estimator_seed)

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from metaphi.algorithms import build_algorithm, create_algorithm
-from metaphi.algorithms.matching import MatchingNet, lstm_cell, query_context, support_context
+from metaphi.algorithms.matching import MatchingNet, MatchingOptions, lstm_cell, query_context, support_context
 from metaphi.functional import prefixed
 from metaphi.models import Conv4
 from metaphi.outer import build_estimator
@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def float64_matching(fce: bool, scale: float = 1.0) -> MatchingNet:
     torch.manual_seed(0)
-    algo = MatchingNet(Conv4(1, 3, hidden=6, image_size=10).double(), fce=fce, fce_steps=3, scale=scale)
+    algo = MatchingNet(Conv4(1, 3, hidden=6, image_size=10).double(),
+                       options=MatchingOptions(fce=fce, fce_steps=3 if fce else None, attention_scale=scale))
     algo._fce_params = {k: v.double() for k, v in algo._fce_params.items()}
     return algo
 
@@ -91,8 +92,8 @@ def test_vmap_equals_loop(fce):
     algo = float64_matching(fce)
     phi = algo.init_meta_params()
     tasks = Task.stack([random_task(seed=s) for s in range(3)])
-    g_vmap, m_vmap = build_estimator("first-order", vectorize=True)(algo, phi, tasks)
-    g_loop, m_loop = build_estimator("first-order", vectorize=False)(algo, phi, tasks)
+    g_vmap, m_vmap = build_estimator("first-order")(algo, phi, tasks)
+    g_loop, m_loop = build_estimator("first-order", {"loop": True})(algo, phi, tasks)
     assert m_vmap["loss"] == pytest.approx(m_loop["loss"], rel=1e-12)
     for k in phi:
         assert torch.allclose(g_vmap[k], g_loop[k], atol=1e-10), k
@@ -105,7 +106,7 @@ def test_checkpoint_rebuilds_and_predicts(tmp_path, name):
     bench = tiny_benchmark()
     torch.manual_seed(0)
     algo = create_algorithm(name, bench, 3, 0.1, 0, 0)
-    meta_train(algo, build_estimator("first-order", vectorize=True), algo.training_tasks(bench, 3, 1, 2),
+    meta_train(algo, build_estimator("first-order"), algo.training_tasks(bench, 3, 1, 2),
                TrainConfig(iterations=2, meta_batch=2), out_dir=str(tmp_path), progress=False)
     ck = load_checkpoint(str(tmp_path / "checkpoint.pt"))
     rebuilt = build_algorithm(ck["algorithm"])

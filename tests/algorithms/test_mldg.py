@@ -1,6 +1,5 @@
-"""MLDG, first-order MLDG and ERM against independent float64 computations; the domaingen command."""
-import json
-
+"""MLDG, first-order MLDG and ERM against independent float64 computations (the domaingen command:
+tests/cli/test_domaingen.py)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +7,7 @@ import torch.nn.functional as F
 from metaphi.algorithms import build_algorithm
 from metaphi.algorithms.mldg import ERM, MLDG, ConvNet, GroupNorm, create, mldg_from_spec
 from metaphi.functional import prefixed
+from metaphi.inner import Unroll
 from metaphi.models import MLP
 from metaphi.outer import Unrolled
 from metaphi.tasks import ImageClasses, Task
@@ -37,7 +37,7 @@ def mlp_mldg(first_order=False, inner_lr=0.3, beta=0.7):
 
 
 def flat_loss(algo, phi, task, first_order):
-    loss, _ = algo.task_loss(phi, task, first_order=first_order)
+    loss, _ = algo.task_loss(phi, task, Unroll(first_order=first_order))
     return loss
 
 
@@ -100,7 +100,7 @@ def test_first_order_flag_of_the_algorithm_is_its_default(float64):
     task = domain_task()
     fo_algo = mlp_mldg(first_order=True)
     a = torch.autograd.grad(fo_algo.task_loss(phi, task)[0], list(phi.values()))
-    b = torch.autograd.grad(mlp_mldg().task_loss(phi, task, first_order=True)[0], list(phi.values()))
+    b = torch.autograd.grad(mlp_mldg().task_loss(phi, task, Unroll(first_order=True))[0], list(phi.values()))
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y)
 
@@ -234,56 +234,3 @@ def test_training_tasks_come_from_the_source_domains():
     algo = create("mldg", ConvNet(1, 3, hidden=8, blocks=2, groups=2))
     task = algo.training_tasks(split, query=4)(2, torch.Generator().manual_seed(0))
     assert task.support[0].shape == (2, 1, 4, 1, 8, 8)
-
-
-# ------------------------------------------------------------------------------------ the command
-def test_domaingen_command_runs_every_held_out_domain_and_resumes(tmp_path, capsys):
-    from metaphi.cli import main
-
-    out = tmp_path / "dg"
-    argv = ["domaingen", "glyph-styles", "--domains", "plain,inverted,bold", "--classes", "3", "--iterations", "2",
-            "--seeds", "0,1", "--methods", "erm,mldg-fo", "--batch", "3", "--hidden", "8", "--blocks", "2",
-            "--test-per-class", "2", "--adapt-per-class", "2", "--adapt-shots", "1,2", "--adapt-steps", "2",
-            "--adapt-draws", "2", "--checkpoint-every", "1", "--out", str(out), "--quiet"]
-    assert main(argv) == 0
-    table = capsys.readouterr().out
-    assert "| erm |" in table and "| mldg-fo |" in table and "average" in table
-    summary = json.loads((out / "results.json").read_text())
-    assert len(summary["runs"]) == 2 * 3 * 2
-    assert {r["run"]["held_out"] for r in summary["runs"]} == {"plain", "inverted", "bold"}
-    avg = summary["table"]["erm"]["dg"]["average"]
-    per_seed = [sum(r["accuracy"] for r in summary["runs"] if r["run"]["seed"] == s and r["run"]["method"] == "erm") / 3
-                for s in (0, 1)]
-    assert avg["mean"] == pytest.approx(sum(per_seed) / 2)
-    assert set(summary["table"]["mldg-fo"]) >= {"dg", "adapt1", "adapt2"}
-    assert (out / "results.md").exists()
-    # a second identical command reuses every finished run
-    before = (out / "results.json").read_text()
-    assert main(argv) == 0
-    again = json.loads((out / "results.json").read_text())
-    assert [r["accuracy"] for r in again["runs"]] == [r["accuracy"] for r in json.loads(before)["runs"]]
-    # an unfinished run resumes from its checkpoint to the same result
-    folder = out / "glyph-styles" / "erm" / "held-plain" / "seed-0"
-    first = json.loads((folder / "result.json").read_text())
-    (folder / "result.json").unlink()
-    ck = torch.load(folder / "checkpoint.pt", weights_only=False)
-    assert ck["iteration"] == 2
-    assert main(argv) == 0
-    assert json.loads((folder / "result.json").read_text())["accuracy"] == first["accuracy"]
-    # other settings in the same folder are refused rather than overwritten
-    (folder / "result.json").unlink()
-    assert main([*argv[:-3], "--iterations", "3", "--out", str(out), "--quiet"]) == 2
-    assert "other settings" in capsys.readouterr().err
-
-
-def test_domaingen_rejects_bad_input(tmp_path, capsys):
-    from metaphi.cli import main
-
-    base = ["domaingen", "glyph-styles", "--out", str(tmp_path), "--quiet"]
-    assert main([*base, "--methods", "erm,dann"]) == 2
-    assert "dann" in capsys.readouterr().err
-    assert main([*base, "--held-out", "watercolour", "--domains", "plain,bold", "--classes", "3"]) == 2
-    assert "unknown domain" in capsys.readouterr().err
-    assert main([*base, "--adapt-shots", "9"]) == 2
-    assert main(["domaingen", "folder:/no/such/folder", "--out", str(tmp_path), "--quiet"]) == 2
-    assert "not a folder" in capsys.readouterr().err

@@ -71,8 +71,8 @@ def test_vmap_equals_loop_for_gradients_and_evaluation():
     algo = float64_protonet()
     phi = algo.init_meta_params()
     tasks = Task.stack([random_task(seed=s) for s in range(3)])
-    g_vmap, m_vmap = build_estimator("first-order", vectorize=True)(algo, phi, tasks)
-    g_loop, m_loop = build_estimator("first-order", vectorize=False)(algo, phi, tasks)
+    g_vmap, m_vmap = build_estimator("first-order")(algo, phi, tasks)
+    g_loop, m_loop = build_estimator("first-order", {"loop": True})(algo, phi, tasks)
     assert m_vmap["loss"] == pytest.approx(m_loop["loss"], rel=1e-12)
     for k in phi:
         assert torch.allclose(g_vmap[k], g_loop[k], atol=1e-10), k
@@ -108,7 +108,7 @@ def test_protonet_learns_a_linearly_separable_toy_problem_to_100_percent():
     algo = ProtoNet(MLP(8, 3, (16,)))
     sampler = Clusters()
     before = evaluate(algo, algo.init_meta_params(), sampler, 100, seed=7)["mean"]
-    state = meta_train(algo, build_estimator("first-order", vectorize=True), sampler.sample_batch,
+    state = meta_train(algo, build_estimator("first-order"), sampler.sample_batch,
                        TrainConfig(iterations=150, meta_batch=8, meta_lr=1e-2), progress=False)
     after = evaluate(algo, state.phi, sampler, 100, seed=7)
     assert before < 0.9
@@ -120,7 +120,7 @@ def test_checkpoint_rebuilds_and_predicts(tmp_path, name):
     bench = tiny_benchmark()
     torch.manual_seed(0)
     algo = create_algorithm(name, bench, 3, 0.1, 0, 0)
-    state = meta_train(algo, build_estimator("first-order", vectorize=True),
+    state = meta_train(algo, build_estimator("first-order"),
                        algo.training_tasks(bench, 3, 1, 2), TrainConfig(iterations=2, meta_batch=2),
                        out_dir=str(tmp_path), progress=False)
     ck = load_checkpoint(str(tmp_path / "checkpoint.pt"))

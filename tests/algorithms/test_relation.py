@@ -78,8 +78,8 @@ def test_vmap_equals_loop():
     algo = float64_relation()
     phi = {k: v.double().detach().requires_grad_() for k, v in algo.init_meta_params().items()}
     tasks = Task.stack([random_task(seed=s) for s in range(3)])
-    g_vmap, m_vmap = build_estimator("first-order", vectorize=True)(algo, phi, tasks)
-    g_loop, m_loop = build_estimator("first-order", vectorize=False)(algo, phi, tasks)
+    g_vmap, m_vmap = build_estimator("first-order")(algo, phi, tasks)
+    g_loop, m_loop = build_estimator("first-order", {"loop": True})(algo, phi, tasks)
     assert m_vmap["loss"] == pytest.approx(m_loop["loss"], rel=1e-12)
     for k in phi:
         assert torch.allclose(g_vmap[k], g_loop[k], atol=1e-10), k
@@ -91,7 +91,7 @@ def test_checkpoint_rebuilds_and_predicts(tmp_path):
     bench = tiny_benchmark()
     torch.manual_seed(0)
     algo = create_algorithm("relation", bench, 3, 0.1, 0, 0)
-    meta_train(algo, build_estimator("first-order", vectorize=True), algo.training_tasks(bench, 3, 1, 2),
+    meta_train(algo, build_estimator("first-order"), algo.training_tasks(bench, 3, 1, 2),
                TrainConfig(iterations=2, meta_batch=2), out_dir=str(tmp_path), progress=False)
     ck = load_checkpoint(str(tmp_path / "checkpoint.pt"))
     rebuilt = build_algorithm(ck["algorithm"])

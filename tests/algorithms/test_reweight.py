@@ -1,20 +1,17 @@
-"""Sample reweighting (metaphi/reweight.py): L2RW and Meta-Weight-Net against independent computations."""
+"""Sample reweighting methods (metaphi/algorithms/reweight.py): L2RW and Meta-Weight-Net against
+independent computations."""
 from __future__ import annotations
-
-import json
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from metaphi.experiments import reweight as rw
+from metaphi.algorithms import reweight as rw
+from metaphi.experiments import reweight as study
 from metaphi.functional import call, params_of
 from metaphi.models import MLP
 from metaphi.outer import build_estimator
 from metaphi.tasks import Task
-import shared_data
-from metaphi.evaluate import mean_ci95, t_quantile_975
 
 
 def _problem(seed: int = 0, n: int = 12, m: int = 10, dtype=torch.float64):
@@ -75,13 +72,13 @@ def test_l2rw_down_weights_a_planted_mislabelled_example():
     (on a well-fit model, lowering confidence can help the meta loss); over 20 plantings it should be
     weighted 0 nearly always, get far less than the correct ones, and score below its own correct label."""
     from metaphi.tasks.digits import load_digits
-    split = rw.make_splits(load_digits(), 10, 20, rw.Corruption(), seed=0)
+    split = study.make_splits(load_digits(), 10, 20, study.Corruption(), seed=0)
     with torch.random.fork_rng():
         torch.manual_seed(0)
-        model = rw.build_model({"name": "mlp", "hidden": [32]}, 10, (1, 8, 8))
-    params, _ = rw.train("plain", model, params_of(model, False), split["train"], None,
-                         rw.ReweightConfig(epochs=6, lr=0.03), torch.Generator().manual_seed(0))
-    assert rw.accuracy(model, params, *split["test"]) > 0.8  # the model has learned something
+        model = study.build_model({"name": "mlp", "hidden": [32]}, 10, (1, 8, 8))
+    params, _ = study.train("plain", model, params_of(model, False), split["train"], None,
+                            study.TrainConfig(epochs=6, lr=0.03), torch.Generator().manual_seed(0))
+    assert study.accuracy(model, params, *split["test"]) > 0.8  # the model has learned something
     x, y = split["train"]
     planted_w, others_w, zero, below_own = [], [], 0, 0
     for batch in range(10):
@@ -114,8 +111,8 @@ def _mwnet_lookahead(normalize: bool, seed: int = 1):
 @pytest.mark.parametrize("normalize", [True, False])
 def test_mwnet_meta_gradient_matches_finite_differences_float64(normalize):
     algo, phi, tasks = _mwnet_lookahead(normalize)
-    grads, _ = build_estimator("second-order")(algo, phi, tasks)
-    first, _ = build_estimator("first-order")(algo, phi, tasks)
+    grads, _ = build_estimator("second-order", {"loop": True})(algo, phi, tasks)
+    first, _ = build_estimator("first-order", {"loop": True})(algo, phi, tasks)
     task = tasks.unstack()[0]
     h = 1e-6
     for k, v in phi.items():
@@ -135,102 +132,11 @@ def test_mwnet_meta_gradient_matches_finite_differences_float64(normalize):
 
 def test_es_estimate_on_mwnet_points_along_the_true_gradient():
     algo, phi, tasks = _mwnet_lookahead(True, seed=2)
-    exact, _ = build_estimator("second-order")(algo, phi, tasks)
-    es = build_estimator("es", population=400, sigma=1e-4, shaping="none", seed=0)
+    exact, _ = build_estimator("second-order", {"loop": True})(algo, phi, tasks)
+    es = build_estimator("es", {"population": 400, "sigma": 1e-4, "shaping": "none", "estimator_seed": 0})
     approx, metrics = es(algo, phi, tasks)
     a = torch.cat([approx[k].reshape(-1) for k in phi])
     b = torch.cat([exact[k].reshape(-1) for k in phi])
     assert float(a @ b / (a.norm() * b.norm())) > 0.8
     with torch.no_grad():
         assert abs(metrics["loss"] - float(algo.task_loss(phi, tasks.unstack()[0])[0])) < 1e-12
-
-
-def test_splits_are_disjoint_clean_and_corrupted_as_asked():
-    from metaphi.tasks.digits import load_digits
-    data = load_digits()
-    split = rw.make_splits(data, 10, 50, rw.Corruption("uniform", 0.4, 10.0), seed=3)
-    assert torch.equal(torch.bincount(split["meta"][1], minlength=10), torch.full((10,), 10))
-    assert torch.equal(torch.bincount(split["test"][1], minlength=10), torch.full((10,), 50))
-    counts = split["train_counts"]
-    assert counts[0] / counts[-1] == pytest.approx(10, rel=0.1) and counts == sorted(counts, reverse=True)
-    idx = split["indices"]
-    parts = [set(idx[k].tolist()) for k in ("train", "meta", "test")]
-    assert sum(map(len, parts)) == len(set.union(*parts)) == len(split["train"][1]) + 100 + 500  # disjoint
-    assert torch.equal(data.targets[idx["meta"]], split["meta"][1])  # meta and test labels are clean
-    assert torch.equal(data.targets[idx["test"]], split["test"][1])
-    assert torch.equal(data.targets[idx["train"]] != split["train"][1], split["noisy"])
-    assert torch.equal(data.images[idx["train"]].float() / 255, split["train"][0])
-    assert 0.25 < float(split["noisy"].float().mean()) < 0.45  # 0.4 · 9/10 expected
-    again = rw.make_splits(data, 10, 50, rw.Corruption("uniform", 0.4, 10.0), seed=3)
-    assert torch.equal(again["train"][1], split["train"][1]) and torch.equal(again["train"][0], split["train"][0])
-
-
-def test_reweighting_moves_weight_off_noisy_labels():
-    from metaphi.tasks.digits import load_digits
-    split = rw.make_splits(load_digits(), 10, 20, rw.Corruption("uniform", 0.4), seed=0)
-    cfg = rw.ReweightConfig(epochs=6, lr=0.03)
-    shares = {}
-    for method in ("plain", "l2rw", "mwnet"):
-        with torch.random.fork_rng():
-            torch.manual_seed(0)
-            model = rw.build_model({"name": "mlp", "hidden": [32]}, 10, (1, 8, 8))
-        _, hist = rw.train(method, model, params_of(model, False), split["train"], split["meta"], cfg,
-                           torch.Generator().manual_seed(1), noisy=split["noisy"])
-        shares[method] = hist["noisy_weight_share"][-1]
-    noisy = float(split["noisy"].float().mean())
-    assert shares["plain"] == pytest.approx(noisy, abs=0.05)
-    assert shares["l2rw"] < 0.5 * noisy
-    assert shares["mwnet"] < shares["plain"]
-
-
-def test_t_interval():
-    assert t_quantile_975(4) == 2.776
-    for df, q in ((40, 2.0211), (60, 2.0003), (120, 1.9799)):
-        assert t_quantile_975(df) == pytest.approx(q, abs=1e-3)
-    m, ci = mean_ci95([1.0, 2.0, 3.0, 4.0, 5.0])
-    assert m == 3.0 and ci == pytest.approx(2.776 * (2.5 ** 0.5) / 5 ** 0.5)
-
-
-def test_run_experiment_resumes_from_its_checkpoint(tmp_path):
-    ck = str(tmp_path / "checkpoint.pt")
-    cfg = rw.ReweightConfig(epochs=1)
-    kw = dict(data="digits", methods=("plain", "l2rw"), seeds=(0, 1), corruption=rw.Corruption("flip", 0.4),
-              model={"name": "mlp", "hidden": [16]}, cfg=cfg, meta_per_class=5, test_per_class=10)
-    first = rw.run_experiment(**kw, checkpoint=ck, log=lambda *a: None)
-    messages = []
-    second = rw.run_experiment(**kw, checkpoint=ck, log=messages.append)
-    assert messages == ["resuming: 4 runs done"]
-    assert [r["test_acc"] for r in first["rows"]] == [r["test_acc"] for r in second["rows"]]
-    fresh = rw.run_experiment(**kw, log=lambda *a: None)  # a run is a function of its seed alone
-    assert [r["test_acc"] for r in fresh["rows"]] == [r["test_acc"] for r in first["rows"]]
-    with pytest.raises(ValueError, match="different configuration"):
-        rw.run_experiment(**{**kw, "seeds": (0,)}, checkpoint=ck, log=lambda *a: None)
-
-
-def test_cli_reweight(tmp_path, capsys):
-    from metaphi.cli import main
-    out = str(tmp_path / "run")
-    code = main(["reweight", "--epochs", "1", "--seeds", "0,1", "--methods", "plain,plain-meta,l2rw,mwnet",
-                 "--hidden", "16", "--imbalance", "10", "--noise", "none", "--out", out, "--quiet"])
-    assert code == 0
-    result = json.load(open(os.path.join(out, "result.json")))
-    assert [e["method"] for e in result["summary"]] == ["plain", "plain-meta", "l2rw", "mwnet"]
-    assert result["config"]["corruption"] == {"noise": "none", "noise_rate": 0.0, "imbalance": 10.0}
-    assert os.path.exists(os.path.join(out, "checkpoint.pt")) and os.path.exists(os.path.join(out, "result.md"))
-    for bad in (["--methods", "plain,foo"], ["--noise-rate", "1.5"], ["--imbalance", "0.5"], ["--epochs", "0"]):
-        assert main(["reweight", *bad, "--out", out, "--quiet"]) == 2
-        assert "error" in capsys.readouterr().err
-
-
-OMNIGLOT = str(shared_data.OMNIGLOT)
-
-
-@pytest.mark.skipif(not os.path.exists(os.path.join(OMNIGLOT, "images_background_small1.zip")),
-                    reason="the Omniglot minimal archive images_background_small1.zip is not available")
-def test_omniglot_small1_many_classes(tmp_path):
-    result = rw.run_experiment("omniglot", ("plain", "l2rw"), (0,), rw.Corruption("uniform", 0.4),
-                               {"name": "mlp", "hidden": [32]}, rw.ReweightConfig(epochs=1, batch=50),
-                               meta_per_class=2, test_per_class=4, classes=20, data_root=OMNIGLOT,
-                               log=lambda *a: None)
-    assert len(result["rows"]) == 2 and all(0 <= r["test_acc"] <= 1 for r in result["rows"])
-    assert result["rows"][0]["train_size"] == 20 * 14

@@ -58,7 +58,7 @@ def test_pretraining_lowers_its_own_loss_on_a_fixed_batch(name):
     assert all(t.shape[:2] == (2, algo.batch_size) for t in batch.query)  # images only, no labels
     phi = algo.init_meta_params()
     optimizer = torch.optim.Adam(phi.values(), lr=1e-2)
-    estimator = build_estimator("first-order", vectorize=True)
+    estimator = build_estimator("first-order")
     losses = []
     for _ in range(15):
         grads, metrics = estimator(algo, phi, batch)
@@ -73,7 +73,7 @@ def ssl_checkpoint(tmp_path, name="ssl-rotation"):
     bench = tiny_benchmark()
     torch.manual_seed(0)
     algo = create_algorithm(name, bench, 3, 0.1, 0, 2)
-    meta_train(algo, build_estimator("first-order"), algo.training_tasks(bench, 3, 1, 2),
+    meta_train(algo, build_estimator("first-order", {"loop": True}), algo.training_tasks(bench, 3, 1, 2),
                TrainConfig(iterations=2, meta_batch=1), out_dir=str(tmp_path), progress=False)
     return bench, str(tmp_path / "checkpoint.pt")
 

@@ -202,7 +202,7 @@ def test_relaxed_meta_gradient_matches_finite_differences():
     phi = {"aug.logit": (torch.randn(len(P.OPS), generator=g, dtype=D) * 0.5).requires_grad_(),
            "aug.magnitude": torch.randn(len(P.OPS), generator=g, dtype=D).requires_grad_()}
     tasks = lookahead_task(theta, x, y, noise, xv, yv)
-    grads, metrics = build_estimator("second-order")(algo, phi, tasks)
+    grads, metrics = build_estimator("second-order", {"loop": True})(algo, phi, tasks)
 
     def value(p):
         with torch.no_grad():
@@ -230,7 +230,7 @@ def test_first_order_is_refused_but_values_for_es_are_allowed():
     tasks = lookahead_task(theta, x, y, noise, xv, yv)
     with pytest.raises(ValueError, match="zero"):
         build_estimator("first-order")(algo, phi, tasks)
-    es = build_estimator("es", population=4, sigma=0.1, vectorize=False)
+    es = build_estimator("es", {"population": 4, "sigma": 0.1, "loop": True})
     es.start(0)
     grads, metrics = es(algo, phi, tasks)
     assert math.isfinite(metrics["loss"]) and grads["aug.logit"].abs().sum() > 0
@@ -241,7 +241,7 @@ def test_reinforce_estimator_on_the_discrete_policy():
     algo = LookaheadAugment(model, 0.3, parametrization="discrete")
     phi = algo.init_meta_params(0.5)
     phi = {k: v.detach().to(D).requires_grad_() for k, v in phi.items()}
-    est = build_estimator("reinforce", samples=6)
+    est = build_estimator("reinforce", {"samples": 6})
     est.start(0)
     grads, metrics = est(algo, phi, lookahead_task(theta, x, y, noise, xv, yv))
     assert grads["aug.apply"].shape == (len(P.OPS),) and grads["aug.level"].shape == (len(P.OPS), P.LEVELS)

@@ -83,3 +83,29 @@ def test_omniglot_small1_as_many_class_problem(tmp_path):
                  "--val-per-class", "3", "--methods", "none,gradient", "--out", out, *TINY]) == 0
     rows = json.load(open(os.path.join(out, "result.json")))["rows"]
     assert len(rows) == 4 and all(r["test_images"] == 5 * (20 - 6) for r in rows)
+
+
+def test_config_file_round_trip_and_flags_override_it(tmp_path, capsys):
+    import yaml
+
+    first, again, other = (str(tmp_path / name) for name in ("first", "again", "other"))
+    assert main(["augment", "--methods", "none,gradient", "--out", first, *TINY]) == 0
+    written = yaml.safe_load(open(os.path.join(first, "config.yaml")))
+    assert written["methods"] == ["none", "gradient"] and written["seeds"] == [0, 1] and written["search_steps"] == 3
+    # the run's config.yaml with another --out is the same run
+    assert main(["augment", "--config", os.path.join(first, "config.yaml"), "--out", again]) == 0
+    rows = [json.load(open(os.path.join(d, "result.json")))["rows"] for d in (first, again)]
+    assert [(r["seed"], r["method"], r["test_acc"], r["policy"]) for r in rows[0]] == \
+        [(r["seed"], r["method"], r["test_acc"], r["policy"]) for r in rows[1]]
+    assert yaml.safe_load(open(os.path.join(again, "config.yaml"))) == {**written, "out": again}
+    # a flag on the command line wins over the file
+    assert main(["augment", "--config", os.path.join(first, "config.yaml"), "--seeds", "1", "--out", other]) == 0
+    assert yaml.safe_load(open(os.path.join(other, "config.yaml")))["seeds"] == [1]
+    assert {r["seed"] for r in json.load(open(os.path.join(other, "result.json")))["rows"]} == {1}
+    # an unknown option in a file is refused, by name
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("search_steps: 3\nsearch_step: 4\n")
+    capsys.readouterr()
+    assert main(["augment", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "search_step" in err and len(err.splitlines()) == 1

@@ -5,9 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
+from metaphi import checkpoint
 from metaphi.cli import main
 from metaphi.continual import build_method
-from metaphi.continual import streams as st
+from metaphi.tasks import streams as st
 from metaphi.continual.runner import run_stream
 from metaphi.tasks.glyphs import generate_glyphs
 
@@ -20,7 +21,7 @@ def stream():
 
 
 def _final_state(folder):
-    return torch.load(folder / "checkpoint.pt", weights_only=False)["state"]
+    return checkpoint.load(folder / "checkpoint.pt")["state"]  # plain data: the weights-only reader takes it
 
 
 @pytest.mark.parametrize("name,options", [("replay", {"memory": 5, "batch": 3}),
@@ -117,3 +118,55 @@ def test_cli_meta_learners_need_meta_training_classes(tmp_path, capsys):
     assert main(["continual", "--stream", f"folder:{root}", "--method", "oml", "--test-per-class", "2",
                  "--image-size", "16", "--out", str(tmp_path / "o"), "--quiet"]) == 2
     assert "no meta-training classes" in capsys.readouterr().err
+
+
+def test_cli_config_file_reproduces_the_run_and_flags_override_it(tmp_path):
+    import yaml
+
+    root = _folder_stream(tmp_path / "seq")
+    base = ["continual", "--stream", f"folder:{root}", "--method", "finetune,ewc", "--init", "scratch", "--seeds", "0",
+            "--test-per-class", "2", "--image-size", "16", "--hidden", "4", "--blocks", "2", "--batch", "4",
+            "--lr", "0.1", "--ewc-lambda", "3", "--quiet"]
+    assert main([*base, "--out", str(tmp_path / "a")]) == 0
+    saved = yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())
+    assert saved["method"] == ["finetune", "ewc"] and saved["init"] == "scratch"
+    assert saved["method_options"] == {"finetune": {"lr": 0.1, "batch": 4, "epochs": 1},
+                                       "ewc": {"lr": 0.1, "batch": 4, "epochs": 1, "lam": 3.0, "step": "proximal"}}
+    assert main(["continual", "--config", str(tmp_path / "a" / "config.yaml"), "--out", str(tmp_path / "b")]) == 0
+    first, again = (json.loads((tmp_path / f / "results.json").read_text()) for f in ("a", "b"))
+    assert [r["R"] for r in again["runs"]] == [r["R"] for r in first["runs"]]
+    # a flag on the command line wins over the file, for a method's option too
+    assert main(["continual", "--config", str(tmp_path / "a" / "config.yaml"), "--ewc-lambda", "30",
+                 "--out", str(tmp_path / "c")]) == 0
+    changed = yaml.safe_load((tmp_path / "c" / "config.yaml").read_text())["method_options"]
+    assert changed["ewc"]["lam"] == 30.0 and changed["finetune"] == saved["method_options"]["finetune"]
+
+
+def test_cli_init_pretrain_takes_pretrains_meta_training_options():
+    from metaphi.cli import build_parser
+    from metaphi.cli.continual import config_from_args
+
+    args = build_parser().parse_args(["continual", "--method", "finetune", "--meta-iterations", "7"])
+    config = config_from_args(args)
+    assert set(config.method_options) == {"finetune", "pretrain"}
+    assert config.method_options["pretrain"].meta_iterations == 7
+    assert not hasattr(config.method_options["pretrain"], "online_lr")  # the body's options only
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--method", "finetune", "--memory", "5"], "--memory applies to replay, lamaml, which this run does not use"),
+    (["--method", "finetune", "--init", "scratch", "--meta-iterations", "5"], "--meta-iterations applies to oml"),
+    (["--method", "finetune", "--online-lr", "0.1"], "--online-lr applies to oml, pretrain"),
+    (["--method", "replay", "--ewc-lambda", "5"], "--ewc-lambda applies to ewc"),
+    (["--method", "lamaml", "--alpha", "-1"], "--alpha must be positive"),
+])
+def test_cli_refuses_a_method_option_the_run_does_not_use(tmp_path, capsys, argv, message):
+    assert main(["continual", "--out", str(tmp_path), "--quiet", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_cli_config_file_options_of_a_method_not_run_are_refused(tmp_path, capsys):
+    (tmp_path / "c.yaml").write_text("method: [finetune]\ninit: scratch\nmethod_options:\n  ewc: {lam: 3}\n")
+    assert main(["continual", "--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path), "--quiet"]) == 2
+    assert "ewc is not used by this run" in capsys.readouterr().err

@@ -9,9 +9,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from metaphi.continual import build_method, metrics
-from metaphi.continual import streams as st
+from metaphi.tasks import streams as st
+from metaphi.tasks.registry import build_stream
 from metaphi.continual.ewc import fisher_diagonal, penalty, proximal
-from metaphi.continual.net import ConvNet
+from metaphi.models import PlainConvNet as ConvNet
 from metaphi.continual.replay import empty_memory, reservoir_add
 from metaphi.continual.runner import run_stream
 from metaphi.functional import params_of
@@ -121,18 +122,18 @@ def test_meta_training_classes_must_be_held_out(tiny):
 
 
 def test_glyph_streams_hold_out_their_classes_from_meta_training():
-    s = st.build_stream("glyphs", seed=1, experiences=3)
+    s = build_stream("glyphs", seed=1, experiences=3)
     assert not set(s.class_names) & set(s.meta_train.classes)
     alphabets = {name.split("/")[0] for name in s.class_names}
     assert not alphabets & {name.split("/")[0] for name in s.meta_train.classes}  # whole alphabets held out
-    val = st.build_stream("glyphs-val", seed=1, experiences=3)
+    val = build_stream("glyphs-val", seed=1, experiences=3)
     assert not {n.split("/")[0] for n in val.class_names} & alphabets
 
 
 @pytest.mark.skipif(not os.path.exists(os.path.join(OMNIGLOT, "images_background_small2.zip")),
                     reason="the Omniglot minimal archives (small1, small2) are not in ../shared/data/omniglot")
 def test_omniglot_stream_is_small2_alphabets_small1_lacks():
-    s = st.build_stream("omniglot", seed=0, experiences=4, data_root=OMNIGLOT)
+    s = build_stream("omniglot", seed=0, experiences=4, data_root=OMNIGLOT)
     meta_alphabets = {n.split("/")[0] for n in s.meta_train.classes}
     assert len(meta_alphabets) == 5 and s.num_classes == 20
     assert not {n.split("/")[0] for n in s.class_names} & meta_alphabets
@@ -337,7 +338,7 @@ def test_lamaml_update_matches_an_autograd_loop(clip, inner_clip):
 
 # ------------------------------------------------------------------------------------------ OML
 def test_oml_meta_gradient_matches_an_autograd_loop():
-    from metaphi.continual.oml import OMLObjective
+    from metaphi.algorithms.oml import OMLObjective
     from metaphi.functional import prefixed
     from metaphi.outer import build_estimator
     from metaphi.tasks import Task
@@ -350,7 +351,7 @@ def test_oml_meta_gradient_matches_an_autograd_loop():
     x, y = torch.rand(4, 1, 8, 8, generator=g, dtype=torch.float64), torch.tensor([1, 1, 3, 3])
     xq, yq = torch.rand(6, 1, 8, 8, generator=g, dtype=torch.float64), torch.tensor([1, 3, 0, 2, 4, 1])
     task = Task((x, y), (xq, yq))
-    grads, _ = build_estimator("second-order", vectorize=False)(objective, phi, Task.stack([task]))
+    grads, _ = build_estimator("second-order", {"loop": True})(objective, phi, Task.stack([task]))
 
     p = {k: v.detach().clone().requires_grad_() for k, v in prefixed(phi, "init").items()}
     keep = torch.ones(5, dtype=torch.float64)

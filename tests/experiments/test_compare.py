@@ -80,9 +80,46 @@ def test_compare_runs_every_method_on_the_same_test_tasks(tmp_path, monkeypatch,
     (["maml@nowhere"], "neither an earlier method nor a checkpoint"),
     (["maml", "maml"], "two methods are labelled 'maml'"),
     (["nope"], "unknown algorithm 'nope'"),
+    (["maml:solver=cg"], "--solver applies to the implicit estimator, not second-order"),
+    (["protonet:reg=2"], "--reg applies to imaml, not protonet"),
+    (["maml:resume=true"], "unknown setting 'resume'"),
+    (["protonet:distance=manhattan"], "distance: 'manhattan' is not one of euclidean, cosine"),
 ])
 def test_bad_methods_exit_2_with_one_line(tmp_path, monkeypatch, capsys, methods, message):
     install_tiny(monkeypatch)
     assert main(["compare", *methods, "--benchmark", "tiny", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_compare_takes_a_config_file_and_family_options_per_method(tmp_path, monkeypatch, capsys):
+    """A YAML file gives the methods and the base run settings; a flag overrides the file; a method's
+    family option reaches its run config, which its folder's config.yaml records."""
+    import yaml
+
+    install_tiny(monkeypatch)
+    config = tmp_path / "compare.yaml"
+    config.write_text(yaml.safe_dump({"methods": ["protonet", "cos=protonet:distance=cosine,cosine_scale=5"],
+                                      "base": {"benchmark": "tiny", "eval_tasks": 4, "val_tasks": 2, "iterations": 5},
+                                      "quiet": True}))
+    out = tmp_path / "cmp"
+    assert main(["compare", "--config", str(config), "--iterations", "1", "--out", str(out)]) == 0
+    summary = json.loads((out / "compare.json").read_text())
+    assert summary["methods"] == ["protonet", "cos"] and summary["eval_tasks"] == 4
+    assert all(r["iterations"] == 1 for r in summary["results"].values())  # the flag, not the file's 5
+    cos = yaml.safe_load((out / "cos" / "config.yaml").read_text())
+    assert cos["algorithm"] == "protonet" and cos["algorithm_options"] == {"distance": "cosine", "cosine_scale": 5.0}
+    plain = yaml.safe_load((out / "protonet" / "config.yaml").read_text())
+    assert plain["algorithm_options"]["distance"] == "euclidean"
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["methods"] == ["protonet", "cos=protonet:distance=cosine,cosine_scale=5"]
+    assert saved["base"]["iterations"] == 1 and saved["base"]["benchmark"] == "tiny"
+    # a method's config.yaml reruns it with metaphi run
+    capsys.readouterr()
+    assert main(["run", "--config", str(out / "cos" / "config.yaml"), "--out", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "result.json").read_text())
+    assert again["mean"] == summary["results"]["cos"]["mean"]
+    config.write_text(yaml.safe_dump({"methods": ["protonet"], "base": {"benchmark": "tiny", "bogus": 1}}))
+    capsys.readouterr()
+    assert main(["compare", "--config", str(config), "--out", str(out)]) == 2
+    assert "base: unknown option bogus" in capsys.readouterr().err

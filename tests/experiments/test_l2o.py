@@ -1,17 +1,15 @@
 """Meta-training learned optimizers: meta-gradients against finite differences in float64, truncation,
-resumption, evaluation and the `metaphi l2o` command."""
+resumption, evaluation, the study's config and files (the command itself: tests/cli/test_l2o.py)."""
 import json
-import os
 
 import pytest
 import torch
 
-from metaphi.cli import main
 from metaphi.inner.learned import LSTMRule, MLPRule, ScheduledSGD
 from metaphi.functional import detach
 from metaphi.experiments.l2o import (GlyphMLP, L2OConfig, Quadratics, build_family, detach_state, evaluate_optimizer, evaluate_rule,
                          meta_train, sample_problems, truncations, unroll, validate)
-from metaphi.inner.optim import LearnedOptimizer, load_learned
+from metaphi.inner.optim import load_learned
 
 TINY_GLYPHS = {"alphabets": 3, "characters": 6, "drawers": 4, "size": 8}
 
@@ -212,32 +210,6 @@ def test_glyph_family_is_a_many_class_problem_on_its_split():
     assert curve.shape == (5, 2) and torch.isfinite(curve).all()
 
 
-def test_l2o_command_trains_and_evaluates(tmp_path, capsys):
-    out = str(tmp_path / "run")
-    assert main(["l2o", "train", "--rule", "mlp-rule", "--family", "quadratic", "--horizon", "6", "--unroll", "3",
-                 "--iterations", "2", "--problems", "2", "--val-every", "1", "--val-problems", "2",
-                 "--eval-problems", "3", "--out", out, "--quiet"]) == 0
-    result = json.load(open(os.path.join(out, "result.json")))
-    assert result["iterations"] == 2 and result["truncations"] == 4 and "6" in result["test"]
-    model = torch.nn.Linear(3, 1)
-    LearnedOptimizer(model.parameters(), os.path.join(out, "optimizer.pt"))
-    assert main(["l2o", "eval", os.path.join(out, "optimizer.pt"), "--family", "quadratic", "--horizons", "3", "6",
-                 "--problems", "3", "--baselines", "adam", "--grid", "0.1", "1", "--tune-problems", "2",
-                 "--out", str(tmp_path / "eval.json"), "--quiet"]) == 0
-    table = capsys.readouterr().out
-    assert "adam" in table and "mlp-rule" in table
-    rows = json.load(open(tmp_path / "eval.json"))["rows"]
-    assert rows["adam"]["6"]["lr"] in (0.1, 1.0) and len(json.load(open(tmp_path / "eval.json"))["curves"]["adam"]) == 7
-
-
-def test_l2o_command_rejects_bad_input(tmp_path, capsys):
-    assert main(["l2o", "train", "--horizon", "0", "--out", str(tmp_path / "x")]) == 2
-    torch.save({"not": "an optimizer"}, tmp_path / "bad.pt")
-    assert main(["l2o", "eval", str(tmp_path / "bad.pt")]) == 2
-    assert main(["l2o", "eval", "--baselines", "adagrad"]) == 2
-    assert "metaphi: error" in capsys.readouterr().err
-
-
 def test_es_meta_gradient_points_along_the_backpropagated_one(float64):
     from metaphi.experiments.l2o import es_meta_gradient
 
@@ -263,3 +235,43 @@ def test_es_meta_training_runs_and_resumes(tmp_path):
                          progress=False)
     assert not torch.equal(straight.meta["schedule"], rule.meta_params({"theta": torch.zeros(1, 3)})["schedule"])
     assert torch.equal(straight.meta["schedule"], resumed.meta["schedule"])
+
+
+class NotPlainData:
+    """What a checkpoint must never hold: an object whose unpickling would run code of its class."""
+
+
+def test_checkpoint_and_learned_files_are_plain_data(tmp_path):
+    from metaphi import checkpoint
+
+    rule, family = LSTMRule(hidden=3), Quadratics(dim=3)
+    config = L2OConfig(horizon=6, unroll=3, iterations=2, problems=2, val_every=1, val_problems=2)
+    meta_train(rule, family, config, out_dir=str(tmp_path), progress=False)
+    for name in ("checkpoint.pt", "optimizer.pt", "optimizer-last.pt"):
+        assert isinstance(torch.load(tmp_path / name, weights_only=True), dict), name
+    ck = checkpoint.load(tmp_path / "checkpoint.pt")  # the online loop's: φ, its Adam state, the stream
+    assert ck["identity"] == {"rule": rule.spec(), "family": family.spec()} and ck["step"] == 2
+    assert set(ck["state"]) >= {"meta", "meta_optimizer", "best_meta", "best_val"} and ck["generator"] is not None
+    # another rule's checkpoint is refused
+    with pytest.raises(ValueError, match="other settings"):
+        meta_train(LSTMRule(hidden=4), family, config, out_dir=str(tmp_path), resume=True, progress=False)
+    # a checkpoint that holds more than plain data is refused, not unpickled
+    torch.save({**ck, "history": [NotPlainData()]}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="not a readable metaphi checkpoint"):
+        meta_train(rule, family, L2OConfig(**{**vars(config), "iterations": 3}), out_dir=str(tmp_path), resume=True,
+                   progress=False)
+
+
+def test_study_config_round_trips_through_its_config_file(tmp_path):
+    import yaml
+
+    from metaphi.config import from_dict
+    from metaphi.experiments.l2o import L2OTrainConfig, run_train
+
+    config = L2OTrainConfig(rule="schedule-sgd", horizon=4, unroll=2, iterations=1, problems=2, val_every=0,
+                            eval_problems=2, lr=0.05, out=str(tmp_path / "run"), quiet=True)
+    result = run_train(config)
+    saved = from_dict(L2OTrainConfig, yaml.safe_load(open(tmp_path / "run" / "config.yaml")))
+    assert saved == config and result["config"] == vars(config) and result["truncations"] == 2
+    loaded, meta, info = load_learned(tmp_path / "run" / "optimizer.pt")
+    assert loaded.spec() == ScheduledSGD(0.05, steps=4).spec() and info["horizon"] == 4

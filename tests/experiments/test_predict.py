@@ -135,3 +135,15 @@ def test_predict_refuses_a_regression_checkpoint(tmp_path):
     proc = run_cli("predict", "--checkpoint", str(tmp_path / "checkpoint.pt"), "--support", str(tmp_path),
                    "--query", str(tmp_path))
     assert proc.returncode == 2 and "not on images" in proc.stderr
+
+
+def test_predict_takes_a_config_file(data, tmp_path, capsys):
+    ck = train_checkpoint(data, "scratch", tmp_path / "run", "--inner-lr", "0.5")
+    config = tmp_path / "predict.yaml"
+    config.write_text(f"checkpoint: {ck}\nsupport: {data / 'support'}\nquery: {data / 'query'}\ninner_steps: 5\n")
+    capsys.readouterr()
+    assert main(["predict", "--config", str(config), "--out", str(tmp_path / "labels.csv")]) == 0
+    assert [r["file"] for r in rows(capsys.readouterr().out)] == ["bar.jpg", "ring.png", "slash.png"]
+    assert (tmp_path / "labels.csv").exists()  # the flag beside the file
+    assert main(["predict", "--support", str(data / "support")]) == 2
+    assert "give --checkpoint, --query" in capsys.readouterr().err

@@ -6,7 +6,8 @@ import torch
 
 from metaphi.tasks import registry as benchmarks
 from metaphi.cli import main
-from metaphi.experiments.tune import METHODS, Space, best_trial, search, trial_iterations
+from metaphi.experiments.tune import Space, trial_iterations
+from metaphi.outer.search import METHODS, ReinforceSearch, best_trial, search
 
 SPACE = Space((1e-3, 1.0), (1, 2, 3, 4, 5), (4, 8, 16, 32), lr_points=7)
 START = {"inner_lr": 1e-3, "inner_steps": 1, "meta_batch": 32}
@@ -30,8 +31,6 @@ def test_every_method_improves_on_the_default_of_a_synthetic_problem(method):
 
 
 def test_reinforce_search_concentrates_on_the_best_cell():
-    from metaphi.experiments.tune import ReinforceSearch
-
     g = torch.Generator().manual_seed(0)
     searcher = ReinforceSearch(SPACE, g)
     for _ in range(40):
@@ -100,11 +99,32 @@ def test_tune_writes_the_best_configuration_a_trace_and_every_trial(tmp_path, ca
 @pytest.mark.parametrize("args, message", [
     (["tune", "maml", "--benchmark", "sinusoid", "--budget", "0"], "--budget must be a positive number"),
     (["tune", "scratch", "--benchmark", "sinusoid"], "nothing to meta-train"),
-    (["tune", "maml", "--benchmark", "sinusoid", "--steps", "1,x"], "comma-separated integers"),
+    (["tune", "maml", "--benchmark", "sinusoid", "--steps", "1,x"], "steps must be a comma list of integers"),
     (["tune", "maml", "--benchmark", "sinusoid", "--lr-range", "0.1", "0.01"], "--lr-range must be"),
     (["tune", "maml", "--benchmark", "sinusoid", "--estimator", "reptile"], "does not apply to maml"),
+    (["tune", "maml", "--benchmark", "sinusoid", "--solver", "cg"], "--solver applies to the implicit estimator, not "
+                                                                    "second-order"),
+    (["tune", "maml", "--benchmark", "sinusoid", "--round", "0"], "--round must be a positive number"),
 ])
 def test_bad_tune_input_exits_2_with_one_line(args, message, capsys, tmp_path):
     assert main(args + ["--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_tune_writes_its_config_and_reruns_from_it(tmp_path, capsys):
+    """config.yaml holds the resolved search (space, estimator and its options); ``--config`` that file
+    with another ``--out`` gives the same trials."""
+    import yaml
+
+    out, again = tmp_path / "tune", tmp_path / "again"
+    assert main(["tune", "maml", *FAST, "--budget", "2", "--method", "random", "--loop", "--no-plot",
+                 "--out", str(out)]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["steps"] == [1, 2] and saved["meta_batches"] == [2, 4] and len(saved["lr_range"]) == 2
+    assert saved["estimator"] == "second-order" and saved["estimator_options"]["loop"] is True
+    assert main(["tune", "--config", str(out / "config.yaml"), "--out", str(again)]) == 0
+    trials = lambda folder: [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                             for line in (folder / "trials.jsonl").read_text().splitlines()]
+    assert trials(again) == trials(out)
+    assert json.loads((again / "best.json").read_text())["command"].endswith("--loop")

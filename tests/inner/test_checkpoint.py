@@ -9,8 +9,7 @@ from metaphi.algorithms import CLASSIFICATION
 from metaphi.algorithms.maml import MAML
 from metaphi.cli import main
 from metaphi.functional import call, prefixed
-from metaphi.inner import SGD, MetaSGD, adapt
-from metaphi.inner.adapt import inner_checkpointing
+from metaphi.inner import SGD, MetaSGD, Unroll, adapt
 from metaphi.memory import PeakTensorMemory
 from metaphi.models import Conv4
 from metaphi.outer import Unrolled, build_estimator
@@ -75,7 +74,7 @@ def test_checkpointed_steps_are_recomputed_in_the_backward():
     counts = []
     for checkpoint in (False, True):
         calls.clear()
-        params = adapt(support_loss, prefixed(phi, "init"), SGD(0.3), {}, 3, checkpoint=checkpoint)
+        params = adapt(support_loss, prefixed(phi, "init"), SGD(0.3), {}, 3, Unroll(checkpoint=checkpoint))
         query = CLASSIFICATION.loss(call(algo.model, params, task.query[0]), task.query[1])
         torch.autograd.grad(query, list(phi.values()))
         counts.append(len(calls))
@@ -87,8 +86,8 @@ def test_checkpointed_steps_are_recomputed_in_the_backward():
 def peak_bytes(steps, checkpoint, task):
     algo = algorithm(steps, hidden=4)
     phi = algo.init_meta_params()
-    with PeakTensorMemory() as memory, inner_checkpointing(checkpoint):
-        loss, _ = algo.task_loss(phi, task)
+    with PeakTensorMemory() as memory:
+        loss, _ = algo.task_loss(phi, task, Unroll(checkpoint=checkpoint))
         torch.autograd.grad(loss, list(phi.values()))
         del loss
     return memory.peak
@@ -103,7 +102,7 @@ def test_peak_memory_does_not_grow_with_the_steps_by_a_graph_when_checkpointed()
 
 
 def test_the_estimator_option_runs_tasks_in_a_loop():
-    est = build_estimator("second-order", vectorize=True, checkpoint=True)
+    est = build_estimator("second-order", {"checkpoint_inner": True})
     assert est.checkpoint and not est.vectorize
     algo = algorithm(2)
     phi = algo.init_meta_params()
@@ -117,8 +116,8 @@ def test_the_estimator_option_runs_tasks_in_a_loop():
 def test_a_checkpointed_inner_loop_refuses_vmap():
     algo = algorithm(1)
     phi = algo.init_meta_params()
-    with inner_checkpointing(), pytest.raises(ValueError, match="one task at a time"):
-        torch.func.vmap(lambda t: algo.task_loss(phi, t)[0])(tasks())
+    with pytest.raises(ValueError, match="one task at a time"):
+        torch.func.vmap(lambda t: algo.task_loss(phi, t, Unroll(checkpoint=True))[0])(tasks())
 
 
 def test_run_with_checkpoint_inner_trains_the_same_as_the_loop(tmp_path):

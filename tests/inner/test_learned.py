@@ -173,3 +173,17 @@ def test_learned_rule_in_maml_is_vmappable_and_gets_meta_gradients():
         assert rule_keys and any(looped[k].abs().sum() > 0 for k in rule_keys)
         for k in phi:
             assert torch.allclose(looped[k], batched[k], atol=1e-5), k
+
+
+def test_learned_file_is_plain_data_and_a_foreign_pickle_is_refused(tmp_path):
+    rule = MLPRule(hidden=(3,), init="random", seed=1)
+    save_learned(tmp_path / "f.pt", rule, rule.meta_params(), {"family": {"name": "quadratic", "dim": 10}})
+    assert torch.load(tmp_path / "f.pt", weights_only=True)["rule"] == rule.spec()
+    LearnedOptimizer(small_net().parameters(), tmp_path / "f.pt")
+    # a file that would run code when unpickled is refused before anything in it is built
+    torch.save({"format": "metaphi-learned-optimizer-1", "rule": rule.spec(), "meta": {}, "info": Exception("x")},
+               tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="not a readable metaphi checkpoint"):
+        load_learned(tmp_path / "evil.pt")
+    with pytest.raises(ValueError, match="not a readable metaphi checkpoint"):
+        LearnedOptimizer(small_net().parameters(), tmp_path / "evil.pt")

@@ -55,7 +55,7 @@ def _estimate(estimator, net, w, alpha, train_b, val_b, xi):
 def test_darts_second_order_gradient_matches_autograd_and_finite_differences():
     net, w, alpha, train_b, val_b = _problem_data()
     xi = 0.5
-    exact = _estimate(build_estimator("second-order"), net, w, alpha, train_b, val_b, xi)
+    exact = _estimate(build_estimator("second-order", {"loop": True}), net, w, alpha, train_b, val_b, xi)
 
     # the same gradient by plain autograd through the unrolled step
     a = {k: v.clone().requires_grad_() for k, v in alpha.items()}
@@ -78,7 +78,7 @@ def test_darts_second_order_gradient_matches_autograd_and_finite_differences():
 
     # DARTS's finite-difference Hessian-vector product converges to it as ε -> 0 (at the paper's
     # ε = 0.01 the perturbation of this tiny net can cross a ReLU or max-pool kink, so no claim there)
-    first = _estimate(build_estimator("first-order"), net, w, alpha, train_b, val_b, 0.0)
+    first = _estimate(build_estimator("first-order", {"loop": True}), net, w, alpha, train_b, val_b, 0.0)
     for eps, tol in ((1e-4, 1e-5), (1e-5, 1e-7)):
         approx = _estimate(darts.FiniteDifference(eps), net, w, alpha, train_b, val_b, xi)
         for k in alpha:
@@ -137,7 +137,7 @@ def test_darts_implicit_gradient_matches_a_dense_solve():
 
 def test_darts_first_order_is_the_validation_gradient_at_w():
     net, w, alpha, train_b, val_b = _problem_data(1)
-    first = _estimate(build_estimator("first-order"), net, w, alpha, train_b, val_b, 0.0)
+    first = _estimate(build_estimator("first-order", {"loop": True}), net, w, alpha, train_b, val_b, 0.0)
     a = {k: v.clone().requires_grad_() for k, v in alpha.items()}
     loss = F.cross_entropy(call(net, w, val_b[0], a), val_b[1])
     for k, r in zip(a, torch.autograd.grad(loss, list(a.values()))):
@@ -300,6 +300,11 @@ def test_cli_search_arch(tmp_path, capsys):
     assert main(["search-arch", "retrain", "--genotype", str(out / "genotype.json"), "--out", str(again),
                  *common]) == 0
     assert json.loads((again / "result.json").read_text())["test_acc"] == result["test_acc"]
+    # the run's config.yaml (with another --out) is the same search
+    rerun = tmp_path / "rerun"
+    assert main(["search-arch", "--config", str(out / "config.yaml"), "--out", str(rerun)]) == 0
+    repeated = json.loads((rerun / "result.json").read_text())
+    assert (repeated["genotype"], repeated["test_acc"]) == (result["genotype"], result["test_acc"])
     implicit = tmp_path / "implicit"
     assert main(["search-arch", "darts-2", "--arch-grad", "implicit", "--budget", "14", "--out", str(implicit),
                  *common]) == 0
@@ -320,7 +325,7 @@ OMNIGLOT = str(shared_data.OMNIGLOT)
 @pytest.mark.skipif(not os.path.exists(os.path.join(OMNIGLOT, "images_background_small1.zip")),
                     reason="the Omniglot archive images_background_small1.zip is not in ../shared/data/omniglot")
 def test_omniglot_small1_as_a_many_class_search_task(tmp_path):
-    from metaphi.cli.nas import load_store
+    from metaphi.tasks.registry import load_named as load_store
 
     store = load_store("omniglot", OMNIGLOT, classes=20, seed=0)
     data = split_data(store, (0.5, 0.25, 0.25), seed=0)

@@ -7,6 +7,7 @@ import torch
 from metaphi.algorithms import Algorithm, create_algorithm
 from metaphi.tasks.registry import build_benchmark
 from metaphi.cli import main
+from metaphi.inner import Unroll
 from metaphi.outer import build_estimator
 from metaphi.outer.es import (CMAES, EvolutionStrategies, centered_ranks, derived_seed, es_gradient, es_step,
                               flatten, unflatten)
@@ -104,13 +105,13 @@ def test_es_perturbs_only_the_named_entries():
 
 def test_es_run_is_reproducible_from_its_seed_and_resumes_exactly(tmp_path):
     algo, sample = sinusoid_maml()
-    est = build_estimator("es", population=8, sigma=0.02)
+    est = build_estimator("es", {"population": 8, "sigma": 0.02})
     cfg = lambda n, seed=0: TrainConfig(iterations=n, meta_batch=2, checkpoint_every=2, seed=seed, meta_lr=1e-2)
     a = meta_train(algo, est, sample, cfg(4), out_dir=str(tmp_path / "a"), progress=False)
     b = meta_train(algo, est, sample, cfg(4), progress=False)  # the same estimator object, reused
     c = meta_train(algo, est, sample, cfg(4, seed=1), progress=False)
     meta_train(algo, est, sample, cfg(2), out_dir=str(tmp_path / "r"), progress=False)
-    fresh = build_estimator("es", population=8, sigma=0.02)
+    fresh = build_estimator("es", {"population": 8, "sigma": 0.02})
     r = meta_train(algo, fresh, sample, cfg(4), out_dir=str(tmp_path / "r"), resume=True, progress=False)
     for k in a.phi:
         assert torch.equal(a.phi[k], b.phi[k]) and torch.equal(a.phi[k], r.phi[k]), k
@@ -132,7 +133,7 @@ class Rounded(Algorithm):
     def init_meta_params(self):
         return {"w": torch.zeros(3, requires_grad=True)}
 
-    def task_loss(self, phi, task, first_order=False):
+    def task_loss(self, phi, task, unroll=Unroll()):
         target = task.support[0]
         w = torch.round(phi["w"] * 20) / 20
         loss = ((w - target) ** 2).sum()

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from metaphi.algorithms import REGRESSION, build_algorithm
-from metaphi.algorithms.imaml import IMAML
+from metaphi.config import UsageError
+from metaphi.algorithms.imaml import IMAML, IMAMLOptions
 from metaphi.algorithms.maml import MAML
 from metaphi.evaluate import evaluate
 from metaphi.inner import SGD
@@ -122,7 +123,7 @@ def closed_form_imaml_loss(phi, task, reg):
 def test_imaml_gradient_on_a_quadratic_inner_problem_is_exact():
     torch.manual_seed(0)
     model = MLP(3, 1, ()).double()
-    algo = IMAML(model, REGRESSION, inner_lr=0.1, inner_steps=5000, reg=0.7, inner_tol=1e-12)
+    algo = IMAML(model, REGRESSION, inner_lr=0.1, inner_steps=5000, options=IMAMLOptions(reg=0.7, inner_tol=1e-12))
     tasks = regression_tasks(n=3, k=5, features=3, seed=7)
     phi = algo.init_meta_params()
     loss = sum(closed_form_imaml_loss(phi, t, 0.7) for t in tasks.unstack()) / 3
@@ -177,7 +178,7 @@ def reference_imaml_loss(model, phi, tasks, lr, reg, steps):
 
 def test_unrolled_regularised_loop_equals_an_independent_autograd_loop():
     model, tasks = small_net(), regression_tasks()
-    algo = IMAML(model, REGRESSION, inner_lr=0.1, inner_steps=7, reg=1.0)
+    algo = IMAML(model, REGRESSION, inner_lr=0.1, inner_steps=7, options=IMAMLOptions(reg=1.0))
     phi = algo.init_meta_params()
     grads, _ = Unrolled()(algo, phi, tasks)
     ref = torch.autograd.grad(reference_imaml_loss(model, phi, tasks, 0.1, 1.0, 7), list(phi.values()))
@@ -189,7 +190,7 @@ def test_implicit_matches_a_long_unroll_as_the_inner_problem_converges():
     implicit = Implicit("cg", steps=100, tol=1e-14)
     errors, implicit_grads = [], None
     for steps in (20, 100, 800):
-        algo = IMAML(model, REGRESSION, inner_lr=0.1, inner_steps=steps, reg=1.0)
+        algo = IMAML(model, REGRESSION, inner_lr=0.1, inner_steps=steps, options=IMAMLOptions(reg=1.0))
         phi = algo.init_meta_params()
         implicit_grads, metrics = implicit(algo, phi, tasks)
         errors.append(max_abs_diff(implicit_grads, Unrolled(vectorize=True)(algo, phi, tasks)[0]))
@@ -201,7 +202,7 @@ def test_implicit_matches_a_long_unroll_as_the_inner_problem_converges():
 
 def test_cg_and_neumann_agree_on_a_well_conditioned_problem():
     model, tasks = small_net(), regression_tasks()
-    algo = IMAML(model, REGRESSION, inner_lr=0.1, inner_steps=300, reg=4.0)
+    algo = IMAML(model, REGRESSION, inner_lr=0.1, inner_steps=300, options=IMAMLOptions(reg=4.0))
     phi = algo.init_meta_params()
     cg, cg_metrics = Implicit("cg", steps=20, tol=1e-13)(algo, phi, tasks)
     # the Neumann step defaults to the inner step size, stable wherever the inner descent is
@@ -214,11 +215,11 @@ def test_cg_and_neumann_agree_on_a_well_conditioned_problem():
 @pytest.mark.parametrize("solver, steps, tol", [("cg", 30, 1e-6), ("neumann", 200, 1e-2)])
 def test_vmapped_tasks_equal_the_loop_over_tasks(solver, steps, tol):
     model, tasks = small_net(), regression_tasks(n=3)
-    algo = IMAML(model, REGRESSION, inner_lr=0.1, inner_steps=300, reg=1.0, inner_tol=1e-3)
+    algo = IMAML(model, REGRESSION, inner_lr=0.1, inner_steps=300, options=IMAMLOptions(reg=1.0, inner_tol=1e-3))
     phi = algo.init_meta_params()
     loop, loop_metrics = Implicit(solver, steps, tol, damping=0.1)(algo, phi, tasks)
-    batch, batch_metrics = build_estimator("implicit", solver=solver, solver_steps=steps, solver_tol=tol,
-                                           solver_damping=0.1, vectorize=True)(algo, phi, tasks)
+    options = {"solver": solver, "solver_steps": steps, "solver_tol": tol, "solver_damping": 0.1}
+    batch, batch_metrics = build_estimator("implicit", options)(algo, phi, tasks)
     assert max_abs_diff(loop, batch) < 1e-8 * max_abs(loop)
     # the batched solver masks the products after convergence; the count is the same
     assert batch_metrics["solver_iterations"] == pytest.approx(loop_metrics["solver_iterations"])
@@ -229,7 +230,7 @@ def test_vmapped_tasks_equal_the_loop_over_tasks(solver, steps, tol):
 
 def test_damping_regularises_the_system():
     model, tasks = small_net(), regression_tasks()
-    algo = IMAML(model, REGRESSION, inner_lr=0.1, inner_steps=50, reg=1.0)
+    algo = IMAML(model, REGRESSION, inner_lr=0.1, inner_steps=50, options=IMAMLOptions(reg=1.0))
     phi = algo.init_meta_params()
     plain, _ = Implicit("cg", steps=50, tol=1e-14)(algo, phi, tasks)
     damped, _ = Implicit("cg", steps=50, tol=1e-14, damping=1e6)(algo, phi, tasks)
@@ -238,7 +239,7 @@ def test_damping_regularises_the_system():
 
 def test_inner_tolerance_stops_the_inner_solve_early():
     model, tasks = small_net(), regression_tasks(n=1)
-    algo = IMAML(model, REGRESSION, inner_lr=0.1, inner_steps=10_000, reg=1.0, inner_tol=1e-6)
+    algo = IMAML(model, REGRESSION, inner_lr=0.1, inner_steps=10_000, options=IMAMLOptions(reg=1.0, inner_tol=1e-6))
     _, metrics = Implicit()(algo, algo.init_meta_params(), tasks)
     assert 1e-8 < metrics["inner_grad_norm"] <= 1e-6
 
@@ -248,14 +249,16 @@ def test_implicit_needs_an_algorithm_with_a_bilevel_problem():
     with pytest.raises(ValueError, match="bilevel"):
         Implicit()(maml, maml.init_meta_params(), regression_tasks())
     with pytest.raises(ValueError, match="unknown solver"):
-        build_estimator("implicit", solver="lu")
+        Implicit(solver="lu")
+    with pytest.raises(UsageError, match="solver: 'lu' is not one of cg, neumann"):
+        build_estimator("implicit", {"solver": "lu"})
 
 
 def test_checkpoint_spec_rebuilds_imaml_and_batched_evaluation_is_the_loop():
     from metaphi.tasks.registry import build_benchmark
 
     bench = build_benchmark("sinusoid")
-    algo = IMAML(MLP(1, 1, (8,)).double(), REGRESSION, 0.05, 4, 6, reg=3.0, inner_tol=1e-3)
+    algo = IMAML(MLP(1, 1, (8,)).double(), REGRESSION, 0.05, 4, 6, options=IMAMLOptions(reg=3.0, inner_tol=1e-3))
     rebuilt = build_algorithm(json.loads(json.dumps(algo.spec())))
     assert rebuilt.spec() == algo.spec() and rebuilt.reg == 3.0
     phi = algo.init_meta_params()

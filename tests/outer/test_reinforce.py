@@ -3,6 +3,7 @@ import torch
 
 from metaphi.algorithms import Algorithm
 from metaphi.cli import main
+from metaphi.inner import Unroll
 from metaphi.outer import build_estimator
 from metaphi.outer.reinforce import (Reinforce, baseline_init, baseline_update, log_prob, reinforce_gradient, sample,
                                      score)
@@ -57,7 +58,7 @@ class Bandit(Algorithm):
     def init_meta_params(self):
         return {"choice": torch.zeros(self.arms, requires_grad=True), "scale": torch.tensor(0.0, requires_grad=True)}
 
-    def task_loss(self, phi, task, first_order=False):
+    def task_loss(self, phi, task, unroll=Unroll()):
         costs = task.support[0]
         # the continuous part is pulled toward 2 by an ordinary differentiable term
         loss = (phi["choice"] * costs).sum() + (phi["scale"] - 2.0) ** 2
@@ -96,11 +97,11 @@ def test_reinforce_switches_bernoulli_choices_on_and_off():
 
 def test_reinforce_run_is_reproducible_and_resumes_with_its_baseline(tmp_path):
     cfg = lambda n: TrainConfig(iterations=n, meta_batch=2, meta_lr=0.1, checkpoint_every=3)
-    est = build_estimator("reinforce", samples=3)
+    est = build_estimator("reinforce", {"samples": 3})
     a = meta_train(Bandit(5), est, bandit_tasks(MEANS), cfg(6), progress=False)
     b = meta_train(Bandit(5), est, bandit_tasks(MEANS), cfg(6), progress=False)
     meta_train(Bandit(5), est, bandit_tasks(MEANS), cfg(3), out_dir=str(tmp_path), progress=False)
-    r = meta_train(Bandit(5), build_estimator("reinforce", samples=3), bandit_tasks(MEANS), cfg(6),
+    r = meta_train(Bandit(5), build_estimator("reinforce", {"samples": 3}), bandit_tasks(MEANS), cfg(6),
                    out_dir=str(tmp_path), resume=True, progress=False)
     for k in a.phi:
         assert torch.equal(a.phi[k], b.phi[k]) and torch.equal(a.phi[k], r.phi[k]), k

@@ -80,7 +80,7 @@ WORKLOADS = {  # name: (ways, shots, query, inner steps, inner lr, first order)
 def test_maml_workloads_match_the_autograd_reference(name, mode):
     ways, shots, query, steps, lr, first_order = WORKLOADS[name]
     torch.manual_seed(0)
-    algo = MAML(Conv4(1, ways, HIDDEN, SIZE), CLASSIFICATION, SGD(lr), steps, first_order=first_order)
+    algo = MAML(Conv4(1, ways, HIDDEN, SIZE), CLASSIFICATION, SGD(lr), steps)
     phi = algo.init_meta_params()
     tasks = episodes(3, ways, shots, 2 if query > 1 else 1)
     estimator = Unrolled(first_order, vectorize=mode != "loop", chunk=2 if mode == "vmap-chunks" else None)
@@ -190,6 +190,6 @@ def test_run_with_task_chunks_trains_the_same_as_one_vmap(tmp_path):
 def test_the_task_chunk_option_reaches_the_unrolled_estimators_only():
     from metaphi.outer import build_estimator
 
-    assert build_estimator("second-order", vectorize=True, task_chunk=4).chunk == 4
-    assert build_estimator("first-order", vectorize=True, task_chunk=4).chunk == 4
-    assert build_estimator("second-order", vectorize=True).chunk is None
+    assert build_estimator("second-order", {"task_chunk": 4}).chunk == 4
+    assert build_estimator("first-order", {"task_chunk": 4}).chunk == 4
+    assert build_estimator("second-order").chunk is None

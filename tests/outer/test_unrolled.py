@@ -20,7 +20,7 @@ def maml(model, problem, inner_lr, inner_steps):
 
 
 def fomaml(model, problem, inner_lr, inner_steps):
-    return MAML(model, problem, SGD(inner_lr), inner_steps, first_order=True)
+    return MAML(model, problem, SGD(inner_lr), inner_steps, estimators=("first-order", "second-order"))
 
 
 def anil(model, problem, inner_lr, inner_steps):
@@ -32,7 +32,7 @@ def metasgd(model, problem, inner_lr, inner_steps):
 
 
 def reptile(model, problem, inner_lr, inner_steps):
-    return MAML(model, problem, SGD(inner_lr), inner_steps, first_order=True, estimators=("reptile",))
+    return MAML(model, problem, SGD(inner_lr), inner_steps, estimators=("reptile",))
 
 
 def regression_tasks(n=3, k=6, seed=0):

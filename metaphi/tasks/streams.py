@@ -20,6 +20,9 @@ Streams (all seeded with an explicit ``torch.Generator``; nothing draws from the
 * :func:`folder_sequence` — your own sequence: ``ROOT/<experience>/<class>/<image>``, experiences
   in the order of their folder names; classes are matched by folder name across experiences.
 
+Streams by name (``glyphs``, ``omniglot``, ``rotated-glyphs``, ..., ``folder:PATH``) are built by
+:func:`metaphi.tasks.registry.build_stream`.
+
 A stream may carry ``meta_train``: a store of classes disjoint from the stream's, for methods that
 meta-learn before the stream starts (OML). Disjointness is checked by class name when it is built.
 """
@@ -242,52 +245,3 @@ def folder_sequence(root: str | os.PathLike, *, test_per_class: int = 5, channel
     return Stream(f"folder:{os.path.basename(os.path.normpath(path))}", kind, exps, list(labels), meta_train,
                   {"seed": seed, "test_per_class": test_per_class, "root": path})
 
-
-STREAMS = ("glyphs", "glyphs-val", "omniglot", "rotated-glyphs", "permuted-glyphs")
-
-
-def build_stream(name: str, *, seed: int = 0, experiences: int | None = None, classes_per_experience: int = 5,
-                 classes: int = 10, train_per_class: int = 15, test_per_class: int = 5,
-                 angles: Sequence[float] = (0, 30, 60, 90, 120), data_root: str | None = None,
-                 image_size: int = 28, channels: int = 1, invert: bool = False) -> Stream:
-    """A stream by name (see ``STREAMS``; ``folder:PATH`` for your own), with its meta-training classes.
-
-    * ``glyphs`` (built in): class-incremental over the test alphabets of
-      :func:`metaphi.tasks.glyphs.glyph_splits`; meta-training classes are the train alphabets.
-    * ``glyphs-val``: the same over the validation alphabets, for choosing hyperparameters without
-      looking at the test alphabets.
-    * ``omniglot``: class-incremental over the alphabets of Omniglot's ``small2`` minimal set that
-      ``small1`` lacks (Japanese (katakana), Sanskrit, Tagalog); meta-training classes are all of
-      ``small1``. Needs the two minimal archives under ``data_root``.
-    * ``rotated-glyphs``, ``permuted-glyphs``: domain-incremental over ``classes`` test-alphabet
-      glyphs; meta-training classes are the train alphabets, as they are.
-    """
-    if name in ("glyphs", "glyphs-val", "rotated-glyphs", "permuted-glyphs"):
-        from metaphi.tasks.glyphs import glyph_splits, load_glyphs
-
-        splits = glyph_splits(load_glyphs())
-        data, meta = splits["val" if name == "glyphs-val" else "test"], splits["train"]
-        if name in ("glyphs", "glyphs-val"):
-            return class_incremental(data, experiences=experiences or 10, classes_per_experience=classes_per_experience,
-                                     train_per_class=train_per_class, test_per_class=test_per_class, seed=seed,
-                                     name=name, meta_train=meta)
-        if name == "rotated-glyphs":
-            angles = list(angles)[:experiences] if experiences else list(angles)
-            return rotated(data, angles, classes=classes, train_per_class=train_per_class,
-                           test_per_class=test_per_class, seed=seed, name=name, meta_train=meta)
-        return permuted(data, experiences or 5, classes=classes, train_per_class=train_per_class,
-                        test_per_class=test_per_class, seed=seed, name=name, meta_train=meta)
-    if name == "omniglot":
-        from metaphi.tasks.registry import default_data_root
-        from metaphi.tasks import omniglot
-
-        root = data_root or default_data_root()
-        small1 = omniglot.read(root, "small1", image_size)
-        stream_data = omniglot.unseen_alphabets(small1, omniglot.read(root, "small2", image_size))
-        return class_incremental(stream_data, experiences=experiences or 10,
-                                 classes_per_experience=classes_per_experience, train_per_class=train_per_class,
-                                 test_per_class=test_per_class, seed=seed, name=name, meta_train=small1)
-    if name.startswith("folder:"):
-        return folder_sequence(name[len("folder:"):], test_per_class=test_per_class, channels=channels,
-                               image_size=image_size, invert=invert, seed=seed)
-    raise DataError(f"unknown stream '{name}' (valid: {', '.join(STREAMS)}, folder:PATH)")
