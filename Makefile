@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test clean-venv
+.PHONY: run test docs clean-venv
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "$(PYTHON) not found; set PYTHON=python3.x (>= 3.10)"; exit 1; }
@@ -21,6 +21,11 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# The API reference, generated from the docstrings into build/docs (open build/docs/index.html).
+# CI builds it on every change, so a module that no longer imports or documents fails the build.
+docs: $(STAMP)
+	$(PY) -m pdoc metaphi -o build/docs
 
 clean-venv:
 	rm -rf $(VENV)
