@@ -264,23 +264,23 @@ def _show(value) -> str:
     return str(value)
 
 
-def add_options(parser, cls, *, title: str | None = None, skip: Iterable[str] = (), owner: str | None = None,
-                seen: dict[str, list[str]] | None = None) -> None:
+def _cli_fields(cls) -> list[dataclasses.Field]:
+    """The fields of ``cls`` that are flags: declared ``cli=True`` and not a nested config."""
+    hints = _hints(cls)
+    return [f for f in fields(cls) if f.metadata.get("cli", True) and not dataclasses.is_dataclass(hints[f.name])]
+
+
+def add_options(parser, cls, *, title: str | None = None, skip: Iterable[str] = (), owner: str | None = None) -> None:
     """A flag for each field of ``cls`` (those declared ``cli=True``), to ``parser`` or a group titled
     ``title``. Defaults are not filled in (argparse.SUPPRESS): :func:`from_args` overlays only what the
-    user gave. ``seen``: flag -> owners, so families that share an option name share its flag."""
+    user gave. ``owner``: what the options belong to, shown in brackets before each help text."""
     skip = set(skip)
     target = parser.add_argument_group(title) if title else parser
     hints = _hints(cls)
-    for f in fields(cls):
-        if f.name in skip or not f.metadata.get("cli", True) or dataclasses.is_dataclass(hints[f.name]):
+    for f in _cli_fields(cls):
+        if f.name in skip:
             continue
         flag = flag_of(f)
-        if seen is not None:
-            if flag in seen:
-                seen[flag].append(owner or cls.__name__)
-                continue
-            seen[flag] = [owner or cls.__name__]
         base, is_list, _ = _base_type(hints[f.name])
         default = default_of(f)
         help_text = f.metadata.get("help") or ""
@@ -305,6 +305,34 @@ def add_options(parser, cls, *, title: str | None = None, skip: Iterable[str] = 
             target.add_argument(f.name, nargs="*" if is_list else "?", **kwargs)
         else:
             target.add_argument(flag, **kwargs)
+
+
+def add_owned_options(parser, owners: dict[str, type], group_title: str | None = None,
+                      group_description: str | None = None) -> list[str]:
+    """The flags of several owners' options dataclasses (``owners``: a label such as a family's name ->
+    its class): one flag per field name, declared by the first owner that has it, its help led by every
+    owner's label in brackets ("[maml, fomaml] ..."). In one group titled ``group_title`` (with
+    ``group_description``), or without one in a group per owner titled "LABEL options". Returns the
+    names (each flag's ``dest``), in the order the flags were added. An owner's flag that the parser
+    already has is a ValueError: a programming error in the options class, not a user's."""
+    taken = set(parser._option_string_actions)  # the command's own flags
+    labels: dict[str, list[str]] = {}
+    for label, cls in owners.items():
+        for f in _cli_fields(cls):
+            labels.setdefault(f.name, []).append(label)
+    group = parser.add_argument_group(group_title, group_description) if group_title else None
+    added: list[str] = []
+    for label, cls in owners.items():
+        clash = [flag_of(f) for f in _cli_fields(cls) if flag_of(f) in taken]
+        if clash:
+            raise ValueError(f"{cls.__name__}: {', '.join(clash)} is already an option of {parser.prog}")
+        target = group or parser.add_argument_group(f"{label} options")
+        for f in _cli_fields(cls):
+            if f.name not in added:
+                added.append(f.name)
+                add_options(target, cls, skip=[g.name for g in fields(cls) if g.name != f.name],
+                            owner=", ".join(labels[f.name]))
+    return added
 
 
 class _PositionalChoices(list):

@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any, Callable
 
-from metaphi.config import UsageError
+from metaphi.config import UsageError, add_config_option, add_options, resolve
 
 USAGE_ERROR, NONFINITE = 2, 3
 
@@ -23,6 +24,20 @@ class _Parser(argparse.ArgumentParser):
 
 THREADS_HELP = ("torch CPU threads (default: torch's choice, lowered to the cores left free by other work, "
                 "judged by the 1-minute load average; OMP_NUM_THREADS, if set, is respected)")
+
+
+def study_command(subparsers, name: str, config_class: type, main: Callable[[Any], int], *, help: str,
+                  description: str | None = None, epilog: str | None = None, raw: bool = False
+                  ) -> argparse.ArgumentParser:
+    """The parser of a command that is one study: a flag for every option of ``config_class`` and
+    ``--config FILE.yaml``; it runs ``main(config)`` (defaults < the file < the flags) and returns its
+    exit code. ``raw``: the description and epilog keep their line breaks."""
+    formatter = {"formatter_class": argparse.RawDescriptionHelpFormatter} if raw else {}
+    parser = subparsers.add_parser(name, help=help, description=description, epilog=epilog, **formatter)
+    add_options(parser, config_class)
+    add_config_option(parser)
+    parser.set_defaults(func=lambda args: main(resolve(config_class, args)))
+    return parser
 
 
 #: the command modules, in the order ``metaphi --help`` lists them

@@ -6,16 +6,11 @@ taking precedence.
 """
 from __future__ import annotations
 
-import argparse
-
 
 def register(subparsers) -> None:
-    from metaphi.config import add_config_option, add_options, resolve
+    from metaphi.cli import study_command
     from metaphi.experiments import augment
 
-    p = subparsers.add_parser("augment", help="learned data augmentation vs none and a random policy, over seeds",
-                              description=augment.__doc__.split("\n\n")[0],
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, augment.AugmentConfig)
-    add_config_option(p)
-    p.set_defaults(func=lambda args: augment.main(resolve(augment.AugmentConfig, args)))
+    study_command(subparsers, "augment", augment.AugmentConfig, augment.main,
+                  help="learned data augmentation vs none and a random policy, over seeds",
+                  description=augment.__doc__.split("\n\n")[0], raw=True)

@@ -24,26 +24,14 @@ def config_from_args(args):
 
 
 def register(subparsers) -> None:
-    from metaphi.config import add_config_option, add_options, fields
+    from metaphi.config import add_config_option, add_options, add_owned_options
     from metaphi.continual import METHODS, options_class
     from metaphi.experiments import continual
 
     p = subparsers.add_parser("continual", help="lifelong learning on a stream: finetune, EWC, replay, OML, La-MAML",
                               description=continual.__doc__.split("\n\n")[0])
     add_options(p, continual.ContinualConfig)
-    group = p.add_argument_group("method options", "each applies to the methods in brackets; a flag of a method "
-                                                   "that is not run is refused")
-    owners: dict[str, list[str]] = {}
-    for m in METHODS:
-        for f in fields(options_class(m)):
-            owners.setdefault(f.name, []).append(m)
-    added: set[str] = set()
-    for m in METHODS:
-        cls = options_class(m)
-        for f in fields(cls):
-            if f.name not in added:
-                added.add(f.name)
-                add_options(group, cls, skip=[g.name for g in fields(cls) if g.name != f.name],
-                            owner=", ".join(owners[f.name]))
+    add_owned_options(p, {m: options_class(m) for m in METHODS}, "method options",
+                      "each applies to the methods in brackets; a flag of a method that is not run is refused")
     add_config_option(p)
     p.set_defaults(func=lambda args: continual.main(config_from_args(args)))

@@ -12,18 +12,12 @@ config.
 """
 from __future__ import annotations
 
-import argparse
-
 
 def register(subparsers) -> None:
-    from metaphi.config import add_config_option, add_options, resolve
+    from metaphi.cli import study_command
     from metaphi.experiments import reweight
-    from metaphi.experiments.reweight import ReweightConfig
 
-    p = subparsers.add_parser("reweight", help="sample reweighting under label noise or class imbalance: "
-                              "plain, L2RW, Meta-Weight-Net", description=__doc__.split("\n\n")[0].replace("``", ""),
-                              epilog=__doc__.split("\n\n", 1)[1].replace("``", ""),
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_options(p, ReweightConfig)
-    add_config_option(p)
-    p.set_defaults(func=lambda args: reweight.main(resolve(ReweightConfig, args)))
+    study_command(subparsers, "reweight", reweight.ReweightConfig, reweight.main,
+                  help="sample reweighting under label noise or class imbalance: plain, L2RW, Meta-Weight-Net",
+                  description=__doc__.split("\n\n")[0].replace("``", ""),
+                  epilog=__doc__.split("\n\n", 1)[1].replace("``", ""), raw=True)

@@ -10,30 +10,19 @@ from __future__ import annotations
 
 import argparse
 
-from metaphi.config import UsageError, add_config_option, add_options, file_options, fields, flag_of, from_args, resolve
+from metaphi.config import UsageError, add_config_option, add_options, add_owned_options, file_options, from_args, \
+    resolve
 
 
 def add_family_options(parser: argparse.ArgumentParser) -> list[str]:
-    """A flag for every field of every family's and every estimator's options dataclass, in argument
-    groups; returns their names (the ``dest`` of each)."""
+    """A flag for every field of every family's and every estimator's options dataclass, in a group per
+    family and per estimator (:func:`~metaphi.config.add_owned_options`); returns their names (the
+    ``dest`` of each)."""
     from metaphi.algorithms import ALGORITHMS, options_class
     from metaphi.outer import ESTIMATORS, estimator_options_class
 
-    taken = set(parser._option_string_actions)  # the command's own flags
-    seen: dict[str, list[str]] = {}
-    for kind, names, of in (("", ALGORITHMS, options_class), (" estimator", ESTIMATORS, estimator_options_class)):
-        for name in names:
-            cls = of(name)
-            clash = [flag_of(f) for f in fields(cls) if flag_of(f) in taken]
-            if clash:  # a programming error in the options class, not a user's
-                raise ValueError(f"{cls.__name__}: {', '.join(clash)} is already an option of {parser.prog}")
-            add_options(parser, cls, title=f"{name}{kind} options", owner=f"{name}{kind}", seen=seen)
-    # a flag several families share says so in its help
-    for action in parser._actions:
-        owners = next((seen[s] for s in action.option_strings if s in seen), None)
-        if owners and len(owners) > 1 and action.help:
-            action.help = action.help.replace(f"[{owners[0]}]", f"[{', '.join(owners)}]", 1)
-    return [flag[2:].replace("-", "_") for flag in seen]
+    return add_owned_options(parser, {**{name: options_class(name) for name in ALGORITHMS},
+                                      **{f"{name} estimator": estimator_options_class(name) for name in ESTIMATORS}})
 
 
 def with_family_options(data: dict, args: argparse.Namespace, names: list[str]) -> dict:

@@ -141,9 +141,9 @@ def run_experiment(data: str = "digits", methods=("none", "random", "start", "gr
     ``SearchConfig`` whose method and seed are set per run. Returns {"config", "rows", "summary"}."""
     from dataclasses import replace
 
-    from metaphi import checkpoint
     from metaphi.augment import policy as P
     from metaphi.augment.search import SearchConfig, accuracy, search as run_search, train_model
+    from metaphi.experiments.report import sweep
     from metaphi.functional import params_of
 
     search = search or SearchConfig()
@@ -154,24 +154,10 @@ def run_experiment(data: str = "digits", methods=("none", "random", "start", "gr
                 "classes": classes, "train_steps": train_steps, "hidden": hidden,
                 "search": {k: v for k, v in search.to_dict().items() if k not in ("method", "seed")}}
     config = {**settings, "methods": list(methods), "seeds": list(seeds)}
-    rows: list[dict] = []
-    ck = os.path.join(out, "checkpoint.pt") if out else None
-    if ck and os.path.exists(ck):
-        saved = checkpoint.load(ck)
-        if saved.get("settings") != settings:
-            raise ValueError(f"{ck} holds runs with other settings; use another --out or delete it")
-        rows = saved["rows"]
-        log(f"resuming: {len(rows)} runs done")
-    done = {(r["seed"], r["method"]) for r in rows}
     store = load_data(data, data_root, classes, seed=0)
-    plan = [(s, m) for s in seeds for m in methods]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(plan), initial=sum(1 for p in plan if p in done), desc=f"augment {data}")
-    for seed, method in plan:
-        if (seed, method) in done:
-            continue
+
+    def run_cell(cell: tuple[int, str]) -> dict:
+        seed, method = cell
         parts = split(store, train_per_class, val_per_class, seed)
         shape = tuple(parts["train"][0].shape[1:])
         t0 = time.perf_counter()
@@ -210,14 +196,14 @@ def run_experiment(data: str = "digits", methods=("none", "random", "start", "gr
             tail = history[-max(1, len(history) // 10):]
             row["search_val_loss_end"] = sum(h["val_loss"] for h in tail) / len(tail)
             row["search_val_loss_start"] = history[0]["val_loss"]
-        rows.append(row)
-        if ck:
-            checkpoint.save({"settings": settings, "rows": rows}, ck)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(seed=seed, method=method, acc=f"{row['test_acc']:.3f}")
-    if bar is not None:
-        bar.close()
+        return row
+
+    # the checkpoint matches on the settings alone: a rerun asking for more seeds or methods reuses its rows
+    rows = sweep([(s, m) for s in seeds for m in methods], run_cell, key=lambda r: (r["seed"], r["method"]),
+                 checkpoint=os.path.join(out, "checkpoint.pt") if out else None, identity=settings,
+                 desc=f"augment {data}", progress=progress, log=log,
+                 postfix=lambda r: {"seed": r["seed"], "method": r["method"], "acc": f"{r['test_acc']:.3f}"},
+                 stored_as="settings", other="runs with other settings")
     rows = [r for r in rows if r["seed"] in set(seeds) and r["method"] in set(methods)]
     return {"config": config, "rows": rows, "summary": summarize(rows, list(methods))}
 

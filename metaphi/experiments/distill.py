@@ -195,30 +195,13 @@ def _computed(config: DistillConfig) -> dict:
     return {k: v for k, v in to_dict(config).items() if k not in RUN_ONLY}
 
 
-def resumed_rows(config: DistillConfig, checkpoint: str | None) -> list[dict]:
-    """The runs ``checkpoint`` holds (none without one); a ValueError when it holds another study."""
-    from metaphi import checkpoint as ckpt
-
-    if not checkpoint or not os.path.exists(checkpoint):
-        return []
-    saved = ckpt.load(checkpoint)
-    if not isinstance(saved, dict) or saved.get("config") != _computed(config):
-        raise ValueError(f"{checkpoint} holds a different configuration; use another --out or delete it")
-    return list(saved["rows"])
-
-
 def study(config: DistillConfig, checkpoint: str | None = None, progress: bool = False, log=print) -> dict:
     """Every (seed, teacher snapshot, method) run of ``config``; resumes from ``checkpoint`` when it holds
     the same configuration. Returns {"config", "rows", "summary"}."""
-    from metaphi import checkpoint as ckpt
+    from metaphi.experiments.report import sweep
 
     validate(config)
     opts = method_options(config)
-    saved_config = _computed(config)
-    rows = resumed_rows(config, checkpoint)
-    if rows:
-        log(f"resuming: {len(rows)} runs done")
-    done = {(r["seed"], r["teacher_epochs"], r["method"]) for r in rows}
     store = load_data(config.data, config.data_root, config.classes, config.split_seed)
     split = class_split(store, tuple(config.per_class), config.split_seed)
     n_classes, shape = store.num_classes, tuple(split["train"][0].shape[1:])
@@ -226,11 +209,6 @@ def study(config: DistillConfig, checkpoint: str | None = None, progress: bool =
     methods, teacher_epochs = config.methods, config.teacher_epochs
     plan = [(s, te, m) for s in config.seeds for te in teacher_epochs for m in methods if m != "alone"]
     plan = [(s, None, "alone") for s in config.seeds if "alone" in methods] + plan
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(plan), initial=sum(1 for p in plan if p in done),
-                   desc=f"distill {config.data}/{config.pair}")
     teachers: dict[int, dict] = {}
 
     def teacher_snapshots(seed: int) -> dict:
@@ -251,9 +229,8 @@ def study(config: DistillConfig, checkpoint: str | None = None, progress: bool =
             teachers[seed] = {"model": model, "snaps": snaps, "wall_s": time.perf_counter() - t0}
         return teachers[seed]
 
-    for seed, te, method in plan:
-        if (seed, te, method) in done:
-            continue
+    def run_cell(cell: tuple[int, int | None, str]) -> dict:
+        seed, te, method = cell
         torch.manual_seed(seed)
         student = build(s_spec, n_classes, shape)
         init = params_of(student, False)
@@ -270,14 +247,11 @@ def study(config: DistillConfig, checkpoint: str | None = None, progress: bool =
                "student_acc": accuracy(student, params, *split["test"]), "wall_s": time.perf_counter() - t0}
         if method.startswith("meta"):
             row["teacher_acc_after"] = accuracy(teacher, t_final, *split["test"])
-        rows.append(row)
-        if checkpoint:
-            ckpt.save({"config": saved_config, "rows": rows}, checkpoint)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(method=method, acc=f"{row['student_acc']:.3f}")
-    if bar is not None:
-        bar.close()
+        return row
+
+    rows = sweep(plan, run_cell, key=lambda r: (r["seed"], r["teacher_epochs"], r["method"]), checkpoint=checkpoint,
+                 identity=_computed(config), desc=f"distill {config.data}/{config.pair}", progress=progress, log=log,
+                 postfix=lambda r: {"method": r["method"], "acc": f"{r['student_acc']:.3f}"})
     return {"config": to_dict(config), "rows": rows, "summary": summarize(rows)}
 
 
@@ -315,7 +289,8 @@ def run(config: DistillConfig) -> dict:
         torch.set_num_threads(config.threads)
     t0 = time.perf_counter()
     try:
-        resumed_rows(config, os.path.join(out, "checkpoint.pt"))  # refuse another study's folder before writing
+        # another study's folder is refused before anything is written into it
+        report.resumed_rows(os.path.join(out, "checkpoint.pt"), _computed(config))
         report.save_config(config, out)
         result = study(config, os.path.join(out, "checkpoint.pt"), not config.quiet,
                        (lambda *a: None) if config.quiet else print)

@@ -1,11 +1,64 @@
-"""What every study writes: result files (JSON written atomically, a markdown table) and the machine
-they ran on."""
+"""What every study shares: the resumable sweep over its cells, the result files (JSON written
+atomically, a markdown table), the machine they ran on, and seeds -> t-interval tables."""
 from __future__ import annotations
 
 import json
 import os
 import platform
 import tempfile
+from typing import Any, Callable, Hashable, Sequence
+
+
+def resumed_rows(checkpoint: str | None, identity: Any, *, stored_as: str = "config",
+                 other: str = "a different configuration") -> list[dict]:
+    """The rows a sweep's ``checkpoint`` holds (none without one). A checkpoint whose ``stored_as`` entry
+    is not ``identity`` (what its rows are a function of) is refused with a ValueError: "CHECKPOINT
+    holds ``other``; use another --out or delete it"."""
+    from metaphi import checkpoint as ckpt
+
+    if not checkpoint or not os.path.exists(checkpoint):
+        return []
+    saved = ckpt.load(checkpoint)
+    if not isinstance(saved, dict) or saved.get(stored_as) != identity:
+        raise ValueError(f"{checkpoint} holds {other}; use another --out or delete it")
+    return list(saved["rows"])
+
+
+def sweep(plan: Sequence[Hashable], run_cell: Callable[[Any], dict], *, key: Callable[[dict], Hashable],
+          checkpoint: str | None = None, identity: Any = None, desc: str = "", progress: bool = False, log=print,
+          postfix: Callable[[dict], dict] | None = None, stored_as: str = "config",
+          other: str = "a different configuration") -> list[dict]:
+    """Every cell of ``plan`` (e.g. (seed, method)) run once by ``run_cell(cell) -> row``; the rows.
+
+    With ``checkpoint`` the rows are saved there after each cell (``{stored_as: identity, "rows":
+    rows}``, plain data), and a rerun keeps the rows it holds (:func:`resumed_rows`: only with the same
+    ``identity``) and skips their cells: ``key(row)`` is the cell a row is of. Rows come in the order
+    they were run, the resumed ones first. ``progress``: a bar over the plan (``desc``; after each
+    cell its ``postfix(row)``)."""
+    from metaphi import checkpoint as ckpt
+
+    rows = resumed_rows(checkpoint, identity, stored_as=stored_as, other=other)
+    if rows:
+        log(f"resuming: {len(rows)} runs done")
+    done = {key(r) for r in rows}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(plan), initial=sum(1 for cell in plan if cell in done), desc=desc)
+    for cell in plan:
+        if cell in done:
+            continue
+        row = run_cell(cell)
+        rows.append(row)
+        if checkpoint:
+            ckpt.save({stored_as: identity, "rows": rows}, checkpoint)
+        if bar is not None:
+            bar.update(1)
+            if postfix is not None:
+                bar.set_postfix(**postfix(row))
+    if bar is not None:
+        bar.close()
+    return rows
 
 
 def write_result(result: dict, out: str, table: str, quiet: bool, also: str = "") -> None:

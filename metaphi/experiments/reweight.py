@@ -311,7 +311,7 @@ def run_experiment(data: str = "digits", methods=("plain", "l2rw", "mwnet"), see
     Within a seed every method sees the same split, corruption and initial weights. Returns
     {"config", "rows", "summary"}; a row holds the seed, the method, the final test accuracy and the
     per-epoch history. The checkpoint is plain data (``metaphi.checkpoint``), rewritten after each run."""
-    from metaphi import checkpoint as ckpt
+    from metaphi.experiments.report import sweep
     corruption = corruption or Corruption()
     cfg = training(cfg or TrainConfig())
     check(cfg)
@@ -319,25 +319,11 @@ def run_experiment(data: str = "digits", methods=("plain", "l2rw", "mwnet"), see
     config = {"data": data, "methods": list(methods), "seeds": list(seeds), "corruption": corruption.to_dict(),
               "model": model, "train": to_dict(cfg), "meta_per_class": meta_per_class,
               "test_per_class": test_per_class, "classes": classes}
-    rows: list[dict] = []
-    if checkpoint and os.path.exists(checkpoint):
-        saved = ckpt.load(checkpoint)
-        if saved.get("config") != config:
-            raise ValueError(f"{checkpoint} holds a different configuration; use another --out or delete it")
-        rows = saved["rows"]
-        log(f"resuming: {len(rows)} runs done")
-    done = {(r["seed"], r["method"]) for r in rows}
     store = load_data(data, data_root, classes)
-    plan = [(s, m) for s in seeds for m in methods]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(plan), initial=sum(1 for p in plan if p in done),
-                   desc=f"reweight {data} ({corruption.label()})")
     splits: dict[int, dict] = {}
-    for seed, method in plan:
-        if (seed, method) in done:
-            continue
+
+    def run_cell(cell: tuple[int, str]) -> dict:
+        seed, method = cell
         if seed not in splits:
             splits[seed] = make_splits(store, meta_per_class, test_per_class, corruption, seed)
         split = splits[seed]
@@ -354,17 +340,14 @@ def run_experiment(data: str = "digits", methods=("plain", "l2rw", "mwnet"), see
         params, history = train(method, net, init, train_set, split["meta"], cfg,
                                 torch.Generator().manual_seed(1000 + seed), noisy=noisy)
         history.pop("mwnet_params", None)
-        row = {"seed": seed, "method": method, "test_acc": accuracy(net, params, *split["test"]),
-               "train_size": len(train_set[1]), "noisy_fraction": float(noisy.float().mean()),
-               "train_counts": split["train_counts"], "wall_s": time.perf_counter() - t0, "history": history}
-        rows.append(row)
-        if checkpoint:
-            ckpt.save({"config": config, "rows": rows}, checkpoint)
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix(seed=seed, method=method, acc=f"{row['test_acc']:.3f}")
-    if bar is not None:
-        bar.close()
+        return {"seed": seed, "method": method, "test_acc": accuracy(net, params, *split["test"]),
+                "train_size": len(train_set[1]), "noisy_fraction": float(noisy.float().mean()),
+                "train_counts": split["train_counts"], "wall_s": time.perf_counter() - t0, "history": history}
+
+    rows = sweep([(s, m) for s in seeds for m in methods], run_cell, key=lambda r: (r["seed"], r["method"]),
+                 checkpoint=checkpoint, identity=config, desc=f"reweight {data} ({corruption.label()})",
+                 progress=progress, log=log,
+                 postfix=lambda r: {"seed": r["seed"], "method": r["method"], "acc": f"{r['test_acc']:.3f}"})
     return {"config": config, "rows": rows, "summary": summarize(rows, methods)}
 
 
