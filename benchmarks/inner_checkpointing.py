@@ -8,7 +8,7 @@ size 0.1, one task per meta-gradient (the looped estimator holds one task's grap
 meta-batch of B takes B times as long and the same memory). Memory is the peak of the bytes held by
 tensors created during the meta-gradient (``metaphi.memory.PeakTensorMemory``: the autograd
 graph counts, inputs and kernels' scratch do not); time is the median of ``--repeats`` calls.
-The float64 agreement of the two is a test (tests/test_inner_checkpoint.py); here the float32
+The float64 agreement of the two is a test (tests/inner/test_checkpoint.py); here the float32
 meta-gradients are compared as well and the largest difference is reported.
 
 Writes benchmarks/results/inner_checkpointing.json and .md.
