@@ -30,6 +30,7 @@ def with_family_options(data: dict, args: argparse.Namespace, names: list[str]) 
     merged into its ``algorithm_options`` and ``estimator_options`` (flags win)."""
     from metaphi.experiments.fewshot import route_options
 
+    data = _without_stale_options(data, args)
     flat = {name: getattr(args, name) for name in names if hasattr(args, name)}
     if not flat:
         return data
@@ -40,6 +41,21 @@ def with_family_options(data: dict, args: argparse.Namespace, names: list[str]) 
             raise UsageError(f"--config: {key} must be a mapping of options, got {before!r}")
         if routed:
             data[key] = {**before, **routed}
+    return data
+
+
+def _without_stale_options(data: dict, args: argparse.Namespace) -> dict:
+    """A config file's mapping less what belonged to the algorithm or estimator the command line replaces:
+    a run's config.yaml spells out the options of its own family and estimator, which would be refused
+    for another (``metaphi run maml --config imaml-run/config.yaml`` trains MAML with MAML's defaults)."""
+    data = dict(data)
+    if "algorithm" in args and data.get("algorithm") not in (None, args.algorithm):
+        data.pop("algorithm_options", None)
+        if "estimator" not in args:  # the new family's own estimator
+            data.pop("estimator", None)
+            data.pop("estimator_options", None)
+    if "estimator" in args and data.get("estimator") not in (None, args.estimator):
+        data.pop("estimator_options", None)
     return data
 
 

@@ -54,6 +54,28 @@ def test_flags_override_the_config_file(tmp_path, capsys):
     assert result(out3)["algorithm"] == "fomaml" and result(out3)["estimator"] == "first-order"
 
 
+def test_another_algorithm_or_estimator_on_the_command_line_drops_the_files_options_for_the_old_one(tmp_path,
+                                                                                                      capsys):
+    first = tmp_path / "imaml"
+    assert main(["run", "imaml", *FAST, "--reg", "1.5", "--out", str(first)]) == 0
+    config = str(first / "config.yaml")
+    # the file spells out imaml's reg and the implicit solver's options: MAML takes its own estimator and defaults
+    maml = tmp_path / "maml"
+    assert main(["run", "maml", "--config", config, "--out", str(maml)]) == 0
+    saved = yaml.safe_load((maml / "config.yaml").read_text())
+    assert saved["algorithm"] == "maml" and saved["estimator"] == "second-order"
+    assert saved["algorithm_options"] == {} and "solver" not in saved["estimator_options"]
+    # another estimator for the same algorithm keeps the family's options, not the old estimator's
+    es = tmp_path / "es"
+    assert main(["run", "--config", config, "--estimator", "es", "--out", str(es)]) == 0
+    saved = yaml.safe_load((es / "config.yaml").read_text())
+    assert saved["algorithm_options"]["reg"] == 1.5 and saved["estimator"] == "es"
+    assert "solver" not in saved["estimator_options"] and "population" in saved["estimator_options"]
+    # a flag for the new estimator still reaches it; one for the old is still refused
+    assert main(["run", "maml", "--config", config, "--solver", "cg", "--out", str(tmp_path / "bad")]) == 2
+    assert "--solver applies to the implicit estimator" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("text, message", [
     ("algorithm: maml\nbogus: 1\n", "unknown option bogus"),
     ("algorithm: maml\nalgorithm_options: {reg: 2.0}\n", "--reg applies to imaml, not maml"),
