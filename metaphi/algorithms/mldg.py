@@ -47,8 +47,7 @@ from torch import Tensor, nn
 
 from metaphi.functional import Params, call, params_of, prefixed, with_prefix
 from metaphi.inner import FIRST_ORDER, SGD, Unroll, adapt, adapt_steps
-from metaphi.models import GroupNorm, build_model
-from metaphi.models import GroupNormConvNet as ConvNet
+from metaphi.models import build_model
 from metaphi.tasks import Task
 from metaphi.algorithms.base import CLASSIFICATION, Algorithm, Problem, problem_named
 
@@ -78,7 +77,8 @@ class DomainLearner(Algorithm):
             raise ValueError(f"adapt_params must be 'head' or 'all', got {adapt_params!r}")
         if adapt_params == "head" and "features" not in inspect.signature(model.forward).parameters:
             raise ValueError(f"adapting the head alone needs a model whose forward takes features=True "
-                             f"(such as ConvNet); use adapt_params='all' for {type(model).__name__}")
+                             f"(such as metaphi.models.GroupNormConvNet); use adapt_params='all' for "
+                             f"{type(model).__name__}")
         self.model, self.problem = model, problem
         self.adapt_rule = SGD(adapt_lr)
         self.eval_steps, self.adapt_params = eval_steps, adapt_params

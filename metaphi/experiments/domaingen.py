@@ -182,7 +182,8 @@ def run_one(domains, method: str, held_out: str, seed: int, settings: dict, fold
     """
     import torch
 
-    from metaphi.algorithms.mldg import ConvNet, create
+    from metaphi.algorithms.mldg import create
+    from metaphi.models import GroupNormConvNet as ConvNet
     from metaphi.evaluate import evaluate
     from metaphi.experiments.report import machine, write_json
     from metaphi.outer import build_estimator

@@ -5,7 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from metaphi.algorithms import build_algorithm
-from metaphi.algorithms.mldg import ERM, MLDG, ConvNet, GroupNorm, create, mldg_from_spec
+from metaphi.algorithms.mldg import ERM, MLDG, create, mldg_from_spec
+from metaphi.models import GroupNorm
+from metaphi.models import GroupNormConvNet as ConvNet
 from metaphi.functional import prefixed
 from metaphi.inner import Unroll
 from metaphi.models import MLP
