@@ -344,23 +344,19 @@ class _PositionalChoices(list):
 
 
 def _cli_type(base, flag: str):
-    if base is int:
-        def parse_int(text: str) -> int:
-            try:
-                return int(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-        parse_int.__name__ = "integer"
-        return parse_int
-    if base is float:
-        def parse_float(text: str) -> float:
-            try:
-                return float(text)
-            except ValueError:
-                raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-        parse_float.__name__ = "number"
-        return parse_float
-    return str
+    """The argparse ``type`` of a field: int and float parsed with a one-line error, anything else a string."""
+    words = {int: "an integer", float: "a number"}
+    if base not in words:
+        return str
+
+    def parse(text: str):
+        try:
+            return base(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {words[base]}, got {text!r}") from None
+
+    parse.__name__ = words[base].split()[-1]  # argparse names the type in its own messages
+    return parse
 
 
 def given(args: argparse.Namespace, cls) -> dict:
