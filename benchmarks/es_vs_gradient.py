@@ -125,6 +125,7 @@ PILOT = [(1e-3, 0.02, 64), (3e-4, 0.02, 64), (1e-2, 0.02, 64), (1e-3, 0.05, 64),
 
 
 def pilot() -> None:
+    from metaphi.inner import FIRST_ORDER
     from metaphi.outer.estimators import _mean_task_loss
 
     bench = build_benchmark("sinusoid")
@@ -132,7 +133,7 @@ def pilot() -> None:
 
     def val_loss(algo, phi):
         with torch.no_grad():
-            return float(_mean_task_loss(algo, {k: v.detach() for k, v in phi.items()}, fixed, True, True)[0])
+            return float(_mean_task_loss(algo, {k: v.detach() for k, v in phi.items()}, fixed, FIRST_ORDER, True)[0])
 
     torch.manual_seed(0)
     algo = create_algorithm("maml", bench, 1, 0.01, 1, 10)

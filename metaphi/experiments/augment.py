@@ -92,7 +92,7 @@ def run(config: AugmentConfig) -> dict:
     out = writable_dir(config.out)
     if config.threads:
         torch.set_num_threads(config.threads)
-    save_config(config, out)
+    save_config(config, out, "augment")
     t0 = time.perf_counter()
     try:
         result = run_experiment(config.data, config.methods, config.seeds, config.train_per_class,

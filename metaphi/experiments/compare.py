@@ -158,7 +158,7 @@ def compare(config: CompareConfig, progress: bool = False, log=print) -> dict:
     benchmark = load_benchmark(base)
     # every method's settings are checked before the first one trains
     runs = [complete(method_config(m, base), benchmark) for m in methods]
-    save_config(config, config.out)
+    save_config(config, config.out, "compare")
     results = {}
     for method, run in zip(methods, runs):
         init = method.init
@@ -177,7 +177,7 @@ def compare(config: CompareConfig, progress: bool = False, log=print) -> dict:
                 results[method.label] = previous
                 continue
         log(f"{method.label}: training {s['iterations']} iterations")
-        save_config(run, folder)
+        save_config(run, folder, "run")
         result = train_and_test(run, benchmark, folder, progress=progress)
         result.update(label=method.label, compare_settings=compared)
         write_json(result, done)

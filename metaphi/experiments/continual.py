@@ -169,7 +169,7 @@ def run(config: ContinualConfig) -> dict:
 
         torch.set_num_threads(config.threads)
     writable_dir(config.out)
-    save_config(config, config.out)
+    save_config(config, config.out, "continual")
     log = (lambda *a: None) if config.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     summary = sweep(config, log=log)
     print(markdown(summary))

@@ -291,7 +291,7 @@ def run(config: DistillConfig) -> dict:
     try:
         # another study's folder is refused before anything is written into it
         report.resumed_rows(os.path.join(out, "checkpoint.pt"), _computed(config))
-        report.save_config(config, out)
+        report.save_config(config, out, "distill")
         result = study(config, os.path.join(out, "checkpoint.pt"), not config.quiet,
                        (lambda *a: None) if config.quiet else print)
     except (ValueError, FileNotFoundError) as e:

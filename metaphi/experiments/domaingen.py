@@ -157,7 +157,7 @@ def run(config: DomainGenConfig) -> dict:
         import torch
 
         torch.set_num_threads(config.threads)
-    save_config(config, config.out)
+    save_config(config, config.out, "domaingen")
     progress = not config.quiet and sys.stderr.isatty()
     log = (lambda *a: None) if config.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     log(f"{domains.name}: {domains.num_classes} classes, domains {', '.join(domains.domains)}; "

@@ -402,7 +402,7 @@ def _run(config: RunConfig, main_process: bool) -> int:
     for split, shots, query in (("train", config.shots, config.query), ("test", config.eval_shots, config.eval_query)):
         benchmark.episodes(split, config.ways, shots, query)
     if main_process:
-        save_config(config, out_dir)
+        save_config(config, out_dir, "run")
     result = train_and_test(config, benchmark, out_dir, progress=progress)
     if config.baselines:
         result["baselines"] = {}

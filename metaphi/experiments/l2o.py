@@ -576,7 +576,7 @@ def run_train(config: L2OTrainConfig) -> dict:
     val_family = build_family(config.family, split="val")
     test_family = build_family(config.family, split="test")
     rule = make_rule(config.rule, config.lr, config.horizon, config.seed)
-    save_config(replace(config, out=out, resume=False), out)  # what reruns it: from the start, into its --out
+    save_config(replace(config, out=out, resume=False), out, "l2o train")  # what reruns it: from the start, into its --out
     started = time.perf_counter()
     try:
         state = meta_train(rule, family, config, out_dir=out, resume=config.resume, val_family=val_family,

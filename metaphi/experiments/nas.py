@@ -160,7 +160,7 @@ def run(config: ArchSearchConfig) -> dict:
                                 ops)
     except ValueError as e:
         raise UsageError(str(e)) from e
-    save_config(config, out_dir)
+    save_config(config, out_dir, "search-arch")
     started = time.perf_counter()
     if config.method == "retrain":
         try:

@@ -88,14 +88,14 @@ def machine() -> str:
             f"{torch.get_num_threads()} thread(s)")
 
 
-def save_config(config, out: str) -> str:
-    """The fully resolved ``config`` as ``out``/config.yaml; ``metaphi COMMAND --config`` that file (with
-    another ``--out``) runs the same study again."""
+def save_config(config, out: str, command: str) -> str:
+    """The fully resolved ``config`` of ``metaphi COMMAND`` as ``out``/config.yaml; ``metaphi COMMAND
+    --config`` that file (with another ``--out``) runs the same study again."""
     from metaphi.config import save_yaml
 
     path = os.path.join(out, "config.yaml")
-    save_yaml(config, path, header="metaphi: the fully resolved configuration of this run; rerun it with\n"
-                                    "metaphi COMMAND --config config.yaml --out NEW_FOLDER")
+    save_yaml(config, path, header=f"the fully resolved configuration of this run; rerun it with\n"
+                                   f"metaphi {command} --config {path} --out NEW_FOLDER")
     return path
 
 

@@ -440,7 +440,7 @@ def run(config: ReweightConfig) -> dict:
     out = writable_dir(config.out)
     if config.threads:
         torch.set_num_threads(config.threads)
-    save_config(config, out)
+    save_config(config, out, "reweight")
     log = (lambda *a: None) if config.quiet else print
     t0 = time.perf_counter()
     result = run_experiment(config.data, config.methods, config.seeds, corruption_of(config), model_of(config),

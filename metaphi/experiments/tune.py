@@ -279,7 +279,8 @@ def run(config: TuneConfig) -> int:
     save_config(dataclasses.replace(
         config, ways=base.ways, shots=base.shots, query=base.query, meta_lr=base.meta_lr, iterations=base.iterations,
         estimator=base.estimator, algorithm_options=base.algorithm_options, estimator_options=base.estimator_options,
-        lr_range=list(lr_range), meta_batches=list(meta_batches), max_eval_steps=max_eval_steps, out=out_dir), out_dir)
+        lr_range=list(lr_range), meta_batches=list(meta_batches), max_eval_steps=max_eval_steps, out=out_dir), out_dir,
+        "tune")
     progress = not config.quiet
     trials_path = os.path.join(out_dir, "trials.jsonl")
     open(trials_path, "w").close()
