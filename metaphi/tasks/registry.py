@@ -259,7 +259,7 @@ def _rotated_omniglot(o: dict):
                                   download=o["download"])
     classes = dm.choose_classes(classes, o["classes"], o["split_seed"])
     angles = [float(a) for a in o["domains"]] if o["domains"] else dm.ANGLES
-    return dm.rotated_domains(classes, angles, name="rotated-omniglot", **_split(o))
+    return dm.rotated_domains(classes, angles, name="rotated-omniglot", **split_sizes(o))
 
 
 def _glyph_domains(name: str) -> Builder:
@@ -271,8 +271,8 @@ def _glyph_domains(name: str) -> Builder:
         classes = dm.glyph_classes(o["classes"] or 10, alphabets=2, seed=o["split_seed"])
         if name == "rotated-glyphs":
             angles = [float(a) for a in o["domains"]] if o["domains"] else dm.ANGLES
-            return dm.rotated_domains(classes, angles, name=name, **_split(o))
-        return dm.style_domains(classes, o["domains"] or dm.STYLES, name=name, **_split(o))
+            return dm.rotated_domains(classes, angles, name=name, **split_sizes(o))
+        return dm.style_domains(classes, o["domains"] or dm.STYLES, name=name, **split_sizes(o))
     return build
 
 
@@ -281,7 +281,7 @@ def folder_domain_set(path: str, o: dict):
     from metaphi.tasks import domains as dm
 
     found = dm.folder_domains(path, channels=o["channels"] or 1, image_size=o["image_size"] or 28,
-                              invert=o["invert"], **_split(o))
+                              invert=o["invert"], **split_sizes(o))
     chosen = o["domains"]
     if chosen:
         unknown = [d for d in chosen if d not in found.domains]
@@ -292,7 +292,8 @@ def folder_domain_set(path: str, o: dict):
     return found
 
 
-def _split(o: dict) -> dict:
+def split_sizes(o: dict) -> dict:
+    """The per-class split of a domain set: images held out per class for adaptation and for test."""
     return dict(adapt=o["adapt_per_class"], test=o["test_per_class"], split_seed=o["split_seed"])
 
 
