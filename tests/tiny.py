@@ -32,3 +32,20 @@ def random_task(ways=3, shots=2, query=2, seed=0, size=10):
     xs = torch.rand(ways * shots, 1, size, size, generator=g, dtype=torch.float64)
     xq = torch.rand(ways * query, 1, size, size, generator=g, dtype=torch.float64)
     return Task((xs, torch.arange(ways).repeat_interleave(shots)), (xq, torch.arange(ways).repeat_interleave(query)))
+
+
+def assert_first_order_vmap_equals_loop(algo, phi, tasks):
+    """The first-order meta-gradient and loss of a batch of tasks are the same run as one vmap and as a
+    loop over tasks; so are the evaluations. Returns the loop's gradients and the evaluations."""
+    import pytest
+
+    from metaphi.outer import build_estimator
+
+    g_vmap, m_vmap = build_estimator("first-order")(algo, phi, tasks)
+    g_loop, m_loop = build_estimator("first-order", {"loop": True})(algo, phi, tasks)
+    assert m_vmap["loss"] == pytest.approx(m_loop["loss"], rel=1e-12)
+    for k in phi:
+        assert torch.allclose(g_vmap[k], g_loop[k], atol=1e-10), k
+    batched = torch.func.vmap(lambda t: algo.evaluate(phi, t))(tasks)
+    assert torch.equal(batched, torch.stack([algo.evaluate(phi, t) for t in tasks.unstack()]))
+    return g_loop, batched

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from metaphi.config import option
 from metaphi.functional import Params, call, prefixed, with_prefix
 from metaphi.algorithms.base import CLASSIFICATION, Problem
-from metaphi.algorithms.protonet import MetricLearner, _backbone, class_slots, masked
+from metaphi.algorithms.protonet import MetricLearner, _backbone, class_slots
 
 
 def masked_batch_norm(x: Tensor, mask: Tensor, weight: Tensor, bias: Tensor, eps: float = 1e-5) -> Tensor:

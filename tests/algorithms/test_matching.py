@@ -6,12 +6,11 @@ from torch import nn
 
 from metaphi.algorithms import build_algorithm, create_algorithm
 from metaphi.algorithms.matching import MatchingNet, MatchingOptions, lstm_cell, query_context, support_context
-from metaphi.functional import prefixed
 from metaphi.models import Conv4
 from metaphi.outer import build_estimator
 from metaphi.tasks import Task
 from metaphi.train import TrainConfig, load_checkpoint, meta_train
-from tiny import random_task, tiny_benchmark
+from tiny import assert_first_order_vmap_equals_loop, random_task, tiny_benchmark
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -92,11 +91,7 @@ def test_vmap_equals_loop(fce):
     algo = float64_matching(fce)
     phi = algo.init_meta_params()
     tasks = Task.stack([random_task(seed=s) for s in range(3)])
-    g_vmap, m_vmap = build_estimator("first-order")(algo, phi, tasks)
-    g_loop, m_loop = build_estimator("first-order", {"loop": True})(algo, phi, tasks)
-    assert m_vmap["loss"] == pytest.approx(m_loop["loss"], rel=1e-12)
-    for k in phi:
-        assert torch.allclose(g_vmap[k], g_loop[k], atol=1e-10), k
+    g_loop, _ = assert_first_order_vmap_equals_loop(algo, phi, tasks)
     assert any(k.startswith("fce.") for k in phi) == fce
     assert all(g_loop[k].abs().sum() > 0 for k in phi if k.startswith("fce."))
 

@@ -8,13 +8,12 @@ import torch
 
 from metaphi.algorithms import build_algorithm, create_algorithm
 from metaphi.algorithms.protonet import ProtoNet, cosine_similarities, masked, prototypes, squared_distances
-from metaphi.tasks.registry import image_benchmark
 from metaphi.evaluate import evaluate
 from metaphi.models import MLP, Conv4
 from metaphi.outer import build_estimator
-from metaphi.tasks import ImageClasses, Task
-from tiny import install_tiny, random_task, tiny_benchmark  # noqa: F401
+from metaphi.tasks import Task
 from metaphi.train import TrainConfig, load_checkpoint, meta_train
+from tiny import assert_first_order_vmap_equals_loop, install_tiny, random_task, tiny_benchmark
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -71,14 +70,8 @@ def test_vmap_equals_loop_for_gradients_and_evaluation():
     algo = float64_protonet()
     phi = algo.init_meta_params()
     tasks = Task.stack([random_task(seed=s) for s in range(3)])
-    g_vmap, m_vmap = build_estimator("first-order")(algo, phi, tasks)
-    g_loop, m_loop = build_estimator("first-order", {"loop": True})(algo, phi, tasks)
-    assert m_vmap["loss"] == pytest.approx(m_loop["loss"], rel=1e-12)
-    for k in phi:
-        assert torch.allclose(g_vmap[k], g_loop[k], atol=1e-10), k
-    batched = torch.func.vmap(lambda t: algo.evaluate(phi, t))(tasks)
+    _, batched = assert_first_order_vmap_equals_loop(algo, phi, tasks)
     assert batched.shape == (3, 1)
-    assert torch.equal(batched, torch.stack([algo.evaluate(phi, t) for t in tasks.unstack()]))
 
 
 class Clusters:

@@ -11,7 +11,7 @@ from metaphi.models import Conv4, TaskBatchNorm
 from metaphi.outer import build_estimator
 from metaphi.tasks import Task
 from metaphi.train import TrainConfig, load_checkpoint, meta_train
-from tiny import random_task, tiny_benchmark
+from tiny import assert_first_order_vmap_equals_loop, random_task, tiny_benchmark
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,13 +78,7 @@ def test_vmap_equals_loop():
     algo = float64_relation()
     phi = {k: v.double().detach().requires_grad_() for k, v in algo.init_meta_params().items()}
     tasks = Task.stack([random_task(seed=s) for s in range(3)])
-    g_vmap, m_vmap = build_estimator("first-order")(algo, phi, tasks)
-    g_loop, m_loop = build_estimator("first-order", {"loop": True})(algo, phi, tasks)
-    assert m_vmap["loss"] == pytest.approx(m_loop["loss"], rel=1e-12)
-    for k in phi:
-        assert torch.allclose(g_vmap[k], g_loop[k], atol=1e-10), k
-    batched = torch.func.vmap(lambda t: algo.evaluate(phi, t))(tasks)
-    assert torch.equal(batched, torch.stack([algo.evaluate(phi, t) for t in tasks.unstack()]))
+    assert_first_order_vmap_equals_loop(algo, phi, tasks)
 
 
 def test_checkpoint_rebuilds_and_predicts(tmp_path):

@@ -5,10 +5,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from metaphi.algorithms import build_algorithm, create_algorithm
-from metaphi.algorithms.ssl import StartFrom, augment, body_of, nt_xent, rotations, start_from
+from metaphi.algorithms.ssl import augment, body_of, nt_xent, rotations, start_from
 from metaphi.outer import build_estimator
 from metaphi.tasks import DataError
 from metaphi.train import TrainConfig, load_checkpoint, meta_train
