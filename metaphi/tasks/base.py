@@ -5,7 +5,6 @@ judged on. For few-shot classification both are ``(x, y)`` tuples of an N-way K-
 problems put a training batch and a validation batch there, or meta-train and meta-test domains.
 A batch of tasks is the same structure with a leading task dimension, so it can be vmapped.
 """
-from __future__ import annotations
 
 import os
 import tempfile
