@@ -2,9 +2,18 @@
 
 One loop serves every algorithm and estimator: an estimator turns a meta-batch of tasks into a
 gradient (or update direction) for φ; the outer optimizer applies it. A checkpoint holds everything
-needed to continue a killed run to the same result: φ, the optimizer's state, the sampler's
-generator state and the iteration, written atomically by ``metaphi.checkpoint`` as plain data (dicts,
-lists, numbers, strings, tensors; the config as a dict) and read back without unpickling any code.
+needed to continue a killed run to the same result: φ, the optimizer's and the learning-rate
+schedule's state, the sampler's generator state and the iteration, written atomically by
+``metaphi.checkpoint`` as plain data (dicts, lists, numbers, strings, tensors; the config as a dict)
+and read back without unpickling any code.
+
+The outer step size follows ``TrainConfig.lr_schedule``: constant (the default), or a cosine decay
+from ``meta_lr`` to ``lr_min_factor × meta_lr`` at the last iteration (Loshchilov & Hutter 2017,
+SGDR, without restarts); either may start with ``warmup`` iterations of linear warm-up.
+
+A run that validates keeps, beside ``checkpoint.pt`` (the last state), ``best.pt``: the state after
+the validation with the best score so far (higher or lower as the problem says), in the same format
+with ``best = {"iteration", "val"}``. :func:`choose_checkpoint` says which of the two a user means.
 
 Under ``torchrun`` (a process group is initialized, see ``metaphi.distributed``) each meta-batch is
 split across the processes and their meta-gradients are all-reduced before the optimizer step, so a
@@ -29,6 +38,8 @@ from metaphi.functional import Params
 from metaphi.tasks import Task
 
 CHECKPOINT_FORMAT = 1
+LAST, BEST = "checkpoint.pt", "best.pt"
+SCHEDULES = ("constant", "cosine")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -45,6 +56,58 @@ class TrainConfig:
     val_every: int = 100
     checkpoint_every: int = 50
     device: str = "cpu"
+    lr_schedule: str = "constant"  # or "cosine": decay to lr_min_factor × meta_lr at the last iteration
+    warmup: int = 0  # iterations of linear warm-up to meta_lr first (either schedule)
+    lr_min_factor: float = 0.0  # cosine only
+
+
+def check_schedule(config: TrainConfig) -> None:
+    """A ValueError, naming the flag, for a schedule that cannot run as asked."""
+    if config.lr_schedule not in SCHEDULES:
+        raise ValueError(f"unknown --lr-schedule '{config.lr_schedule}' (valid: {', '.join(SCHEDULES)})")
+    if config.warmup < 0:
+        raise ValueError(f"--warmup must be >= 0, got {config.warmup}")
+    if not 0.0 <= config.lr_min_factor <= 1.0:
+        raise ValueError(f"--lr-min-factor must be in [0, 1], got {config.lr_min_factor}")
+    if config.lr_schedule != "cosine" and config.lr_min_factor != 0.0:
+        raise ValueError("--lr-min-factor applies to --lr-schedule cosine only")
+    if config.warmup and config.iterations and config.warmup >= config.iterations:
+        raise ValueError(f"--warmup {config.warmup} leaves none of the {config.iterations} iterations after the "
+                         f"warm-up; give fewer warm-up iterations")
+
+
+def lr_factor(config: TrainConfig) -> Callable[[int], float]:
+    """``factor(t)``: the outer step size of step ``t`` (0-based) as a fraction of ``meta_lr``.
+
+    Warm-up: ``(t + 1) / warmup`` for ``t < warmup``. Then constant 1, or cosine
+    ``m + (1 - m) · (1 + cos(π p)) / 2`` with ``p = (t - warmup) / (iterations - 1 - warmup)``
+    (clamped to [0, 1]) and ``m = lr_min_factor``: 1 at the first step after the warm-up, ``m`` at the
+    last iteration."""
+    warmup, total, floor = config.warmup, config.iterations, config.lr_min_factor
+    cosine = config.lr_schedule == "cosine"
+
+    def factor(t: int) -> float:
+        if t < warmup:
+            return (t + 1) / warmup
+        if not cosine:
+            return 1.0
+        p = min(1.0, max(0.0, (t - warmup) / max(1, total - 1 - warmup)))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+    return factor
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer | None, config: TrainConfig):
+    """The LambdaLR of ``config``'s schedule, or None for a constant step size without warm-up (the
+    optimizer alone, exactly as before schedules existed)."""
+    check_schedule(config)
+    if optimizer is None or (config.lr_schedule == "constant" and not config.warmup):
+        return None
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
+
+
+def _schedule_settings(config: dict) -> tuple:
+    return (config.get("lr_schedule", "constant"), config.get("warmup", 0), config.get("lr_min_factor", 0.0))
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer | None:
@@ -67,6 +130,8 @@ class TrainState:
     train_seconds: float = 0.0
     history: list = field(default_factory=list)
     estimator: dict | None = None  # the estimator's own state (its generator's seed and step), if it has one
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    best: dict | None = None  # {"iteration", "val"} of the best validation so far
 
 
 def save_checkpoint(path: str, algorithm, state: TrainState, config: TrainConfig, run: dict) -> None:
@@ -80,6 +145,8 @@ def save_checkpoint(path: str, algorithm, state: TrainState, config: TrainConfig
         "train_seconds": state.train_seconds,
         "history": state.history,
         "estimator": state.estimator,
+        "scheduler": state.scheduler.state_dict() if state.scheduler else None,
+        "best": state.best,
         "config": asdict(config),
         "run": run,
     }, path)
@@ -94,20 +161,52 @@ def load_checkpoint(path: str) -> dict:
     return ck
 
 
+def choose_checkpoint(path: str, last: bool = False) -> str:
+    """The file a user means by ``path``: a run folder, or the ``checkpoint.pt`` of a folder that also
+    holds ``best.pt``, means ``best.pt`` (the best validation score), or ``checkpoint.pt`` (the last
+    state) with ``last`` or where the run kept no best. Any other file is itself; a ValueError when
+    ``last`` is asked of a file that is neither of a run's two."""
+    folder, name = (path, None) if os.path.isdir(path) else (os.path.dirname(path), os.path.basename(path))
+    if name not in (None, LAST, BEST):
+        if last:
+            raise ValueError(f"--last: {path} is not a run folder, nor its {LAST} or {BEST}")
+        return path
+    best, final = os.path.join(folder, BEST), os.path.join(folder, LAST)
+    if last:
+        return final
+    if name == BEST or (os.path.isfile(best) and (name is None or os.path.isfile(final))):
+        return best
+    return final if name is None else path
+
+
+def describe_checkpoint(path: str, ck: dict) -> str:
+    """One line saying which state of the run ``path`` holds."""
+    best = ck.get("best")
+    if os.path.basename(path) == BEST and best:
+        return f"{path}: the best validation score, {best['val']:.6g} at iteration {best['iteration']}"
+    return f"{path}: iteration {ck['iteration']}"
+
+
 def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generator], Task], config: TrainConfig,
                out_dir: str | None = None, validate: Callable[[Params], float] | None = None, resume: bool = False,
-               run: dict | None = None, progress: bool = True) -> TrainState:
+               run: dict | None = None, progress: bool = True, higher_is_better: bool | None = None) -> TrainState:
     """Optimize φ of ``algorithm`` for ``config.iterations`` meta-batches.
 
     ``sample_tasks(n, generator)`` gives a batched Task. With ``out_dir``, metrics go to
     ``out_dir/metrics.jsonl`` and checkpoints to ``out_dir/checkpoint.pt``; ``resume`` continues
     from that checkpoint. A non-finite loss raises NonFiniteLoss after saving the last good state.
+    ``validate(phi)`` scores φ every ``config.val_every`` iterations and at the last; with ``out_dir``
+    each score better than all before it (higher when ``higher_is_better``, by default as the
+    algorithm's problem says) writes ``out_dir/best.pt``, and ``state.best`` says which it was.
     """
     run = run or {}
     device = torch.device(config.device)
     phi = {k: v.detach().to(device).requires_grad_() for k, v in algorithm.init_meta_params().items()}
-    state = TrainState(phi, make_optimizer(config.optimizer, list(phi.values()), config.meta_lr),
-                       torch.Generator().manual_seed(config.seed))
+    optimizer = make_optimizer(config.optimizer, list(phi.values()), config.meta_lr)
+    state = TrainState(phi, optimizer, torch.Generator().manual_seed(config.seed),
+                       scheduler=make_scheduler(optimizer, config))
+    if higher_is_better is None:
+        higher_is_better = getattr(getattr(algorithm, "problem", None), "higher_is_better", True)
     world, rank = distributed.world_size(), distributed.rank()
     main = rank == 0
     if world > 1 and config.meta_batch < world:
@@ -115,7 +214,8 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
                          f"use a meta-batch of at least {world}")
     if out_dir and main:
         os.makedirs(out_dir, exist_ok=True)
-    ck_path = os.path.join(out_dir, "checkpoint.pt") if out_dir else None
+    ck_path = os.path.join(out_dir, LAST) if out_dir else None
+    best_path = os.path.join(out_dir, BEST) if out_dir and validate else None
     log_path = os.path.join(out_dir, "metrics.jsonl") if out_dir and main else None
     if resume:
         if not ck_path or not os.path.exists(ck_path):
@@ -123,16 +223,25 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
         ck = load_checkpoint(ck_path)
         if ck["algorithm"] != algorithm.spec():
             raise ValueError(f"--resume: {ck_path} was written by a different configuration ({ck['algorithm']['name']})")
+        if _schedule_settings(ck["config"]) != _schedule_settings(asdict(config)):
+            was = _schedule_settings(ck["config"])
+            raise ValueError(f"--resume: {ck_path} was written with --lr-schedule {was[0]} --warmup {was[1]} "
+                             f"--lr-min-factor {was[2]}; resume with the same schedule")
         for k, v in ck["phi"].items():
             state.phi[k].data.copy_(v)
         if state.optimizer:
             state.optimizer.load_state_dict(ck["optimizer"])
+        if state.scheduler:
+            state.scheduler.load_state_dict(ck["scheduler"])
+        state.best = ck.get("best")
         state.generator.set_state(ck["generator"])
         state.iteration, state.train_seconds, state.history = ck["iteration"], ck["train_seconds"], ck["history"]
         if ck.get("estimator") is not None and hasattr(estimator, "load_state_dict"):
             estimator.load_state_dict(ck["estimator"])
     elif hasattr(estimator, "start"):  # estimators with randomness of their own draw it from the run's seed
         estimator.start(config.seed)
+    if not resume and out_dir and main and os.path.exists(os.path.join(out_dir, BEST)):
+        os.remove(os.path.join(out_dir, BEST))  # an earlier run's best: never to be taken for this run's
     distributed.broadcast_params(state.phi)  # every rank starts from rank 0's φ, whatever its own init drew
     if log_path:
         # the log holds exactly the iterations the checkpoint holds, so a resumed run's log is whole
@@ -144,6 +253,13 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
         if ck_path and main:
             state.estimator = estimator.state_dict() if hasattr(estimator, "state_dict") else None
             save_checkpoint(ck_path, algorithm, state, config, run)
+
+    def improves(score: float) -> bool:
+        if not math.isfinite(score):
+            return False
+        if state.best is None:
+            return True
+        return score > state.best["val"] if higher_is_better else score < state.best["val"]
 
     bar = tqdm(total=config.iterations, initial=state.iteration, desc=f"meta-train {algorithm.name}",
                disable=not progress or not main, dynamic_ncols=True)
@@ -171,13 +287,22 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
             for k, p in state.phi.items():
                 p.grad = grads[k]
             state.optimizer.step()
+            scheduled = {}
+            if state.scheduler:  # the log says the step size each step took
+                scheduled["lr"] = state.optimizer.param_groups[0]["lr"]
+                state.scheduler.step()
             state.iteration += 1
             state.train_seconds += time.perf_counter() - started
-            row = {"iteration": state.iteration, **metrics, "seconds": round(state.train_seconds, 3)}
+            row = {"iteration": state.iteration, **metrics, **scheduled, "seconds": round(state.train_seconds, 3)}
             if validate and main and (state.iteration % config.val_every == 0 or state.iteration == config.iterations):
                 last_val = validate(state.phi)
                 row["val"] = last_val
             state.history.append(row)
+            if "val" in row and improves(float(last_val)):
+                state.best = {"iteration": state.iteration, "val": float(last_val)}
+                if best_path:
+                    state.estimator = estimator.state_dict() if hasattr(estimator, "state_dict") else None
+                    save_checkpoint(best_path, algorithm, state, config, run)
             if log_path:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")

@@ -41,9 +41,13 @@ class RunConfig:
                                          "~/.cache/metaphi/data)")
     download: bool = option(False, "download missing archives (checked by SHA-256)")
     within_alphabet: bool = option(False, "test and validation tasks take all their classes from one alphabet (group)")
-    image_size: int | None = option(None, "folder:PATH only: resize images to this size (none: 84)", check="positive")
-    channels: int | None = option(None, "folder:PATH only: 1 (grey) or 3 (RGB; none: 3)", choices=(1, 3))
-    invert: bool = option(False, "folder:PATH only: dark ink on light paper becomes high")
+    image_size: int | None = option(None, "folder:PATH only: resize images to this size (none: inferred from a "
+                                          "sample of the images: 28 for grey images on a light background "
+                                          "(characters), else 84)", check="positive")
+    channels: int | None = option(None, "folder:PATH only: 1 (grey) or 3 (RGB; none: inferred, 1 when every "
+                                        "sampled image is grey)", choices=(1, 3))
+    invert: bool | None = option(None, "folder:PATH only: dark ink on light paper becomes high (none: inferred, "
+                                       "on when the images are grey on a light background; --no-invert forces off)")
     split_file: str | None = option(None, "folder:PATH only: a file mapping class -> train/val/test")
     ways: int | None = option(None, "classes per task (none: the benchmark's)", check="positive")
     train_ways: int | None = option(None, "classes per meta-training task, for learners that take any number "
@@ -54,6 +58,13 @@ class RunConfig:
                                check="positive")
     query: int | None = option(None, "query examples per class for meta-training (none: the benchmark's)",
                                check="positive")
+    rotations: bool = option(False, "each training class also rotated by 90, 180 and 270 degrees, each rotation a "
+                                    "new class (Omniglot's protocol in MAML and ProtoNets; 4x the training images "
+                                    "in memory); validation and test classes untouched")
+    augment: bool = option(False, "move every training-episode image by its own random affine map: shift up to ±10% "
+                                  "of the size, zoom 0.9-1.1, rotation up to ±15°, shear up to ±10° (the usual "
+                                  "small-affine ranges for characters); validation and test episodes untouched")
+    augment_strength: float = option(1.0, "--augment only: every range above times this, in (0, 1]", check="unit")
     eval_shots: int | None = option(None, "support examples per class at test (none: the benchmark's, else --shots)",
                                     check="positive")
     eval_query: int | None = option(None, "query examples per class at test (none: the benchmark's, else --query)",
@@ -64,6 +75,13 @@ class RunConfig:
     inner_lr: float | None = option(None, "inner step size α (none: the benchmark's)", check="positive")
     meta_batch: int | None = option(None, "tasks per meta-update (none: the benchmark's)", check="positive")
     meta_lr: float | None = option(None, "outer step size (none: the benchmark's)", check="positive")
+    lr_schedule: str = option("constant", "the outer step size over the iterations: constant, or cosine (decays "
+                                          "from --meta-lr to --lr-min-factor x --meta-lr at the last iteration)",
+                              choices=("constant", "cosine"))
+    warmup: int = option(0, "iterations of linear warm-up of the outer step size to --meta-lr before the schedule "
+                            "(fewer than --iterations)", check="nonneg")
+    lr_min_factor: float = option(0.0, "--lr-schedule cosine only: the step size at the last iteration, as a "
+                                       "fraction of --meta-lr", check="unit")
     optimizer: str = option("adam", "outer optimizer", choices=("adam", "sgd"))
     estimator: str | None = option(None, "how φ's update is estimated (none: the algorithm's own)", choices=ESTIMATORS)
     algorithm_options: dict = option(default_factory=dict, cli=False,
@@ -91,7 +109,10 @@ class RunConfig:
 class EvalConfig:
     """``metaphi eval``: re-test a saved run on its fixed test tasks."""
 
-    checkpoint: str | None = option(None, "a checkpoint.pt written by metaphi run", positional=True)
+    checkpoint: str | None = option(None, "a run's folder, or its checkpoint.pt or best.pt: a folder, or a "
+                                          "checkpoint.pt beside a best.pt, means best.pt (the best validation "
+                                          "score) unless --last", positional=True)
+    last: bool = option(False, "take the run's checkpoint.pt (its last iteration) instead of its best.pt")
     eval_tasks: int | None = option(None, "test tasks (none: the run's)", check="positive")
     eval_steps: int | None = option(None, "inner steps at test (none: the run's)", check="nonneg")
     eval_seed: int | None = option(None, "seed of the test tasks (none: the run's)")
@@ -189,7 +210,31 @@ def benchmark_options(config) -> dict:
 def load_benchmark(config):
     from metaphi.tasks.registry import build_benchmark
 
-    return build_benchmark(config.benchmark, config.data_root, **benchmark_options(config))
+    benchmark = build_benchmark(config.benchmark, config.data_root, **benchmark_options(config))
+    return training_data(config, benchmark)
+
+
+def training_data(config: RunConfig, benchmark):
+    """``benchmark`` with its training split as ``config`` asks (``--rotations``, ``--augment``): through
+    the benchmark, so every family's training sampler (episodes or pooled batches) sees it and the
+    validation and test splits do not."""
+    if config.augment_strength != 1.0 and not config.augment:
+        raise UsageError("--augment-strength applies with --augment only")
+    if config.augment and not 0.0 < config.augment_strength <= 1.0:
+        raise UsageError(f"--augment-strength must be in (0, 1], got {config.augment_strength}")
+    return benchmark.with_training(rotations=config.rotations, augment=config.augment,
+                                   augment_strength=config.augment_strength)
+
+
+def with_input_settled(config: RunConfig, benchmark) -> RunConfig:
+    """``config`` with the image size, channels and ink polarity a folder was read with, where they were
+    inferred: config.yaml, the checkpoint and ``metaphi eval`` then read the folder the same way, whatever
+    is added to it later."""
+    origin = benchmark.input_spec().get("origin")
+    if not origin:
+        return config
+    spec = benchmark.input_spec()
+    return dataclasses.replace(config, image_size=spec["height"], channels=spec["channels"], invert=spec["invert"])
 
 
 def default_estimator(algorithm) -> str:
@@ -282,15 +327,20 @@ def make_estimator(config: RunConfig, algorithm, progress: bool = False):
 def meta_train_algorithm(config: RunConfig, benchmark, algorithm, estimator, out_dir: str | None = None,
                          validate=None, run: dict | None = None, progress: bool = False):
     """Meta-train ``algorithm`` on ``benchmark``'s training tasks as ``config`` says; the TrainState."""
-    from metaphi.train import TrainConfig, meta_train
+    from metaphi.train import TrainConfig, check_schedule, meta_train
 
     sample_train = algorithm.training_tasks(benchmark, config.train_ways or config.ways, config.shots, config.query)
     train = TrainConfig(iterations=config.iterations if algorithm.trains else 0, meta_batch=config.meta_batch,
                         meta_lr=config.meta_lr, optimizer=config.optimizer, seed=config.seed,
-                        val_every=config.val_every, device=config.device)
+                        val_every=config.val_every, device=config.device, lr_schedule=config.lr_schedule,
+                        warmup=config.warmup, lr_min_factor=config.lr_min_factor)
+    try:
+        check_schedule(train)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     resume = config.resume and out_dir is not None and os.path.exists(os.path.join(out_dir, "checkpoint.pt"))
     return meta_train(algorithm, estimator, sample_train, train, out_dir=out_dir, validate=validate, resume=resume,
-                      run=run, progress=progress)
+                      run=run, progress=progress, higher_is_better=benchmark.problem.higher_is_better)
 
 
 def train_and_test(config: RunConfig, benchmark, out_dir: str, progress: bool = True) -> dict:
@@ -331,9 +381,30 @@ def train_and_test(config: RunConfig, benchmark, out_dir: str, progress: bool = 
         "parameters": sum(v.numel() for v in state.phi.values()), "machine": machine(),
         "train_ways": train_ways, "init": config.init,
         "checkpoint": os.path.join(out_dir, "checkpoint.pt"), "processes": distributed.world_size(),
+        "best_iteration": state.best["iteration"] if state.best else None,
+        "best_val": state.best["val"] if state.best else None,
     }
+    best = best_result(algorithm, state, test_sampler, config, out_dir, progress)
+    if best is not None:
+        result["best"] = best
     write_json(result, os.path.join(out_dir, "result.json"))
     return result
+
+
+def best_result(algorithm, state, test_sampler, config: RunConfig, out_dir: str, progress: bool = False) -> dict | None:
+    """``{"mean", "ci95", "iteration"}`` of the run's best.pt (its best validation score) on the same test
+    tasks as the last φ, or None when it kept none or the best is the last."""
+    from metaphi.evaluate import evaluate
+    from metaphi.train import BEST, load_checkpoint
+
+    path = os.path.join(out_dir, BEST)
+    if not state.best or state.best["iteration"] == state.iteration or not os.path.isfile(path):
+        return None
+    ck = load_checkpoint(path)
+    phi = {k: v.to(config.device) for k, v in ck["phi"].items()}
+    test = evaluate(algorithm, phi, test_sampler, config.eval_tasks, config.eval_seed, device=config.device,
+                    progress=progress, desc=f"test {config.algorithm} (best)")
+    return {"mean": test["mean"], "ci95": test["ci95"], "iteration": ck["iteration"]}
 
 
 def baseline_config(config: RunConfig, name: str, benchmark) -> RunConfig:
@@ -393,6 +464,9 @@ def _run(config: RunConfig, main_process: bool) -> int:
     from metaphi.algorithms import BASELINES
 
     benchmark = load_benchmark(config)
+    if benchmark.description and main_process and not config.quiet:  # folder:PATH: how its images are read
+        print(benchmark.description, file=sys.stderr, flush=True)
+    config = with_input_settled(config, benchmark)
     config = complete(config, benchmark)
     out_dir = outputs_folder(config, benchmark.name)
     config = dataclasses.replace(config, out=out_dir)
@@ -417,7 +491,13 @@ def _run(config: RunConfig, main_process: bool) -> int:
     if not main_process:
         return 0
     print(format_table(result))
-    print(f"wrote {os.path.join(out_dir, 'result.json')} and {os.path.join(out_dir, 'checkpoint.pt')}")
+    if "best" in result:
+        scale, unit = (100.0, "%") if result["metric"] == "accuracy" else (1.0, "")
+        best = result["best"]
+        print(f"best validation at iteration {best['iteration']} of {result['iterations']}: {result['metric']} "
+              f"{best['mean'] * scale:.2f} ± {best['ci95'] * scale:.2f}{unit} on the same test tasks")
+    kept = " and best.pt" if os.path.isfile(os.path.join(out_dir, "best.pt")) else ""
+    print(f"wrote {os.path.join(out_dir, 'result.json')} and {os.path.join(out_dir, 'checkpoint.pt')}{kept}")
     return 0
 
 
@@ -426,16 +506,20 @@ def evaluate_checkpoint(config: EvalConfig) -> int:
     from metaphi.algorithms import build_algorithm
     from metaphi.evaluate import evaluate
     from metaphi.tasks.registry import build_benchmark
-    from metaphi.train import load_checkpoint
+    from metaphi.train import choose_checkpoint, describe_checkpoint, load_checkpoint
 
     if config.checkpoint is None:
         raise UsageError("name the checkpoint: metaphi eval CHECKPOINT")
-    if not os.path.isfile(config.checkpoint):
-        raise UsageError(f"no checkpoint at {config.checkpoint}")
     try:
-        ck = load_checkpoint(config.checkpoint)
+        path = choose_checkpoint(config.checkpoint, config.last)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if not os.path.isfile(path):
+        raise UsageError(f"no checkpoint at {path}")
+    try:
+        ck = load_checkpoint(path)
     except Exception as e:  # a truncated or foreign file
-        raise UsageError(f"{config.checkpoint} is not a readable metaphi checkpoint ({e})")
+        raise UsageError(f"{path} is not a readable metaphi checkpoint ({e})")
     run = ck["run"]
     algorithm = build_algorithm(ck["algorithm"])
     options = dict(run.get("benchmark_options", {}))
@@ -449,8 +533,9 @@ def evaluate_checkpoint(config: EvalConfig) -> int:
     progress = not config.quiet and sys.stderr.isatty()
     test = evaluate(algorithm, phi, sampler, n, seed, config.eval_steps, device=config.device, progress=progress)
     result = {"algorithm": algorithm.name, "benchmark": benchmark.name, "metric": benchmark.problem.metric,
-              "checkpoint": config.checkpoint, "iterations": ck["iteration"], **test}
+              "checkpoint": path, "iterations": ck["iteration"], **test}
     if config.out:
         write_json(result, config.out)
+    print(f"metaphi eval: tested {describe_checkpoint(path, ck)}", file=sys.stderr)
     print(json.dumps({k: result[k] for k in ("algorithm", "benchmark", "metric", "mean", "ci95", "tasks")}))
     return 0

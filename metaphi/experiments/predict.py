@@ -3,7 +3,9 @@
 The support folder has one subfolder per class with one or more images; the query folder holds the
 images to label (or is one image file). Images of any size and mode are converted to what the
 checkpoint was trained on. Rows ``file,prediction,confidence`` go to stdout and, with ``--out``, to
-a CSV file. For models with task batch normalization the query images are scored as one batch, as
+a CSV file; which checkpoint labelled them goes to stderr. A run folder (or its checkpoint.pt) means
+the run's best.pt, the state with the best validation score, where it kept one; ``--last`` takes
+checkpoint.pt. For models with task batch normalization the query images are scored as one batch, as
 they were at test time.
 """
 from __future__ import annotations
@@ -23,7 +25,10 @@ from metaphi.config import UsageError, option
 class PredictConfig:
     """``metaphi predict``: adapt ``checkpoint`` to the labelled images in ``support``, label ``query``."""
 
-    checkpoint: str | None = option(None, "a checkpoint.pt written by metaphi run (required)")
+    checkpoint: str | None = option(None, "a run's folder, or its checkpoint.pt or best.pt (required): a folder, "
+                                          "or a checkpoint.pt beside a best.pt, means best.pt (the best validation "
+                                          "score) unless --last")
+    last: bool = option(False, "take the run's checkpoint.pt (its last iteration) instead of its best.pt")
     support: str | None = option(None, "folder with one subfolder of images per class (required)")
     query: str | None = option(None, "folder of images to label, or one image file (required)")
     inner_steps: int | None = option(None, "adaptation steps (none: the checkpoint's)", check="nonneg")
@@ -32,6 +37,7 @@ class PredictConfig:
 
 
 def load_for_prediction(path: str):
+    """``(checkpoint, algorithm, input spec)`` of the checkpoint file at ``path``."""
     from metaphi.algorithms import build_algorithm
     from metaphi.train import load_checkpoint
 
@@ -79,7 +85,13 @@ def run(config: PredictConfig) -> int:
     if missing:
         raise UsageError(f"give {', '.join('--' + m for m in missing)} (or a --config file that sets "
                          f"{'them' if len(missing) > 1 else 'it'})")
-    ck, algorithm, spec = load_for_prediction(config.checkpoint)
+    from metaphi.train import choose_checkpoint, describe_checkpoint
+
+    try:
+        path = choose_checkpoint(config.checkpoint, config.last)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    ck, algorithm, spec = load_for_prediction(path)
     rows = predict(ck, algorithm, spec, config.support, config.query, config.inner_steps, config.device)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -94,4 +106,5 @@ def run(config: PredictConfig) -> int:
                 f.write(text)
         except OSError as e:
             raise UsageError(f"--out {config.out}: cannot write ({e.strerror})")
+    print(f"metaphi predict: labelled with {describe_checkpoint(path, ck)}", file=sys.stderr)
     return 0

@@ -1,10 +1,16 @@
 """N-way K-shot episodes drawn from an ImageClasses store with an explicit torch.Generator."""
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
 from metaphi.tasks.base import DataError, ImageClasses, Task
+from metaphi.tasks.transforms import transform_images
+
+#: ``transform(x, generator)``: images ``[..., C, H, W]`` in, the same shape out (e.g. a RandomAffine)
+Transform = Callable[[Tensor, torch.Generator], Tensor]
 
 
 class EpisodeSampler:
@@ -14,10 +20,14 @@ class EpisodeSampler:
     relabelled 0..ways-1 in the order drawn. Support is ``(x [ways*shots, C, H, W] float in [0, 1],
     y [ways*shots])``, query likewise with ``query`` images per class. With ``within_group`` all classes
     of a task come from one group (one alphabet), the harder Omniglot-challenge setting.
+
+    ``augment`` (a :data:`Transform`, e.g. :class:`metaphi.tasks.transforms.RandomAffine`) transforms
+    every support and query image of the episodes drawn, with draws from the same generator after the
+    episodes' own; a benchmark gives one to its training split's sampler only.
     """
 
     def __init__(self, data: ImageClasses, ways: int, shots: int, query: int, within_group: bool = False,
-                 name: str = "data"):
+                 name: str = "data", augment: Transform | None = None):
         for label, value in (("ways", ways), ("shots", shots), ("query", query)):
             if value < 1:
                 raise DataError(f"{label} must be a positive integer, got {value}")
@@ -33,7 +43,7 @@ class EpisodeSampler:
                 f"{shots} + {query} = {need}; lower --shots/--query (at most {int(counts.min())} in all)"
             )
         self.data, self.ways, self.shots, self.query = data, ways, shots, query
-        self.within_group = within_group
+        self.within_group, self.augment = within_group, augment
         self._group_classes: list[Tensor] = []
         if within_group:
             if data.groups is None:
@@ -65,6 +75,19 @@ class EpisodeSampler:
         return torch.randperm(self.data.num_classes, generator=generator)[: self.ways]
 
     def sample(self, generator: torch.Generator) -> Task:
+        return self._augmented(self._draw(generator), generator)
+
+    def sample_batch(self, n: int, generator: torch.Generator) -> Task:
+        return self._augmented(Task.stack([self._draw(generator) for _ in range(n)]), generator)
+
+    def _augmented(self, task: Task, generator: torch.Generator) -> Task:
+        if self.augment is None:
+            return task
+        (xs, ys), (xq, yq) = task
+        xs, xq = transform_images(self.augment, generator, xs, xq)
+        return Task((xs, ys), (xq, yq))
+
+    def _draw(self, generator: torch.Generator) -> Task:
         need = self.shots + self.query
         classes = self._classes(generator)
         keys = torch.rand(self.ways, self._table.shape[1], generator=generator)
@@ -77,6 +100,3 @@ class EpisodeSampler:
         xs = images[:, : self.shots].reshape(-1, *images.shape[2:])
         xq = images[:, self.shots :].reshape(-1, *images.shape[2:])
         return Task((xs, self._ys.clone()), (xq, self._yq.clone()))
-
-    def sample_batch(self, n: int, generator: torch.Generator) -> Task:
-        return Task.stack([self.sample(generator) for _ in range(n)])

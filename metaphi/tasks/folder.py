@@ -11,17 +11,32 @@ split at random by a seed (:func:`folder_splits` with ``fractions``) or by a spl
 
 Classes the split file does not name are left out. :func:`load_query_images` reads a flat folder of
 images to classify (for ``metaphi predict``).
+
+How to read a folder, when the user leaves it open, is decided by :func:`folder_input` from a bounded,
+fixed sample of its images (:func:`metaphi.tasks.imageio.survey`), each rule stated once here:
+
+- channels: 1 when every sampled image is grey (a greyscale mode, a grey palette, or colour channels
+  that are equal), else 3;
+- invert: when the images are grey and their background is light (the median over the sampled
+  images of each one's median grey level is above the mid-level, 127.5), so that dark ink on white
+  paper becomes high ink on a low background, as the built-in glyphs and the Omniglot readers have
+  it; colour images are never inverted;
+- image size: 28 for grey images on a light background (characters: the field's size for them),
+  else 84 (photos; the size of miniImageNet).
+
+Images are decoded one at a time straight into one preallocated uint8 tensor at the chosen size.
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping, Sequence, Union
 
 import torch
 
 from metaphi.tasks.base import DataError, ImageClasses
-from metaphi.tasks.imageio import CacheDir, Size, as_size, cached, decode_many, list_images, mode_of, split_by_counts
+from metaphi.tasks.imageio import CacheDir, Size, Survey, as_size, cached, decode_many, list_images, mode_of, survey
 
 SPLITS = ("train", "val", "test")
 ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
@@ -29,32 +44,121 @@ ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", 
 SplitSpec = Union[str, os.PathLike, Mapping[str, Union[str, os.PathLike]], None]
 
 
-def load_folder(root: str | os.PathLike, *, channels: int = 3, image_size: Size = 84, invert: bool = False,
-                min_images: int = 1, cache_dir: CacheDir = None) -> ImageClasses:
-    """Every class folder of ``root`` (sorted by name) as uint8 [N, channels, H, W]; images sorted by
-    file name. ``invert`` maps v to 255 - v (dark strokes on white become high, as the Omniglot store
-    has them). A class with fewer than ``min_images`` images raises DataError. Decoded once and
-    cached, keyed by the size and modification time of every file under ``root``."""
+#: the image size of each kind of folder when none is given (see the module's docstring)
+CHARACTER_SIZE, PHOTO_SIZE = 28, 84
+#: a median grey level above this is a light background
+MID_LEVEL = 127.5
+
+
+def _folder(root: str | os.PathLike) -> Path:
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DataError(f"{root}: not a folder; give a folder with one subfolder of images per class")
+    return root
+
+
+def class_folders(root: Path) -> list[Path]:
+    """The class folders of ``root``, sorted by name; DataError when there is none."""
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(f"{root}: no class folders; put the images of each class in a subfolder named after it")
+    return folders
+
+
+def class_files(root: Path, classes: Sequence[str] | None = None) -> tuple[list[Path], list[Path], list[int]]:
+    """``(class folders, image files, class index of each file)`` of ``root``: every class folder
+    sorted by name, or those named in ``classes`` in that order; files sorted by name. DataError when
+    there is no class folder, one is empty, or a class named is not a folder."""
+    folders = class_folders(root)
+    if classes is not None:
+        by_name = {p.name: p for p in folders}
+        for name in classes:
+            if name not in by_name:
+                raise DataError(f"{root}: class '{name}' is not a folder of it ({len(by_name)} classes found)")
+        folders = [by_name[name] for name in classes]
+    files, targets = [], []
+    for c, folder in enumerate(folders):
+        images = list_images(folder)
+        if not images:
+            raise DataError(f"{folder}: empty class folder; add images or remove the folder")
+        files += images
+        targets += [c] * len(images)
+    return folders, files, targets
+
+
+@dataclass(frozen=True)
+class FolderInput:
+    """How a folder's images are read: ``channels``, ``image_size``, ``invert``, and for each of the
+    three whether it was ``"given"`` or ``"inferred"`` (``origin``) from ``survey`` (None when all
+    three were given and no image was looked at)."""
+
+    channels: int
+    image_size: Size
+    invert: bool
+    origin: dict = field(default_factory=dict)
+    survey: Survey | None = None
+
+    def describe(self) -> str:
+        """The choices and why, as part of one line."""
+        s, origin = self.survey, self.origin
+        h, w = as_size(self.image_size)
+        kind = "grey" if self.channels == 1 else "RGB"
+        parts = [f"channels {self.channels} ({origin['channels']}"
+                 + (f": {s.sampled} of {s.total} images sampled, {'all grey' if s.greyscale else 'in colour'})"
+                    if origin["channels"] == "inferred" else ")"),
+                 f"{'inverted' if self.invert else 'not inverted'} ({origin['invert']}"
+                 + (f": median grey {s.median:.0f} of 255, {'light' if s.median > MID_LEVEL else 'dark'} background"
+                    f"{'' if s.greyscale else ' but in colour'})" if origin["invert"] == "inferred" else ")"),
+                 f"size {h}x{w} ({origin['image_size']}"
+                 + (f": {'grey on light: characters' if _characters(s) else 'photos'})"
+                    if origin["image_size"] == "inferred" else ")")]
+        hint = "; give channels, image_size or invert to override" if "inferred" in origin.values() else ""
+        return f"read as {kind} {h}x{w}{', ink high' if self.invert else ''}; " + ", ".join(parts) + hint
+
+
+def _characters(s: Survey) -> bool:
+    return s.greyscale and s.median > MID_LEVEL
+
+
+def folder_input(root: str | os.PathLike, *, channels: int | None = None, image_size: Size | None = None,
+                 invert: bool | None = None, sample: int = 256, seed: int = 0) -> FolderInput:
+    """How to read the class folders of ``root``: each of ``channels``, ``image_size`` and ``invert``
+    left ``None`` is inferred by the rules of this module's docstring from up to ``sample`` images
+    drawn with ``seed``; a value given is kept. Looks at no image when all three are given."""
+    origin = {k: "inferred" if v is None else "given"
+              for k, v in (("channels", channels), ("image_size", image_size), ("invert", invert))}
+    found = None
+    if None in (channels, image_size, invert):
+        _, files, _ = class_files(_folder(root))
+        found = survey(files, sample=sample, seed=seed)
+        if channels is None:
+            channels = 1 if found.greyscale else 3
+        if invert is None:
+            invert = _characters(found)
+        if image_size is None:
+            image_size = CHARACTER_SIZE if _characters(found) else PHOTO_SIZE
+    return FolderInput(channels=channels, image_size=image_size, invert=bool(invert), origin=origin, survey=found)
+
+
+def load_folder(root: str | os.PathLike, *, channels: int = 3, image_size: Size = 84, invert: bool = False,
+                min_images: int = 1, cache_dir: CacheDir = None, classes: Sequence[str] | None = None) -> ImageClasses:
+    """Every class folder of ``root`` (sorted by name; or the ``classes`` named, in that order) as
+    uint8 [N, channels, H, W], each class's images consecutive and sorted by file name. ``invert``
+    maps v to 255 - v (dark strokes on white become high, as the Omniglot store has them). A class
+    with fewer than ``min_images`` images raises DataError. Decoded once, image by image into one
+    preallocated tensor, and cached, keyed by the size and modification time of every file under
+    ``root``."""
+    root = _folder(root)
     mode, hw = mode_of(channels), as_size(image_size)
 
     def build() -> ImageClasses:
-        folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        if not folders:
-            raise DataError(f"{root}: no class folders; put the images of each class in a subfolder named after it")
-        files, targets = [], []
-        for c, folder in enumerate(folders):
-            images = list_images(folder)
-            if not images:
-                raise DataError(f"{folder}: empty class folder; add images or remove the folder")
-            files += images
-            targets += [c] * len(images)
+        folders, files, targets = class_files(root, classes)
         pixels = decode_many(files, [str(p) for p in files], mode, hw, invert)
         return ImageClasses(pixels, torch.tensor(targets, dtype=torch.int64), [p.name for p in folders])
 
     params = {"channels": channels, "image_size": list(hw), "invert": invert}
+    if classes is not None:
+        params["classes"] = list(classes)
     data = cached(f"folder-{root.name}-{mode}-{hw[0]}x{hw[1]}", [root], params, build, cache_dir)
     counts = data.counts
     short = (counts < min_images).nonzero().flatten()
@@ -108,12 +212,15 @@ def folder_splits(root: str | os.PathLike, *, fractions: Sequence[float] = (0.6,
                   min_images: int = 1, cache_dir: CacheDir = None) -> dict[str, ImageClasses]:
     """``{"train", "val", "test"}`` stores of the class folders of ``root``: split by the ``split``
     file(s) when given, else shuffled with ``torch.Generator().manual_seed(seed)`` and cut by
-    ``fractions`` of the classes. Every split must get at least one class."""
-    data = load_folder(root, channels=channels, image_size=image_size, invert=invert, min_images=min_images,
-                       cache_dir=cache_dir)
+    ``fractions`` of the classes. Every split must get at least one class.
+
+    The classes are chosen before any image is decoded: only the classes of the three splits are
+    read, in split order, so each split is a slice of one store (no copy)."""
+    root = _folder(root)
+    found = [p.name for p in class_folders(root)]
     if split is not None:
         names = read_split(split)
-        index = {c: i for i, c in enumerate(data.classes)}
+        index = {c: i for i, c in enumerate(found)}
         seen: dict[str, str] = {}
         for s in SPLITS:
             for name in names[s]:
@@ -125,16 +232,42 @@ def folder_splits(root: str | os.PathLike, *, fractions: Sequence[float] = (0.6,
                 seen[name] = s
             if not names[s]:
                 raise DataError(f"split file {split}: no class in {s}; every split needs at least one class")
-        return {s: data.subset([index[n] for n in dict.fromkeys(names[s])]) for s in SPLITS}
-    if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
-        raise DataError(f"fractions must be three non-negative numbers (train, val, test) summing to 1, got {list(fractions)}")
-    n = data.num_classes
-    n_train, n_val = round(fractions[0] * n), round(fractions[1] * n)
-    counts = [n_train, n_val, n - n_train - n_val]
-    if min(counts) < 1:
-        raise DataError(f"{root}: {n} classes split by {list(fractions)} leave a split empty ({counts}); "
-                        "add classes or change the fractions")
-    return dict(zip(SPLITS, split_by_counts(data, counts, torch.Generator().manual_seed(seed))))
+        parts = [list(dict.fromkeys(names[s])) for s in SPLITS]
+    else:
+        if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1) > 1e-6:
+            raise DataError(f"fractions must be three non-negative numbers (train, val, test) summing to 1, "
+                            f"got {list(fractions)}")
+        n = len(found)
+        n_train, n_val = round(fractions[0] * n), round(fractions[1] * n)
+        counts = [n_train, n_val, n - n_train - n_val]
+        if min(counts) < 1:
+            raise DataError(f"{root}: {n} classes split by {list(fractions)} leave a split empty ({counts}); "
+                            "add classes or change the fractions")
+        # the order metaphi.tasks.imageio.split_by_counts gives the classes
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+        bounds = [0, counts[0], counts[0] + counts[1], n]
+        parts = [[found[i] for i in order[a:b]] for a, b in zip(bounds, bounds[1:])]
+    data = load_folder(root, channels=channels, image_size=image_size, invert=invert, min_images=min_images,
+                       cache_dir=cache_dir, classes=[c for part in parts for c in part])
+    return dict(zip(SPLITS, consecutive(data, [len(part) for part in parts])))
+
+
+def consecutive(data: ImageClasses, sizes: Sequence[int]) -> list[ImageClasses]:
+    """``data`` cut into parts of ``sizes`` consecutive classes, each a slice of its images (a view,
+    not a copy); the images of each class must be consecutive and in class order, as
+    :func:`load_folder` stores them."""
+    counts = data.counts.tolist()
+    if not bool((data.targets[1:] >= data.targets[:-1]).all()):
+        raise ValueError("the images are not stored in class order")
+    parts, first_class, first_image = [], 0, 0
+    for size in sizes:
+        images = sum(counts[first_class:first_class + size])
+        end = first_image + images
+        parts.append(ImageClasses(data.images[first_image:end], data.targets[first_image:end] - first_class,
+                                  data.classes[first_class:first_class + size],
+                                  data.groups[first_class:first_class + size] if data.groups is not None else None))
+        first_class, first_image = first_class + size, end
+    return parts
 
 
 def load_query_images(path: str | os.PathLike, channels: int, height: int, width: int,

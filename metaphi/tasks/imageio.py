@@ -16,6 +16,7 @@ import json
 import os
 import pickle
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
@@ -134,6 +135,58 @@ def decode_many(sources: Sequence, names: Sequence[str], mode: str, size: Size, 
             for _ in pool.map(one, range(len(sources)), chunksize=64):
                 pass
     return torch.from_numpy(out)
+
+
+@dataclass(frozen=True)
+class Survey:
+    """What a bounded sample of images looks like (:func:`survey`)."""
+
+    #: images looked at, and how many there are
+    sampled: int
+    total: int
+    #: every sampled image is grey: a greyscale mode (L, 1, LA, I;16, F), a grey palette, or colour
+    #: channels equal to within :data:`GREY_TOLERANCE`
+    greyscale: bool
+    #: the median over the sampled images of each image's median grey level (0 black .. 255 white)
+    median: float
+    #: the longest side of any sampled image, in pixels
+    largest: int
+
+
+#: colour channels that differ by at most this much (of 255) are grey: JPEG keeps grey within a few levels
+GREY_TOLERANCE = 8
+#: images are looked at no larger than this (JPEG decodes at 1/2, 1/4 or 1/8 scale directly)
+SURVEY_SIZE = 64
+
+
+def survey(files: Sequence[str | os.PathLike], sample: int = 256, seed: int = 0) -> Survey:
+    """Look at up to ``sample`` of ``files``, drawn with ``torch.Generator().manual_seed(seed)``
+    (the same ones every time), each shrunk to :data:`SURVEY_SIZE` pixels: are they all grey, how
+    light is their background. A file PIL cannot read raises :class:`DataError` naming it."""
+    if not files:
+        raise DataError("no images to look at")
+    Image = _pil()
+    pick = torch.randperm(len(files), generator=torch.Generator().manual_seed(seed))[:sample].sort().values
+    grey, medians, largest = True, [], 0
+    for i in pick.tolist():
+        name = str(files[i])
+        try:
+            with Image.open(files[i]) as img:
+                largest = max(largest, *img.size)
+                img.draft(None, (SURVEY_SIZE, SURVEY_SIZE))  # JPEG: decode small; other formats ignore it
+                img.load()
+                rgb = convert(img, "RGB")
+        except FileNotFoundError:
+            raise DataError(f"{name}: file not found; check the path") from None
+        except Exception as e:
+            raise DataError(f"{name}: not a readable image ({_reason(e)}); replace or remove this file") from None
+        rgb.thumbnail((SURVEY_SIZE, SURVEY_SIZE))
+        arr = np.asarray(rgb, dtype=np.int16)
+        if grey and int(np.abs(arr[..., :2] - arr[..., 1:]).max(initial=0)) > GREY_TOLERANCE:
+            grey = False
+        medians.append(float(np.median(np.asarray(rgb.convert("L")))))
+    return Survey(sampled=len(medians), total=len(files), greyscale=grey, median=float(np.median(medians)),
+                  largest=largest)
 
 
 def list_images(folder: Path) -> list[Path]:

@@ -91,3 +91,63 @@ def test_threads_option_sets_torch_threads(tmp_path):
             set_threads(-2)
     finally:
         torch.set_num_threads(before)
+
+
+def test_run_with_a_cosine_schedule_logs_its_step_sizes(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "fomaml", *FAST, "--no-baselines", "--iterations", "5", "--meta-lr", "0.01", "--lr-schedule",
+                 "cosine", "--warmup", "2", "--lr-min-factor", "0.1", "--out", str(out)]) == 0
+    lrs = [json.loads(line)["lr"] for line in open(out / "metrics.jsonl")]
+    # iterations 1-2 warm up to 0.01; then cosine from 0.01 down to 0.1 × 0.01 at iteration 5
+    assert lrs == pytest.approx([0.005, 0.01, 0.01, 0.01 * (0.1 + 0.9 * 0.5), 0.001])
+    assert "lr_schedule: cosine" in (out / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr-schedule", "linear"], "invalid choice: 'linear'"),
+    (["--lr-min-factor", "0.5"], "--lr-min-factor applies to --lr-schedule cosine only"),
+    (["--lr-schedule", "cosine", "--lr-min-factor", "2"], "--lr-min-factor must be in [0, 1]"),
+    (["--warmup", "4"], "--warmup 4 leaves none of the 4 iterations after the warm-up"),
+    (["--warmup", "-1"], "--warmup must be >= 0"),
+])
+def test_bad_schedules_exit_2_with_one_line(tmp_path, capsys, args, message):
+    try:
+        code = main(["run", "maml", *FAST, "--no-baselines", "--out", str(tmp_path / "run"), *args])
+    except SystemExit as e:  # argparse's own checks
+        code = e.code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+def test_run_keeps_and_tests_the_best_validation_checkpoint_and_eval_picks_it(tmp_path, capsys):
+    # a step size too large for the sinusoid: the validation error is lowest after the first step
+    out = tmp_path / "run"
+    assert main(["run", "maml", *FAST, "--no-baselines", "--meta-lr", "0.2", "--eval-steps", "2", "--val-every", "1",
+                 "--iterations", "6", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    result = json.loads((out / "result.json").read_text())
+    vals = [json.loads(line)["val"] for line in open(out / "metrics.jsonl")]
+    assert result["best_val"] == min(vals) and result["best_iteration"] == vals.index(min(vals)) + 1 == 1
+    assert result["best"]["iteration"] == 1 and result["iterations"] == 6
+    assert "best validation at iteration 1 of 6" in printed and "best.pt" in printed
+    e = tmp_path / "e.json"
+    for given, chosen in ((out, "best.pt"), (out / "checkpoint.pt", "best.pt"), (out / "best.pt", "best.pt"),
+                          (out, "checkpoint.pt --last"), (out / "best.pt", "checkpoint.pt --last")):
+        name, *flags = chosen.split()
+        assert main(["eval", str(given), *flags, "--out", str(e)]) == 0
+        again = json.loads(e.read_text())
+        assert again["checkpoint"] == str(out / name)
+        expected = result["best"]["mean"] if name == "best.pt" else result["mean"]
+        assert again["mean"] == pytest.approx(expected, rel=1e-6)
+        said = capsys.readouterr().err
+        assert f"tested {out / name}" in said
+        assert ("the best validation score" in said) == (name == "best.pt")
+
+
+def test_a_run_whose_best_is_its_last_adds_only_the_best_keys(tmp_path):
+    out = tmp_path / "run"
+    assert main(["run", "maml", *FAST, "--no-baselines", "--out", str(out)]) == 0
+    result = json.loads((out / "result.json").read_text())
+    assert result["best_iteration"] == result["iterations"] == 4 and "best" not in result
+    assert (out / "best.pt").exists()

@@ -147,3 +147,32 @@ def test_predict_takes_a_config_file(data, tmp_path, capsys):
     assert (tmp_path / "labels.csv").exists()  # the flag beside the file
     assert main(["predict", "--support", str(data / "support")]) == 2
     assert "give --checkpoint, --query" in capsys.readouterr().err
+
+
+def test_predict_on_a_run_folder_takes_best_pt_and_last_takes_checkpoint_pt(data, tmp_path, capsys):
+    ck = train_checkpoint(data, "protonet", tmp_path / "run", "--val-every", "1")
+    run = ck.parent
+    assert (run / "best.pt").exists()
+    # another run's φ as this run's best, so the two files label differently
+    other = train_checkpoint(data, "protonet", tmp_path / "other", "--seed", "5")
+    (run / "best.pt").write_bytes(other.read_bytes())
+    capsys.readouterr()
+
+    def labels(*args):
+        assert main(["predict", *args, "--support", str(data / "support"), "--query", str(data / "query")]) == 0
+        captured = capsys.readouterr()
+        return captured.out, captured.err
+
+    by_best, by_last = labels("--checkpoint", str(other)), labels("--checkpoint", str(ck), "--last")
+    assert by_best[0] != by_last[0]  # the confidences tell the two φ apart
+    for args, expected, name in ((["--checkpoint", str(run)], by_best, "best.pt"),
+                                 (["--checkpoint", str(ck)], by_best, "best.pt"),
+                                 (["--checkpoint", str(run), "--last"], by_last, "checkpoint.pt")):
+        out, err = labels(*args)
+        assert out == expected[0] and f"labelled with {run / name}" in err, (args, err)
+    renamed = tmp_path / "model.pt"  # a file of another name is itself; --last does not apply to it
+    renamed.write_bytes(ck.read_bytes())
+    assert labels("--checkpoint", str(renamed))[0] == by_last[0]
+    assert main(["predict", "--checkpoint", str(renamed), "--last", "--support", str(data / "support"), "--query",
+                 str(data / "query")]) == 2
+    assert "--last: " in capsys.readouterr().err

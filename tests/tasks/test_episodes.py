@@ -129,3 +129,50 @@ def test_pixel_nn_takes_the_class_of_the_nearest_support_example():
     # minus the distance to the class's nearest example
     assert float(logits[3, 1]) == pytest.approx(-1.0)
     assert float(algo.evaluate({}, Task((xs, ys), (xq, yq)))) == 1.0
+
+
+def test_rotations_multiply_the_classes_with_exactly_rotated_images_and_keep_groups():
+    data = store(classes=3, per_class=2, groups=["a", "a", "b"])
+    data.images[:, 0, 0, 1] = 200  # an asymmetric mark, so each rotation differs
+    rot = data.rotated()
+    assert rot.num_classes == 12 and rot.counts.tolist() == [2] * 12 and rot.images.dtype == torch.uint8
+    assert rot.groups == ["a"] * 8 + ["b"] * 4
+    for c in range(3):
+        for i, deg in enumerate((0, 90, 180, 270)):
+            assert rot.classes[4 * c + i] == f"c{c}@rot{deg}"
+            got = rot.images[rot.indices_of(4 * c + i)]
+            want = torch.rot90(data.images[data.indices_of(c)], deg // 90, dims=(2, 3))
+            assert torch.equal(got, want)
+    assert rot.is_rotated and not data.is_rotated
+    wide = ImageClasses(torch.zeros(2, 1, 4, 6, dtype=torch.uint8), torch.tensor([0, 1]), ["x", "y"])
+    with pytest.raises(DataError, match="rotating by 90 degrees needs square images, these are 4 x 6"):
+        wide.rotated()
+    assert wide.rotated((0, 180)).num_classes == 4  # half turns keep the shape
+    with pytest.raises(DataError, match="multiples of 90 degrees"):
+        data.rotated((0, 45))
+
+
+def test_benchmark_rotations_touch_the_training_split_only():
+    from metaphi.tasks.benchmark import image_benchmark
+
+    splits = {name: store(classes=6, per_class=5, groups=["a"] * 3 + ["b"] * 3) for name in ("train", "val", "test")}
+    bench = image_benchmark("tiny", splits, {})
+    rotated = bench.with_training(rotations=True)
+    assert rotated.num_classes("train") == 24 and rotated.splits["train"].groups[:4] == ["a"] * 4
+    assert rotated.splits["val"] is splits["val"] and rotated.splits["test"] is splits["test"]
+    assert bench.num_classes("train") == 6  # the benchmark it came from is unchanged
+    assert rotated.episodes("train", 20, 1, 1).data.num_classes == 24  # 20-way training tasks now fit
+    with pytest.raises(DataError, match="20-way tasks need 20 classes but it has 6"):
+        rotated.episodes("val", 20, 1, 1)
+    with pytest.raises(DataError, match="already makes each rotation of its training classes a class of its own"):
+        rotated.with_training(rotations=True)
+
+
+def test_sample_batch_without_augmentation_is_the_episodes_stacked():
+    sampler = EpisodeSampler(store(), 3, 1, 2)
+    assert sampler.augment is None
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    batch = sampler.sample_batch(3, g1)
+    single = Task.stack([sampler.sample(g2) for _ in range(3)])
+    assert torch.equal(batch.support[0], single.support[0]) and torch.equal(batch.query[0], single.query[0])
+    assert torch.equal(g1.get_state(), g2.get_state())

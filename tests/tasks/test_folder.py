@@ -174,3 +174,18 @@ def test_query_images(tmp_path):
         folder.load_query_images(tmp_path / "none", 1, 28, 28)
     with pytest.raises(DataError, match="not found"):
         folder.load_query_images(tmp_path / "nope", 1, 28, 28)
+
+
+def test_load_folder_reads_only_the_classes_named_in_their_order(tmp_path):
+    root = make_classes(tmp_path / "data", n_classes=4, per_class=2)
+    cache = tmp_path / "cache"
+    whole = folder.load_folder(root, channels=1, image_size=8, cache_dir=cache)
+    some = folder.load_folder(root, channels=1, image_size=8, cache_dir=cache, classes=["class3", "class1"])
+    assert some.classes == ["class3", "class1"] and some.targets.tolist() == [0, 0, 1, 1]
+    assert torch.equal(some.images, whole.subset([3, 1]).images)
+    assert len(list(cache.glob("folder-data-*.pt"))) == 2  # the named classes are cached apart from the whole
+    with pytest.raises(DataError, match="class 'class9' is not a folder"):
+        folder.load_folder(root, image_size=8, cache_dir=cache, classes=["class0", "class9"])
+    parts = folder.consecutive(some, [1, 1])
+    assert [p.classes for p in parts] == [["class3"], ["class1"]] and parts[1].targets.tolist() == [0, 0]
+    assert parts[1].images.data_ptr() == some.images[2:].data_ptr()  # a view
