@@ -49,6 +49,9 @@ class RunConfig:
     invert: bool | None = option(None, "folder:PATH only: dark ink on light paper becomes high (none: inferred, "
                                        "on when the images are grey on a light background; --no-invert forces off)")
     split_file: str | None = option(None, "folder:PATH only: a file mapping class -> train/val/test")
+    deploy: bool = option(False, "folder:PATH only: a model for `metaphi predict`: every class but a validation fifth "
+                                 "trains, no test split; result.json has no test score (test: null) but the "
+                                 "validation scores of the best and last φ; no baselines")
     ways: int | None = option(None, "classes per task (none: the benchmark's)", check="positive")
     train_ways: int | None = option(None, "classes per meta-training task, for learners that take any number "
                                           "(protonet, matching, relation; none: --ways)", check="positive")
@@ -204,12 +207,15 @@ def check_options(config: RunConfig, estimator: str):
 def benchmark_options(config) -> dict:
     """What ``build_benchmark`` takes besides the name and the data root (also stored with the run)."""
     return {"download": config.download, "within_group": config.within_alphabet, "image_size": config.image_size,
-            "channels": config.channels, "invert": config.invert, "split_file": config.split_file}
+            "channels": config.channels, "invert": config.invert, "split_file": config.split_file,
+            **({"deploy": True} if getattr(config, "deploy", False) else {})}
 
 
 def load_benchmark(config):
-    from metaphi.tasks.registry import build_benchmark
+    from metaphi.tasks.registry import build_benchmark, folder_path
 
+    if getattr(config, "deploy", False) and folder_path(config.benchmark) is None:
+        raise UsageError(f"--deploy applies to folder:PATH benchmarks only, not {config.benchmark}")
     benchmark = build_benchmark(config.benchmark, config.data_root, **benchmark_options(config))
     return training_data(config, benchmark)
 
@@ -351,6 +357,8 @@ def train_and_test(config: RunConfig, benchmark, out_dir: str, progress: bool = 
 
     algorithm = make_algorithm(config, benchmark)
     estimator = make_estimator(config, algorithm, progress)
+    if not has_test(benchmark):  # deploy mode: validated, kept for predict, not tested
+        return train_without_test(config, benchmark, algorithm, estimator, out_dir, progress)
     test_sampler = benchmark.episodes("test", config.ways, config.eval_shots, config.eval_query)
     validate = None
     if "val" in benchmark.splits or benchmark.regression_tasks is not None:
@@ -387,6 +395,45 @@ def train_and_test(config: RunConfig, benchmark, out_dir: str, progress: bool = 
     best = best_result(algorithm, state, test_sampler, config, out_dir, progress)
     if best is not None:
         result["best"] = best
+    write_json(result, os.path.join(out_dir, "result.json"))
+    return result
+
+
+def has_test(benchmark) -> bool:
+    """Whether ``benchmark`` has test tasks (a folder in deploy mode has none)."""
+    return benchmark.regression_tasks is not None or "test" in benchmark.splits
+
+
+def train_without_test(config: RunConfig, benchmark, algorithm, estimator, out_dir: str, progress: bool) -> dict:
+    """Deploy mode: meta-train on a benchmark with no test split, validating; the result says
+    ``"test": None`` and gives the validation scores of the last φ and of the best (best.pt)."""
+    from metaphi import distributed
+    from metaphi.evaluate import evaluate
+
+    val_sampler = benchmark.episodes("val", config.ways, config.eval_shots, config.eval_query)
+    validate = lambda phi: evaluate(algorithm, phi, val_sampler, config.val_tasks, config.eval_seed + 1,
+                                    device=config.device)["mean"]
+    train_ways = config.train_ways or config.ways
+    run = {"benchmark": benchmark.name, "data_root": config.data_root, "benchmark_options": benchmark_options(config),
+           **settings(config), "estimator": config.estimator, "seed": config.seed, "eval_seed": config.eval_seed,
+           "input": benchmark.input_spec(), "train_ways": train_ways, "init": config.init}
+    started = time.perf_counter()
+    state = meta_train_algorithm(config, benchmark, algorithm, estimator, out_dir, validate, run, progress)
+    if not distributed.is_main():
+        return {"algorithm": config.algorithm, "rank": distributed.rank(), "deploy": True}
+    last_val = next((row["val"] for row in reversed(state.history) if "val" in row), None)
+    result = {
+        "algorithm": config.algorithm, "benchmark": benchmark.name, "metric": benchmark.problem.metric,
+        "higher_is_better": benchmark.problem.higher_is_better, "deploy": True, "test": None,
+        "val": {"last": last_val, "best": state.best["val"] if state.best else None,
+                "best_iteration": state.best["iteration"] if state.best else None, "tasks": config.val_tasks},
+        "iterations": state.iteration, "wall_seconds": time.perf_counter() - started,
+        "train_seconds": state.train_seconds, "seed": config.seed, "ways": config.ways, "shots": config.shots,
+        "query": config.query, "eval_shots": config.eval_shots, "eval_query": config.eval_query,
+        "train_ways": train_ways, "estimator": config.estimator, "machine": machine(),
+        "checkpoint": os.path.join(out_dir, "checkpoint.pt"),
+        "best_checkpoint": os.path.join(out_dir, "best.pt") if state.best else None,
+    }
     write_json(result, os.path.join(out_dir, "result.json"))
     return result
 
@@ -474,10 +521,14 @@ def _run(config: RunConfig, main_process: bool) -> int:
     progress = progress_bars(config.quiet)
     # Sizes are checked against the data before any training starts.
     for split, shots, query in (("train", config.shots, config.query), ("test", config.eval_shots, config.eval_query)):
+        if split == "test" and not has_test(benchmark):
+            split = "val"  # deploy mode: the validation tasks are the held-out ones
         benchmark.episodes(split, config.ways, shots, query)
     if main_process:
         save_config(config, out_dir, "run")
     result = train_and_test(config, benchmark, out_dir, progress=progress)
+    if result.get("deploy"):
+        return report_deployed(result, out_dir) if main_process else 0
     if config.baselines:
         result["baselines"] = {}
         for name in BASELINES:
@@ -498,6 +549,20 @@ def _run(config: RunConfig, main_process: bool) -> int:
               f"{best['mean'] * scale:.2f} ± {best['ci95'] * scale:.2f}{unit} on the same test tasks")
     kept = " and best.pt" if os.path.isfile(os.path.join(out_dir, "best.pt")) else ""
     print(f"wrote {os.path.join(out_dir, 'result.json')} and {os.path.join(out_dir, 'checkpoint.pt')}{kept}")
+    return 0
+
+
+def report_deployed(result: dict, out_dir: str) -> int:
+    """What a deploy-mode run prints: its validation scores and the files for ``metaphi predict``."""
+    scale, unit = (100.0, "%") if result["metric"] == "accuracy" else (1.0, "")
+    val = result["val"]
+    shown = lambda v: "none" if v is None else f"{v * scale:.2f}{unit}"
+    print(f"{result['benchmark']} (deploy: no test classes) {result['ways']}-way {result['eval_shots']}-shot, "
+          f"{result['metric']} on {val['tasks']} validation tasks: last {shown(val['last'])}, best {shown(val['best'])}"
+          f" at iteration {val['best_iteration']}")
+    kept = " and best.pt" if os.path.isfile(os.path.join(out_dir, "best.pt")) else ""
+    print(f"wrote {os.path.join(out_dir, 'result.json')} and {os.path.join(out_dir, 'checkpoint.pt')}{kept}; label "
+          f"your images with: metaphi predict --checkpoint {out_dir} --support SUPPORT --query QUERY")
     return 0
 
 

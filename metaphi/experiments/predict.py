@@ -7,6 +7,20 @@ a CSV file; which checkpoint labelled them goes to stderr. A run folder (or its 
 the run's best.pt, the state with the best validation score, where it kept one; ``--last`` takes
 checkpoint.pt. For models with task batch normalization the query images are scored as one batch, as
 they were at test time.
+
+Two switchable additions, both off by default (their defaults are to be chosen on validation classes):
+
+- ``--tta N``, test-time augmentation: each query image's class probabilities are the mean over the
+  image itself and N-1 copies moved by random affine maps (:class:`metaphi.tasks.transforms.RandomAffine`,
+  the ranges of ``run --augment``), drawn from a generator seeded by ``--seed``.
+- ``--finetune-steps S`` (ProtoNet): the embedding fine-tuned on the support set, with the prototypes
+  as the initial linear classifier (Chen et al. 2019, "A closer look at few-shot classification"; Tian
+  et al. 2020, "Rethinking few-shot image classification"). The squared-euclidean ProtoNet classifier
+  −‖f(x) − c_k‖² = 2 c_k·f(x) − ‖c_k‖² − ‖f(x)‖² is, up to the per-image constant ‖f(x)‖², the linear
+  layer W = 2C, b = −‖c_k‖²: it starts there and S Adam steps (step size ``--finetune-lr``) on the
+  support cross-entropy move body and head together, on a copy of φ. Support and query are embedded
+  as one batch, as ProtoNet does (task batch norm), the loss on the support part only. MAML-family
+  checkpoints already adapt by gradient steps on the support set: ``--inner-steps`` sets those.
 """
 from __future__ import annotations
 
@@ -32,6 +46,14 @@ class PredictConfig:
     support: str | None = option(None, "folder with one subfolder of images per class (required)")
     query: str | None = option(None, "folder of images to label, or one image file (required)")
     inner_steps: int | None = option(None, "adaptation steps (none: the checkpoint's)", check="nonneg")
+    tta: int = option(0, "test-time augmentation: average each query image's class probabilities over the image "
+                         "and N-1 randomly moved copies (shift, zoom, rotation, shear as run --augment; 0: off)",
+                      check="nonneg", metavar="N")
+    finetune_steps: int = option(0, "ProtoNet: fine-tune the embedding on the support set this many Adam steps, with "
+                                    "the prototypes as the initial linear classifier (0: off; MAML-family models "
+                                    "adapt with --inner-steps)", check="nonneg")
+    finetune_lr: float = option(1e-3, "--finetune-steps only: the Adam step size", check="positive")
+    seed: int = option(0, "seed of --tta's random copies")
     out: str | None = option(None, "also write the CSV to this file")
     device: str = option("cpu", "torch device")
 
@@ -53,8 +75,103 @@ def load_for_prediction(path: str):
     return ck, build_algorithm(ck["algorithm"]), spec
 
 
+def check_finetune(algorithm, steps: int) -> None:
+    """A UsageError when ``steps`` fine-tuning steps are asked of an algorithm they do not apply to."""
+    if not steps:
+        return
+    from metaphi.algorithms.protonet import ProtoNet
+
+    if isinstance(algorithm, ProtoNet) and algorithm.distance == "euclidean":
+        return
+    if hasattr(algorithm, "eval_steps"):
+        raise UsageError(f"--finetune-steps: {algorithm.name} already adapts to the support set by gradient steps; "
+                         "set how many with --inner-steps")
+    raise UsageError(f"--finetune-steps applies to protonet (its prototypes start the classifier), not "
+                     f"{algorithm.name}")
+
+
+def prototype_head(protos: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The squared-euclidean prototype classifier as a linear layer: ``{"weight": 2C, "bias": −‖c_k‖²}``;
+    its logits are ProtoNet's plus ‖f(x)‖², the same for every class of a query."""
+    return {"weight": 2 * protos, "bias": -protos.pow(2).sum(-1)}
+
+
+def finetuned_scorer(algorithm, phi: dict, support, xq: torch.Tensor, steps: int, lr: float):
+    """``score(x) -> logits [len(x), ways]`` of ProtoNet's embedding fine-tuned on ``support`` for
+    ``steps`` Adam steps (step size ``lr``) on the support cross-entropy, body and prototype-initialised
+    head together; support and the query images ``xq`` are embedded as one batch (task batch norm), the
+    loss on the support part. Works on a copy of ``phi``; with ``steps`` 0 it is the prototype head."""
+    import torch.nn.functional as F
+    from torch.func import grad
+
+    from metaphi.algorithms.protonet import prototypes
+
+    xs, ys = support
+    ways = int(ys.max()) + 1
+    body = {k: v.detach().clone() for k, v in phi.items()}
+    with torch.no_grad():
+        zs, _ = algorithm.embed_episode(body, xs, xq)
+        protos, _ = prototypes(zs, ys)
+    params = {"body": body, "head": prototype_head(protos[:ways])}
+
+    def logits(p: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        zs, zx = algorithm.embed_episode(p["body"], xs, x)
+        head = lambda z: z @ p["head"]["weight"].T + p["head"]["bias"]
+        return head(zs), head(zx)
+
+    support_loss = lambda p: F.cross_entropy(logits(p, xq)[0], ys)
+    # Adam as a pure function of the params tree (optax's way): state in, state out, nothing mutated
+    leaves = lambda tree: [(part, k) for part in tree for k in tree[part]]
+    m = {part: {k: torch.zeros_like(v) for k, v in tree.items()} for part, tree in params.items()}
+    v2 = {part: {k: torch.zeros_like(v) for k, v in tree.items()} for part, tree in params.items()}
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    for t in range(1, steps + 1):
+        g = grad(support_loss)(params)
+        new = {part: {} for part in params}
+        for part, k in leaves(params):
+            m[part][k] = beta1 * m[part][k] + (1 - beta1) * g[part][k]
+            v2[part][k] = beta2 * v2[part][k] + (1 - beta2) * g[part][k] ** 2
+            step = (m[part][k] / (1 - beta1 ** t)) / ((v2[part][k] / (1 - beta2 ** t)).sqrt() + eps)
+            new[part][k] = (params[part][k] - lr * step).detach()
+        params = new
+
+    def score(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return logits(params, x)[1]
+
+    return score
+
+
+def class_probabilities(algorithm, phi: dict, support, xq: torch.Tensor, ways: int, steps: int | None = None,
+                        tta: int = 0, seed: int = 0, invert: bool = False, finetune_steps: int = 0,
+                        finetune_lr: float = 1e-3) -> torch.Tensor:
+    """Class probabilities [len(xq), ways] (float64) of the query images after learning ``support``:
+    the algorithm's own prediction, or ProtoNet fine-tuned for ``finetune_steps``; with ``tta`` N > 1,
+    the mean over the images and N-1 random affine copies drawn from ``seed``."""
+    check_finetune(algorithm, finetune_steps)
+    if finetune_steps:
+        score = finetuned_scorer(algorithm, phi, support, xq, finetune_steps, finetune_lr)
+    else:
+        def score(x: torch.Tensor) -> torch.Tensor:
+            try:
+                return algorithm.predict(phi, support, x, steps)
+            except NotImplementedError:
+                raise UsageError(f"algorithm {algorithm.name} cannot adapt to new classes (no predict)")
+    probs = torch.softmax(score(xq)[:, :ways].double(), dim=-1)
+    if tta > 1:
+        from metaphi.tasks.transforms import RandomAffine
+
+        move = RandomAffine(padding="zeros" if invert else "border")
+        generator = torch.Generator().manual_seed(seed)
+        for _ in range(tta - 1):
+            probs = probs + torch.softmax(score(move(xq, generator))[:, :ways].double(), dim=-1)
+        probs = probs / tta
+    return probs
+
+
 def predict(ck, algorithm, spec: dict, support_dir: str, query: str, steps: int | None = None,
-            device: str = "cpu") -> list[tuple[str, str, float]]:
+            device: str = "cpu", tta: int = 0, seed: int = 0, finetune_steps: int = 0,
+            finetune_lr: float = 1e-3) -> list[tuple[str, str, float]]:
     """(file, predicted class, confidence) for each query image."""
     from metaphi.tasks.folder import load_folder, load_query_images
 
@@ -70,11 +187,8 @@ def predict(ck, algorithm, spec: dict, support_dir: str, query: str, steps: int 
     ys = support.targets.to(device)
     xq = query_images.float().div(255).to(device)
     phi = {k: v.to(device) for k, v in ck["phi"].items()}
-    try:
-        logits = algorithm.predict(phi, (xs, ys), xq, steps)
-    except NotImplementedError:
-        raise UsageError(f"algorithm {algorithm.name} cannot adapt to new classes (no predict)")
-    probs = torch.softmax(logits[:, :n].double(), dim=-1)
+    probs = class_probabilities(algorithm, phi, (xs, ys), xq, n, steps, tta=tta, seed=seed, invert=invert,
+                                finetune_steps=finetune_steps, finetune_lr=finetune_lr)
     confidence, label = probs.max(dim=-1)
     return [(f, support.classes[int(i)], float(p)) for f, i, p in zip(names, label, confidence)]
 
@@ -92,7 +206,10 @@ def run(config: PredictConfig) -> int:
     except ValueError as e:
         raise UsageError(str(e)) from None
     ck, algorithm, spec = load_for_prediction(path)
-    rows = predict(ck, algorithm, spec, config.support, config.query, config.inner_steps, config.device)
+    check_finetune(algorithm, config.finetune_steps)  # before any image is read
+    rows = predict(ck, algorithm, spec, config.support, config.query, config.inner_steps, config.device,
+                   tta=config.tta, seed=config.seed, finetune_steps=config.finetune_steps,
+                   finetune_lr=config.finetune_lr)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["file", "prediction", "confidence"])

@@ -212,7 +212,9 @@ def folder_splits(root: str | os.PathLike, *, fractions: Sequence[float] = (0.6,
                   min_images: int = 1, cache_dir: CacheDir = None) -> dict[str, ImageClasses]:
     """``{"train", "val", "test"}`` stores of the class folders of ``root``: split by the ``split``
     file(s) when given, else shuffled with ``torch.Generator().manual_seed(seed)`` and cut by
-    ``fractions`` of the classes. Every split must get at least one class.
+    ``fractions`` of the classes. Every split must get at least one class, except that a test fraction
+    of exactly 0 means no test split: ``{"train", "val"}`` only (a model trained for ``predict`` on all
+    classes but the validation ones: ``metaphi run --deploy``).
 
     The classes are chosen before any image is decoded: only the classes of the three splits are
     read, in split order, so each split is a slice of one store (no copy)."""
@@ -239,14 +241,18 @@ def folder_splits(root: str | os.PathLike, *, fractions: Sequence[float] = (0.6,
                             f"got {list(fractions)}")
         n = len(found)
         n_train, n_val = round(fractions[0] * n), round(fractions[1] * n)
+        if fractions[2] == 0:  # no test split: what rounding leaves goes to training
+            n_train = n - n_val
         counts = [n_train, n_val, n - n_train - n_val]
-        if min(counts) < 1:
+        if min(counts[:2] if fractions[2] == 0 else counts) < 1:
             raise DataError(f"{root}: {n} classes split by {list(fractions)} leave a split empty ({counts}); "
                             "add classes or change the fractions")
         # the order metaphi.tasks.imageio.split_by_counts gives the classes
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
         bounds = [0, counts[0], counts[0] + counts[1], n]
         parts = [[found[i] for i in order[a:b]] for a, b in zip(bounds, bounds[1:])]
+        if fractions[2] == 0:
+            parts = parts[:2]
     data = load_folder(root, channels=channels, image_size=image_size, invert=invert, min_images=min_images,
                        cache_dir=cache_dir, classes=[c for part in parts for c in part])
     return dict(zip(SPLITS, consecutive(data, [len(part) for part in parts])))

@@ -124,26 +124,37 @@ def _cifar(name: str) -> Builder:
     return build
 
 
+#: the class fractions (train, val, test) of a folder in deploy mode: no test split
+DEPLOY_FRACTIONS = (0.8, 0.2, 0.0)
+
+
 def folder(path: str, options: dict) -> Benchmark:
     """``PATH/<class>/<image>``, its classes split into train/val/test (or by ``split_file``).
 
     ``channels``, ``image_size`` and ``invert`` left ``None`` are inferred from a sample of the images
     (:func:`metaphi.tasks.folder.folder_input`: all grey -> 1 channel; grey on a light background ->
     inverted and 28 pixels; else 84). The choices, and whether each was given or inferred, are in the
-    benchmark's ``description`` and its ``input_spec()`` (so a checkpoint's ``run["input"]``)."""
+    benchmark's ``description`` and its ``input_spec()`` (so a checkpoint's ``run["input"]``).
+    ``deploy``: no test split; every class but a validation fifth trains (a model meant for ``predict``)."""
     from metaphi.tasks.folder import folder_input, folder_splits
 
+    deploy = bool(options.get("deploy"))
+    if deploy and options.get("split_file"):
+        raise DataError("deploy mode splits the classes itself (all but a validation fifth train, no test); "
+                        "drop the split file")
     chosen = folder_input(path, channels=options.get("channels"), image_size=options.get("image_size"),
                           invert=options.get("invert"))
     size = chosen.image_size if isinstance(chosen.image_size, int) else min(chosen.image_size)
     splits = folder_splits(path, seed=options.get("split_seed", 0), split=options.get("split_file"),
-                           channels=chosen.channels, image_size=chosen.image_size, invert=chosen.invert)
+                           channels=chosen.channels, image_size=chosen.image_size, invert=chosen.invert,
+                           **({"fractions": DEPLOY_FRACTIONS} if deploy else {}))
     bench = image_benchmark(f"folder:{path}", splits, dict(FOLDER_DEFAULTS), pool="max" if size >= 64 else "stride",
                             hidden=32, invert=chosen.invert)
-    counts = [splits[s].num_classes for s in ("train", "val", "test")]
-    images = sum(len(splits[s].targets) for s in ("train", "val", "test"))
-    bench.description = (f"folder:{path}: {sum(counts)} classes ({counts[0]} train, {counts[1]} val, {counts[2]} "
-                         f"test), {images} images {chosen.describe()}")
+    counts = [splits[s].num_classes for s in splits]
+    images = sum(len(splits[s].targets) for s in splits)
+    test = "no test: deploy" if deploy else f"{counts[2]} test"
+    bench.description = (f"folder:{path}: {sum(counts)} classes ({counts[0]} train, {counts[1]} val, {test}"
+                         f"), {images} images {chosen.describe()}")
     bench.input_origin = dict(chosen.origin)
     return bench
 
@@ -355,16 +366,18 @@ def resolve(kind: str, name: str) -> Builder:
 
 def build_benchmark(name: str, data_root: str | None = None, *, download: bool = False, within_group: bool = False,
                     image_size: int | None = None, channels: int | None = None, invert: bool | None = None,
-                    split_file: str | None = None, split_seed: int = 0) -> Benchmark:
+                    split_file: str | None = None, split_seed: int = 0, deploy: bool = False) -> Benchmark:
     """The few-shot benchmark called ``name`` (see ``BENCHMARKS``) or ``folder:PATH``.
 
     ``download`` fetches missing archives; ``within_group`` draws each test and validation episode
     from one group (alphabet). For folders: ``image_size``, ``channels`` and ``invert`` (None: inferred
     from a sample of the images, see :func:`folder`), ``split_file`` (which classes go to which split)
-    and ``split_seed`` (the random split otherwise).
+    and ``split_seed`` (the random split otherwise); ``deploy`` (folders only): no test split.
     """
+    if deploy and folder_path(name) is None:
+        raise DataError(f"deploy mode (no test split) is for folder:PATH benchmarks, not '{name}'")
     options = dict(data_root=data_root or default_data_root(), download=download, image_size=image_size,
-                   channels=channels, invert=invert, split_file=split_file, split_seed=split_seed)
+                   channels=channels, invert=invert, split_file=split_file, split_seed=split_seed, deploy=deploy)
     bench = resolve("episodes", name)(options)
     bench.eval_within_group = bool(within_group)
     return bench

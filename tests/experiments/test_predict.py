@@ -176,3 +176,133 @@ def test_predict_on_a_run_folder_takes_best_pt_and_last_takes_checkpoint_pt(data
     assert main(["predict", "--checkpoint", str(renamed), "--last", "--support", str(data / "support"), "--query",
                  str(data / "query")]) == 2
     assert "--last: " in capsys.readouterr().err
+
+
+# -- test-time augmentation and fine-tuning (issue 18) ---------------------------------------------------
+
+def _loaded(data, tmp_path, name="protonet"):
+    from metaphi.experiments.predict import load_for_prediction
+    from metaphi.tasks.folder import load_folder, load_query_images
+
+    ck_path = train_checkpoint(data, name, tmp_path / "run")
+    ck, algorithm, spec = load_for_prediction(str(ck_path))
+    support = load_folder(data / "support", channels=1, image_size=28, invert=True, cache_dir=False)
+    _, query = load_query_images(data / "query", 1, 28, 28, invert=True)
+    xs, ys, xq = support.images.float().div(255), support.targets, query.float().div(255)
+    return ck_path, ck, algorithm, (xs, ys), xq
+
+
+def test_tta_and_finetune_off_give_exactly_todays_predictions(data, tmp_path, capsys):
+    import torch
+
+    from metaphi.experiments.predict import class_probabilities
+
+    ck_path, ck, algorithm, support, xq = _loaded(data, tmp_path)
+    before = {k: v.clone() for k, v in ck["phi"].items()}
+    today = torch.softmax(algorithm.predict(ck["phi"], support, xq, None)[:, :3].double(), dim=-1)
+    assert torch.equal(class_probabilities(algorithm, ck["phi"], support, xq, 3), today)
+    assert torch.equal(class_probabilities(algorithm, ck["phi"], support, xq, 3, tta=0, finetune_steps=0), today)
+    class_probabilities(algorithm, ck["phi"], support, xq, 3, tta=3, finetune_steps=3)
+    assert all(torch.equal(before[k], v) for k, v in ck["phi"].items())  # the checkpoint's φ is never changed
+    args = ["predict", "--checkpoint", str(ck_path), "--support", str(data / "support"), "--query", str(data / "query")]
+    capsys.readouterr()
+    assert main(args) == 0
+    plain = capsys.readouterr().out
+    assert main(args + ["--tta", "0", "--finetune-steps", "0"]) == 0
+    assert capsys.readouterr().out == plain
+
+
+def test_tta_is_deterministic_for_a_seed_and_changes_the_probabilities(data, tmp_path, capsys):
+    import torch
+
+    from metaphi.experiments.predict import class_probabilities
+
+    ck_path, ck, algorithm, support, xq = _loaded(data, tmp_path)
+    plain = class_probabilities(algorithm, ck["phi"], support, xq, 3)
+    a = class_probabilities(algorithm, ck["phi"], support, xq, 3, tta=4, seed=7, invert=True)
+    b = class_probabilities(algorithm, ck["phi"], support, xq, 3, tta=4, seed=7, invert=True)
+    c = class_probabilities(algorithm, ck["phi"], support, xq, 3, tta=4, seed=8, invert=True)
+    assert torch.equal(a, b) and not torch.equal(a, c) and not torch.allclose(a, plain)
+    assert torch.allclose(a.sum(-1), torch.ones(len(xq), dtype=torch.float64))
+    assert torch.equal(class_probabilities(algorithm, ck["phi"], support, xq, 3, tta=1), plain)  # the image alone
+    args = ["predict", "--checkpoint", str(ck_path), "--support", str(data / "support"), "--query",
+            str(data / "query"), "--tta", "4", "--seed", "7"]
+    capsys.readouterr()
+    assert main(args) == 0
+    first = capsys.readouterr().out
+    assert main(args) == 0
+    assert capsys.readouterr().out == first
+
+
+def test_prototype_head_reproduces_protonet_logits_before_fine_tuning(data, tmp_path):
+    import torch
+
+    from metaphi.experiments.predict import finetuned_scorer
+
+    _, ck, algorithm, support, xq = _loaded(data, tmp_path)
+    phi = {k: v.double() for k, v in ck["phi"].items()}
+    support = (support[0].double(), support[1])
+    xq = xq.double()
+    proto = algorithm.predict(phi, support, xq, None)
+    head = finetuned_scorer(algorithm, phi, support, xq, 0, 1e-3)(xq)
+    assert torch.equal(head.argmax(-1), proto.argmax(-1))
+    # the two differ by ‖f(x)‖², one constant per row: equal softmax
+    diff = head - proto
+    assert torch.allclose(diff, diff[:, :1].expand_as(diff), atol=1e-8)
+    assert torch.allclose(torch.softmax(head, -1), torch.softmax(proto, -1), atol=1e-10)
+
+
+def test_fine_tuning_on_a_separable_support_set_does_not_hurt_support_accuracy():
+    import torch
+    from torch import nn
+
+    from metaphi.algorithms.protonet import ProtoNet
+    from metaphi.experiments.predict import finetuned_scorer
+
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(2, 4)
+            self.head = nn.Linear(4, 3)
+
+        def features(self, x):
+            return torch.tanh(self.body(x))
+
+    g = torch.Generator().manual_seed(0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        algorithm = ProtoNet(Body())
+    phi = algorithm.init_meta_params()
+    centres = torch.tensor([[3.0, 0.0], [-3.0, 0.0], [0.0, 3.0]])
+    ys = torch.arange(3).repeat_interleave(5)
+    xs = centres[ys] + 0.3 * torch.randn(15, 2, generator=g)
+    xq = centres[torch.arange(3)] + 0.3 * torch.randn(3, 2, generator=g)
+    start = finetuned_scorer(algorithm, phi, (xs, ys), xq, 0, 1e-2)(xs)
+    tuned = finetuned_scorer(algorithm, phi, (xs, ys), xq, 50, 1e-2)(xs)
+    accuracy = lambda logits: (logits.argmax(-1) == ys).float().mean()
+    loss = lambda logits: torch.nn.functional.cross_entropy(logits, ys)
+    assert accuracy(tuned) >= accuracy(start) and accuracy(tuned) == 1.0
+    assert loss(tuned) < loss(start)
+    assert all(torch.equal(v, algorithm.init_meta_params()[k]) for k, v in phi.items())  # φ untouched
+
+
+def test_fine_tuning_refusals_exit_2_with_one_line(data, tmp_path):
+    for name, message in (("maml", "set how many with --inner-steps"), ("matching", "applies to protonet")):
+        ck = train_checkpoint(data, name, tmp_path / name)
+        proc = run_cli("predict", "--checkpoint", str(ck), "--support", str(data / "support"), "--query",
+                       str(data / "query"), "--finetune-steps", "3")
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    proc = run_cli("predict", "--checkpoint", str(ck), "--support", str(data / "support"), "--query",
+                   str(data / "query"), "--tta", "-1")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "--tta" in proc.stderr
+
+
+def test_fine_tuned_protonet_labels_through_the_cli(data, tmp_path, capsys):
+    ck = train_checkpoint(data, "protonet", tmp_path / "run")
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(ck), "--support", str(data / "support"), "--query",
+                 str(data / "query"), "--finetune-steps", "5", "--finetune-lr", "0.01", "--tta", "2"]) == 0
+    table = rows(capsys.readouterr().out)
+    assert [r["file"] for r in table] == ["bar.jpg", "ring.png", "slash.png"]
+    assert all(r["prediction"] in {"ring", "bar", "slash"} for r in table)

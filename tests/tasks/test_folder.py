@@ -189,3 +189,40 @@ def test_load_folder_reads_only_the_classes_named_in_their_order(tmp_path):
     parts = folder.consecutive(some, [1, 1])
     assert [p.classes for p in parts] == [["class3"], ["class1"]] and parts[1].targets.tolist() == [0, 0]
     assert parts[1].images.data_ptr() == some.images[2:].data_ptr()  # a view
+
+
+def test_a_test_fraction_of_zero_means_no_test_split(tmp_path):
+    root = make_classes(tmp_path / "data", n_classes=10, per_class=2)
+    cache = tmp_path / "cache"
+    splits = folder.folder_splits(root, fractions=(0.8, 0.2, 0.0), seed=3, image_size=8, cache_dir=cache)
+    assert list(splits) == ["train", "val"]
+    assert [splits[s].num_classes for s in splits] == [8, 2]
+    assert set(splits["train"].classes) | set(splits["val"].classes) == {f"class{c}" for c in range(10)}
+    assert not set(splits["train"].classes) & set(splits["val"].classes)
+    again = folder.folder_splits(root, fractions=(0.8, 0.2, 0.0), seed=3, image_size=8, cache_dir=cache)
+    assert again["val"].classes == splits["val"].classes
+    # rounding leaves nothing out: what it does not give to validation trains
+    odd = folder.folder_splits(make_classes(tmp_path / "odd", n_classes=7, per_class=1), fractions=(0.8, 0.2, 0.0),
+                               image_size=8, cache_dir=cache)
+    assert [odd[s].num_classes for s in odd] == [6, 1]
+    with pytest.raises(DataError, match="leave a split empty"):  # validation still needs a class
+        folder.folder_splits(root, fractions=(1.0, 0.0, 0.0), image_size=8, cache_dir=cache)
+
+
+def test_the_registry_folder_builder_in_deploy_mode(tmp_path):
+    from metaphi.tasks.registry import build_benchmark
+
+    root = make_classes(tmp_path / "data", n_classes=10, per_class=2)
+    bench = build_benchmark(f"folder:{root}", image_size=8, channels=1, invert=False, deploy=True)
+    assert set(bench.splits) == {"train", "val"} and bench.num_classes("train") == 8
+    assert "no test: deploy" in bench.description
+    with pytest.raises(DataError, match="has no 'test' split"):
+        bench.episodes("test", 2, 1, 1)
+    assert set(build_benchmark(f"folder:{root}", image_size=8, channels=1, invert=False).splits) == set(folder.SPLITS)
+    (tmp_path / "split.txt").write_text("".join(f"class{c},{'train' if c < 6 else 'val' if c < 8 else 'test'}\n"
+                                                for c in range(10)))
+    with pytest.raises(DataError, match="drop the split file"):
+        build_benchmark(f"folder:{root}", image_size=8, channels=1, invert=False, split_file=str(tmp_path / "split.txt"),
+                        deploy=True)
+    with pytest.raises(DataError, match="for folder:PATH benchmarks"):
+        build_benchmark("glyphs", deploy=True)
