@@ -84,9 +84,12 @@ def find(data_root: str | os.PathLike, which: str, download_missing: bool = Fals
     )
 
 
-def _members(source: Path) -> tuple[list[tuple[str, str, str]], list, list[str]]:
-    """``(alphabet, character, file)`` keys, sources to decode (bytes or paths) and display names."""
-    entries: list[tuple[tuple[str, str, str], object, str]] = []
+def listing(source: str | os.PathLike) -> list[tuple[tuple[str, str, str], str]]:
+    """The drawings of an Omniglot archive or folder, from their names alone (nothing decoded):
+    ``((alphabet, character, file), where)`` sorted by key, in the order :func:`load` stores the
+    images; ``where`` is the zip member's name or the file's path."""
+    source = Path(source).expanduser()
+    entries: list[tuple[tuple[str, str, str], str]] = []
     if source.is_dir():
         for folder, dirs, files in os.walk(source):
             dirs[:] = sorted(d for d in dirs if not d.startswith((".", "__MACOSX")))
@@ -95,7 +98,7 @@ def _members(source: Path) -> tuple[list[tuple[str, str, str]], list, list[str]]
                     p = Path(folder) / f
                     rel = p.relative_to(source).parts
                     if len(rel) >= 3:
-                        entries.append(((rel[-3], rel[-2], rel[-1]), p, str(p)))
+                        entries.append(((rel[-3], rel[-2], rel[-1]), str(p)))
     else:
         try:
             with zipfile.ZipFile(source) as z:
@@ -105,14 +108,46 @@ def _members(source: Path) -> tuple[list[tuple[str, str, str]], list, list[str]]
                         continue
                     if parts[0].startswith("__MACOSX") or parts[-1].startswith("."):
                         continue
-                    entries.append(((parts[-3], parts[-2], parts[-1]), z.read(info), f"{source}:{info.filename}"))
+                    entries.append(((parts[-3], parts[-2], parts[-1]), info.filename))
         except (zipfile.BadZipFile, OSError) as e:
             raise DataError(f"{source}: not a readable zip archive ({e}); delete it and download it again") from None
     if not entries:
         raise DataError(f"{source}: no Omniglot images (<Alphabet>/<character>/<drawing>.png) in it; "
                         "is this an Omniglot archive or folder?")
     entries.sort(key=lambda e: e[0])
-    return [e[0] for e in entries], [e[1] for e in entries], [e[2] for e in entries]
+    return entries
+
+
+def _members(source: Path) -> tuple[list[tuple[str, str, str]], list, list[str]]:
+    """``(alphabet, character, file)`` keys, sources to decode (bytes or paths) and display names."""
+    entries = listing(source)
+    if source.is_dir():
+        return [k for k, _ in entries], [Path(w) for _, w in entries], [w for _, w in entries]
+    with zipfile.ZipFile(source) as z:
+        items = [z.read(w) for _, w in entries]
+    return [k for k, _ in entries], items, [f"{source}:{w}" for _, w in entries]
+
+
+def drawer_of(file: str) -> int:
+    """The drawer of an Omniglot drawing from its file name: ``0709_05.png`` (character 709 drawn by
+    the alphabet's drawer 05) -> 5. Omniglot's 20 drawers of an alphabet are numbered 01-20."""
+    stem = file.rsplit(".", 1)[0]
+    _, sep, drawer = stem.rpartition("_")
+    if not sep or not drawer.isdigit():
+        raise DataError(f"{file}: not an Omniglot drawing name (<character id>_<drawer>.png, e.g. 0709_05.png); "
+                        "the drawer cannot be read from it")
+    return int(drawer)
+
+
+def drawers(source: str | os.PathLike) -> torch.Tensor:
+    """int64 [N]: the drawer of each image of :func:`load`'s store of ``source``, in the same order
+    (read from the file names, nothing decoded)."""
+    return torch.tensor([drawer_of(key[2]) for key, _ in listing(source)], dtype=torch.int64)
+
+
+def alphabets(source: str | os.PathLike) -> list[str]:
+    """The alphabets of an Omniglot archive or folder, sorted, from the file names alone."""
+    return sorted({key[0] for key, _ in listing(source)})
 
 
 def load(source: str | os.PathLike, image_size: Size = 28, cache_dir: CacheDir = None) -> ImageClasses:

@@ -1,0 +1,358 @@
+"""Omniglot one-shot problems in Lake et al.'s format, from a model trained on small1 alone.
+
+Train on Omniglot's minimal background set ``images_background_small1`` (5 alphabets); test on
+20-way one-shot within-alphabet problems built as Lake et al. (2015) built theirs, from the alphabets
+of ``images_background_small2`` that small1 lacks (Japanese_(katakana), Sanskrit, Tagalog; Tagalog's
+17 characters give 17-way problems): per problem 20 characters of one alphabet, one drawing of each
+by one person as the support set, one drawing of each by another person to label
+(:mod:`metaphi.tasks.lake`). Every method and seed is scored on the same problems (drawn with
+``--problem-seed``); the error is the mean over seeds ± the 95% t-interval over seeds, beside the 95%
+interval over the problems of all seeds pooled.
+
+Rows:
+
+* the library's learners, each trained by ``metaphi run ALGO --benchmark omniglot-small`` (small1:
+  4 alphabets to train, 1 held out to validate; its best-validation checkpoint ``best.pt`` is the one
+  tested) and tested in-process on the problems with the algorithm's own ``evaluate``: ProtoNet, MAML,
+  Matching Networks, self-supervised (rotation) pre-training + fine-tuning, supervised pre-training +
+  fine-tuning, pixel-space nearest neighbour;
+* "recipe (run + predict)": the user-facing path. small1 is written out as a folder, one subfolder
+  per character with the archive's own PNGs (black ink on white, 105 x 105); ``metaphi run protonet
+  --benchmark folder:DIR`` trains on it; each problem is written as a support folder (one subfolder
+  per character, one drawing) and a query folder (the drawings to label, under names that do not
+  say their class), and ``metaphi predict`` labels it.
+
+small2's drawings serve only to test: every choice (best.pt, by validation) is made on small1's
+classes (the omniglot-small runs validate on small1's held-out alphabet and load small2's unseen
+alphabets only as their own test split, scored after training; the folder run splits small1's own
+classes), and this script decodes small2 only after every run has finished.
+
+    .venv/bin/python benchmarks/omniglot_lake_format.py --data-root ../shared/data/omniglot           # hours
+    .venv/bin/python benchmarks/omniglot_lake_format.py --quick --out /tmp/lake-quick                # minutes
+
+Writes benchmarks/results/omniglot_lake_format.{json,md} (``--out DIR``: DIR/omniglot_lake_format.*).
+Runs go to ``--work`` (reused when a run with the same command has finished there).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import RESULTS, machine  # noqa: E402
+
+from metaphi.evaluate import confidence95, mean_ci95  # noqa: E402
+from metaphi.experiments.report import markdown_table, pm  # noqa: E402
+from metaphi.tasks import lake, omniglot  # noqa: E402
+
+NAME = "omniglot_lake_format"
+
+# Published 20-way within-alphabet one-shot error (REFERENCES.md, "Omniglot challenge"). Lake et al.
+# tested on the 20 official runs over the evaluation alphabets, not on the three alphabets here, so
+# they are context, not a like-for-like comparison.
+PUBLISHED = [
+    ("People (Lake et al. 2015)", "full background", 4.5),
+    ("BPL (Lake et al. 2015)", "full background", 3.3),
+    ("Siamese convnet (Koch et al. 2015)", "full background", 8.0),
+    ("Deep convnet (Lake et al. 2015)", "full background", 13.5),
+    ("Hierarchical deep (Lake et al. 2015)", "full background", 34.8),
+    ("BPL (Lake et al. 2015)", "small1 / small2", "4.3 / 4.0"),
+    ("Deep convnet (Lake et al. 2015)", "small1 / small2", "24.0 / 22.3"),
+    ("Prototypical networks (Lake et al. 2019, unverified)", "full background", 13.7),
+    ("Plain ProtoNet script, 60-way, rotations, 15 CPU-min (issue 18)", "small1, these alphabets", 15.0),
+]
+
+# The rows: (label, algorithm, flags of `metaphi run` beside the shared ones). ProtoNet and Matching
+# follow Snell et al.'s Omniglot recipe (60-way training episodes, 5 queries per class, rotations as
+# new classes, one episode per update); MAML keeps the minimal-split benchmark's 20-way sizes; the
+# pre-training rows take 4 batches of 64 images per update (the benchmark's meta-batch of 32 would
+# make self-supervised pre-training about 10 CPU-seconds an iteration).
+METHODS = {
+    "protonet": ("ProtoNet", "protonet", ["--train-ways", "60", "--query", "5", "--rotations", "--meta-batch", "1"]),
+    "maml": ("MAML", "maml", ["--query", "2", "--meta-batch", "4", "--rotations"]),
+    "matching": ("Matching", "matching", ["--train-ways", "60", "--query", "5", "--rotations", "--meta-batch", "1"]),
+    "ssl": ("SSL (rotation) init + fine-tune", "ssl-rotation", ["--meta-batch", "4"]),
+    "pretrain": ("Pre-training + fine-tune", "pretrain", ["--rotations", "--meta-batch", "4"]),
+    "pixel-nn": ("Pixel nearest neighbour", "pixel-nn", []),
+    "recipe": ("Recipe (run + predict)", "protonet", ["--train-ways", "60", "--query", "5", "--rotations",
+                                                      "--meta-batch", "1"]),
+}
+
+
+def metaphi_bin() -> str:
+    return os.path.join(os.path.dirname(sys.executable), "metaphi")
+
+
+def shell(cmd: list[str]) -> str:
+    return " ".join(a if a and all(ch.isalnum() or ch in "-_./:=" for ch in a) else repr(a) for a in cmd)
+
+
+def children_cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
+
+
+def call(cmd: list[str], log: list[str] | None) -> str:
+    """Run ``cmd``; it is printed and added to ``log`` unless ``log`` is None."""
+    if log is not None:
+        log.append(shell(cmd))
+        print(shell(cmd), flush=True)
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"failed ({done.returncode}): {shell(cmd)}\n{done.stderr[-3000:]}")
+    return done.stdout
+
+
+def train(cmd: list[str], out: str, log: list[str]) -> tuple[float, float]:
+    """Run ``cmd`` (a `metaphi run` writing to ``out``) unless ``out`` holds a finished run of the same
+    command; (CPU seconds, wall seconds) it took (as recorded when reused)."""
+    stamp = os.path.join(out, "bench-command.json")
+    if os.path.isfile(os.path.join(out, "result.json")) and os.path.isfile(stamp):
+        saved = json.load(open(stamp))
+        if saved["command"] == cmd:
+            log.append(shell(cmd) + "   # reused")
+            return saved["cpu_seconds"], saved["wall_seconds"]
+    if os.path.isdir(out):
+        shutil.rmtree(out)
+    cpu, wall = children_cpu(), time.perf_counter()
+    call(cmd, log)
+    cpu, wall = children_cpu() - cpu, time.perf_counter() - wall
+    with open(stamp, "w") as f:
+        json.dump({"command": cmd, "cpu_seconds": cpu, "wall_seconds": wall}, f)
+    return cpu, wall
+
+
+def test_in_process(run_dir: str, problems: list[lake.LakeProblem]) -> list[float]:
+    """Accuracy on each problem of the run's best checkpoint, by the algorithm's own ``evaluate``."""
+    from metaphi.experiments.predict import load_for_prediction
+    from metaphi.train import choose_checkpoint
+
+    ck, algorithm, spec = load_for_prediction(choose_checkpoint(run_dir))
+    shape = problems[0].task.support[0].shape[1:]
+    if (spec["channels"], spec["height"], spec["width"]) != tuple(shape):
+        sys.exit(f"{run_dir}: trained on {spec['channels']}x{spec['height']}x{spec['width']} images, "
+                 f"the problems are {tuple(shape)}")
+    phi = ck["phi"]
+    return [float(algorithm.evaluate(phi, p.task, None)[-1].detach()) for p in problems]
+
+
+# -- the user-facing path: folders on disk ------------------------------------------------------------
+
+def class_folder(name: str) -> str:
+    """``Alphabet/characterNN`` -> ``Alphabet__characterNN``: one folder per character."""
+    return name.replace("/", "__")
+
+
+def write_training_folder(source: str, folder: str) -> None:
+    """small1 as a user would lay it out: one subfolder per character holding the archive's PNGs."""
+    if os.path.isfile(os.path.join(folder, ".complete")):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    with zipfile.ZipFile(source) as z:
+        for (alphabet, character, file), member in omniglot.listing(source):
+            d = os.path.join(folder, class_folder(f"{alphabet}/{character}"))
+            os.makedirs(d, exist_ok=True)
+            with open(os.path.join(d, file), "wb") as f:
+                f.write(z.read(member))
+    open(os.path.join(folder, ".complete"), "w").close()
+
+
+def write_problem_folders(source: str, problems: list[lake.LakeProblem], folder: str) -> list[dict]:
+    """Each problem as ``pNNN/support/<class>/<drawing>.png`` and ``pNNN/query/qNN.png`` (names that do
+    not give the class away), from the archive's own PNGs; the answers."""
+    shutil.rmtree(folder, ignore_errors=True)
+    members = omniglot.listing(source)
+    answers = []
+    with zipfile.ZipFile(source) as z:
+        for i, p in enumerate(problems):
+            root = os.path.join(folder, f"p{i:03d}")
+            for index, label in zip(p.support_indices.tolist(), p.task.support[1].tolist()):
+                (_, _, file), member = members[index]
+                d = os.path.join(root, "support", class_folder(p.classes[label]))
+                os.makedirs(d, exist_ok=True)
+                open(os.path.join(d, file), "wb").write(z.read(member))
+            truth = {}
+            os.makedirs(os.path.join(root, "query"))
+            for j, (index, label) in enumerate(zip(p.query_indices.tolist(), p.task.query[1].tolist())):
+                name = f"q{j:02d}.png"
+                open(os.path.join(root, "query", name), "wb").write(z.read(members[index][1]))
+                truth[name] = class_folder(p.classes[label])
+            answers.append({"support": os.path.join(root, "support"), "query": os.path.join(root, "query"),
+                            "truth": truth})
+    return answers
+
+
+def test_by_predict(run_dir: str, answers: list[dict], log: list[str]) -> list[float]:
+    """Accuracy on each problem as labelled by `metaphi predict` with the run's default checkpoint."""
+    accuracies = []
+    for i, a in enumerate(answers):
+        out = os.path.join(run_dir, "predictions", f"p{i:03d}.csv")
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        call([metaphi_bin(), "predict", "--checkpoint", run_dir, "--support", a["support"], "--query", a["query"],
+              "--out", out], log if i == 0 else None)
+        with open(out, newline="") as f:
+            rows = list(csv.DictReader(f))
+        if len(rows) != len(a["truth"]):
+            sys.exit(f"{out}: {len(rows)} predictions for {len(a['truth'])} query images")
+        accuracies.append(sum(a["truth"][os.path.basename(r["file"])] == r["prediction"] for r in rows) / len(rows))
+    if len(answers) > 1:
+        log.append(f"# ... and the same for the other {len(answers) - 1} problems")
+    return accuracies
+
+
+# -- the benchmark ------------------------------------------------------------------------------------
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-root", default=os.path.join("..", "shared", "data", "omniglot"),
+                    help="folder with images_background_small1.zip and images_background_small2.zip")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
+    ap.add_argument("--iterations", type=int, default=2000, help="meta-training iterations of every run")
+    ap.add_argument("--per-alphabet", type=int, default=20, help="test problems per small2-only alphabet")
+    ap.add_argument("--problem-seed", type=int, default=2015, help="seed of the test problems (all rows share them)")
+    ap.add_argument("--val-every", type=int, default=100, help="validate (and keep best.pt) every this many "
+                                                                "iterations")
+    ap.add_argument("--val-tasks", type=int, default=100, help="validation tasks")
+    ap.add_argument("--run-eval-tasks", type=int, default=100,
+                    help="the runs' own test tasks (random within-alphabet episodes; not this table's numbers)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run in minutes: 10 iterations, seed 0, 2 problems per alphabet, few tasks")
+    ap.add_argument("--work", default=os.path.join("runs", "bench", "omniglot-lake-format"),
+                    help="where the runs and the problem folders are written")
+    ap.add_argument("--out", default=None, help=f"folder for {NAME}.{{json,md}} (default: benchmarks/results)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.iterations, args.seeds, args.per_alphabet = 10, [0], 2
+        args.val_every, args.val_tasks, args.run_eval_tasks = 10, 10, 10
+    out_dir = args.out or RESULTS
+    started = time.perf_counter()
+
+    small1 = str(omniglot.find(args.data_root, "small1"))
+    small2 = str(omniglot.find(args.data_root, "small2"))
+    # the test alphabets come from the archives' names; nothing of small2 is decoded before training ends
+    alphabets = lake.unseen_alphabets(omniglot.alphabets(small1), omniglot.alphabets(small2))
+    work = os.path.abspath(args.work)
+    os.makedirs(work, exist_ok=True)
+
+    shared = ["--ways", "20", "--shots", "1", "--iterations", str(args.iterations), "--val-every",
+              str(args.val_every), "--val-tasks", str(args.val_tasks), "--eval-tasks", str(args.run_eval_tasks),
+              "--no-baselines", "--quiet"]
+    runs = []  # (method, seed, run dir, train cpu s, train wall s, commands)
+    for method in args.methods:
+        label, algorithm, flags = METHODS[method]
+        for seed in args.seeds:
+            run_dir = os.path.join(work, f"{method}-seed{seed}")
+            log: list[str] = []
+            if method == "recipe":
+                folder = os.path.join(work, "small1-folder")
+                write_training_folder(small1, folder)
+                cmd = [metaphi_bin(), "run", algorithm, "--benchmark", f"folder:{folder}", *shared, *flags,
+                       "--seed", str(seed), "--out", run_dir]
+            else:
+                cmd = [metaphi_bin(), "run", algorithm, "--benchmark", "omniglot-small", "--data-root",
+                       args.data_root, "--within-alphabet", *shared, *flags, "--seed", str(seed), "--out", run_dir]
+            cpu, wall = train(cmd, run_dir, log)
+            runs.append((method, seed, run_dir, cpu, wall, log))
+
+    # Training is over: now small2 is decoded and the problems drawn.
+    data = lake.read(args.data_root, "small2")
+    problems = lake.lake_problems(data, alphabets, args.per_alphabet, torch.Generator().manual_seed(args.problem_seed))
+    answers = write_problem_folders(small2, problems, os.path.join(work, "problems")) if "recipe" in args.methods \
+        else None
+
+    rows = []
+    for method, seed, run_dir, train_cpu, train_wall, log in runs:
+        cpu, wall, own = children_cpu(), time.perf_counter(), time.process_time()
+        if method == "recipe":
+            accuracies = test_by_predict(run_dir, answers, log)
+        else:
+            accuracies = test_in_process(run_dir, problems)
+            log.append(f"# tested in this script: {lake.__name__}.lake_problems + the algorithm's evaluate() "
+                       f"on {os.path.join(run_dir, 'best.pt')} (or checkpoint.pt where no best was kept)")
+        test_cpu = children_cpu() - cpu + time.process_time() - own
+        errors = [1 - a for a in accuracies]
+        per_alphabet = {a: sum(e for e, p in zip(errors, problems) if p.alphabet == a) / args.per_alphabet
+                        for a in alphabets}
+        rows.append({"method": method, "label": METHODS[method][0], "seed": seed, "error": sum(errors) / len(errors),
+                     "per_alphabet": per_alphabet, "problem_errors": errors, "train_cpu_minutes": train_cpu / 60,
+                     "train_wall_minutes": train_wall / 60, "test_cpu_minutes": test_cpu / 60,
+                     "test_wall_minutes": (time.perf_counter() - wall) / 60, "commands": log})
+        print(f"{method} seed {seed}: error {100 * rows[-1]['error']:.1f}%", flush=True)
+
+    summary = []
+    for method in args.methods:
+        rs = [r for r in rows if r["method"] == method]
+        mean, ci = mean_ci95([r["error"] for r in rs])
+        pooled = torch.tensor([e for r in rs for e in r["problem_errors"]])
+        summary.append({"method": method, "label": METHODS[method][0], "seeds": len(rs), "error": mean,
+                        "error_ci95_over_seeds": None if math.isnan(ci) else ci,  # None: one seed
+                        "error_ci95_over_problems": confidence95(pooled),
+                        "per_alphabet": {a: mean_ci95([r["per_alphabet"][a] for r in rs])[0] for a in alphabets},
+                        "train_cpu_minutes": sum(r["train_cpu_minutes"] for r in rs) / len(rs),
+                        "test_cpu_minutes": sum(r["test_cpu_minutes"] for r in rs) / len(rs),
+                        "commands": rs[0]["commands"]})
+    total_minutes = (time.perf_counter() - started) / 60
+    md = markdown_report(args, alphabets, problems, summary, total_minutes)
+    payload = {"machine": machine(), "settings": vars(args), "alphabets": alphabets,
+               "problems": [{"alphabet": p.alphabet, "ways": p.ways, "classes": p.classes,
+                             "support_drawer": p.support_drawer, "query_drawer": p.query_drawer} for p in problems],
+               "published_error_percent": PUBLISHED, "summary": summary, "runs": rows,
+               "total_wall_minutes": total_minutes}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, f"{NAME}.json"), "w") as f:
+        json.dump(payload, f, indent=2)
+        f.write("\n")
+    with open(os.path.join(out_dir, f"{NAME}.md"), "w") as f:
+        f.write(md.rstrip() + "\n")
+    print(md)
+    print(f"wrote {os.path.join(out_dir, NAME)}.json and .md ({total_minutes:.1f} minutes)")
+
+
+def markdown_report(args, alphabets, problems, summary, total_minutes) -> str:
+    ways = sorted({(p.alphabet, p.ways) for p in problems})
+    lines = [
+        "### Omniglot in Lake et al.'s format: train on small1, one-shot problems from small2's unseen alphabets",
+        "",
+        f"{len(problems)} problems ({args.per_alphabet} per alphabet: "
+        + ", ".join(f"{a} {w}-way" for a, w in ways)
+        + f"; problem seed {args.problem_seed}), each one drawing per character by one person as the support and "
+        f"one by another person to label. Error = mean over {len(args.seeds)} training seed(s) "
+        f"({', '.join(map(str, args.seeds))}) ± 95% t-interval over seeds; beside it the 95% interval over all "
+        f"problems of all seeds pooled. {args.iterations} meta-training iterations per run; CPU minutes are "
+        "user + system time of the training process (all threads) and of testing, per seed.",
+        "",
+    ]
+    table = []
+    for s in summary:
+        table.append([s["label"], pm(s["error"], s["error_ci95_over_seeds"], digits=1),
+                      pm(s["error"], s["error_ci95_over_problems"], digits=1),
+                      *[f"{100 * s['per_alphabet'][a]:.1f}" for a in alphabets],
+                      f"{s['train_cpu_minutes']:.1f}", f"{s['test_cpu_minutes']:.1f}"])
+    lines.append(markdown_table(["method", "error % (seeds)", "error % (problems)",
+                                 *[f"{a} %" for a in alphabets], "train CPU min", "test CPU min"], table))
+    lines += ["", "Published 20-way within-alphabet one-shot error (Lake et al. tested on the 20 official runs over "
+              "the evaluation alphabets, not these three: context, not a like-for-like comparison):", ""]
+    lines.append(markdown_table(["system", "background set", "error %"], [list(p) for p in PUBLISHED]))
+    lines += ["", "Command lines of each row (seed " + str(args.seeds[0]) + "):", ""]
+    for s in summary:
+        lines.append(f"- {s['label']}:")
+        lines += [f"  - `{c}`" for c in s["commands"]]
+    lines += ["", f"Benchmark: `.venv/bin/python benchmarks/omniglot_lake_format.py {' '.join(sys.argv[1:])}` "
+              f"({total_minutes:.1f} minutes wall clock)"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
