@@ -18,11 +18,12 @@ def machine() -> dict:
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
-def write(name: str, payload: dict, markdown: str) -> None:
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
+def write(name: str, payload: dict, markdown: str, folder: str = RESULTS) -> None:
+    """``folder``/NAME.json and NAME.md (benchmarks/results by default); the markdown is printed too."""
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"{name}.json"), "w") as f:
         json.dump(payload, f, indent=2)
         f.write("\n")
-    with open(os.path.join(RESULTS, f"{name}.md"), "w") as f:
+    with open(os.path.join(folder, f"{name}.md"), "w") as f:
         f.write(markdown.rstrip() + "\n")
     print(markdown)

@@ -50,7 +50,7 @@ import zipfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, machine  # noqa: E402
+from common import RESULTS, machine, write  # noqa: E402
 
 from metaphi.evaluate import confidence95, mean_ci95  # noqa: E402
 from metaphi.experiments.report import markdown_table, pm  # noqa: E402
@@ -310,13 +310,7 @@ def main(argv=None):
                              "support_drawer": p.support_drawer, "query_drawer": p.query_drawer} for p in problems],
                "published_error_percent": PUBLISHED, "summary": summary, "runs": rows,
                "total_wall_minutes": total_minutes}
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, f"{NAME}.json"), "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    with open(os.path.join(out_dir, f"{NAME}.md"), "w") as f:
-        f.write(md.rstrip() + "\n")
-    print(md)
+    write(NAME, payload, md, out_dir)
     print(f"wrote {os.path.join(out_dir, NAME)}.json and .md ({total_minutes:.1f} minutes)")
 
 

@@ -49,3 +49,17 @@ def assert_first_order_vmap_equals_loop(algo, phi, tasks):
     batched = torch.func.vmap(lambda t: algo.evaluate(phi, t))(tasks)
     assert torch.equal(batched, torch.stack([algo.evaluate(phi, t) for t in tasks.unstack()]))
     return g_loop, batched
+
+
+def bar_drawing(c: int, i: int, classes: int, size: int = 28):
+    """A uint8 numpy image of class ``c`` of ``classes``: a bar at an angle of its own; drawing ``i``: a
+    small seeded shift. Dark ink on white paper, like a scanned character."""
+    import numpy as np
+
+    rng = np.random.default_rng(1000 * c + i)
+    img = np.full((size, size), 255, np.uint8)
+    yy, xx = np.mgrid[:size, :size] - size / 2
+    angle = np.pi * c / classes
+    dist = np.abs(np.cos(angle) * (yy - rng.integers(-2, 3)) - np.sin(angle) * (xx - rng.integers(-2, 3)))
+    img[dist < 2.5] = 0
+    return img

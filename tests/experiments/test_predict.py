@@ -10,19 +10,13 @@ from PIL import Image
 
 from metaphi.algorithms import ALGORITHMS
 from metaphi.cli import main
+from tiny import bar_drawing
 
 CLASSES = 15
 
 
 def pattern(c: int, i: int, size: int = 28) -> np.ndarray:
-    """Class c: a bar at an angle of its own; drawing i: a small shift. Dark ink on white paper."""
-    rng = np.random.default_rng(1000 * c + i)
-    img = np.full((size, size), 255, np.uint8)
-    yy, xx = np.mgrid[:size, :size] - size / 2
-    angle = np.pi * c / CLASSES
-    dist = np.abs(np.cos(angle) * (yy - rng.integers(-2, 3)) - np.sin(angle) * (xx - rng.integers(-2, 3)))
-    img[dist < 2.5] = 0
-    return img
+    return bar_drawing(c, i, CLASSES, size)
 
 
 def save(img: np.ndarray, path, mode: str = "L", size: int = 28):
