@@ -360,16 +360,9 @@ def train_and_test(config: RunConfig, benchmark, out_dir: str, progress: bool = 
     if not has_test(benchmark):  # deploy mode: validated, kept for predict, not tested
         return train_without_test(config, benchmark, algorithm, estimator, out_dir, progress)
     test_sampler = benchmark.episodes("test", config.ways, config.eval_shots, config.eval_query)
-    validate = None
-    if "val" in benchmark.splits or benchmark.regression_tasks is not None:
-        val_sampler = benchmark.episodes("val", config.ways, config.eval_shots, config.eval_query)
-        validate = lambda phi: evaluate(algorithm, phi, val_sampler, config.val_tasks, config.eval_seed + 1,
-                                        device=config.device)["mean"]
-    s = settings(config)
+    validate = validator(config, benchmark, algorithm)
     train_ways = config.train_ways or config.ways
-    run = {"benchmark": benchmark.name, "data_root": config.data_root, "benchmark_options": benchmark_options(config),
-           **s, "estimator": config.estimator, "seed": config.seed, "eval_seed": config.eval_seed,
-           "input": benchmark.input_spec(), "train_ways": train_ways, "init": config.init}
+    run = run_record(config, benchmark)
     started = time.perf_counter()
     state = meta_train_algorithm(config, benchmark, algorithm, estimator, out_dir, validate, run, progress)
     if not distributed.is_main():  # under torchrun rank 0 alone tests and writes the results
@@ -399,6 +392,24 @@ def train_and_test(config: RunConfig, benchmark, out_dir: str, progress: bool = 
     return result
 
 
+def validator(config: RunConfig, benchmark, algorithm):
+    """φ -> the mean score on ``config.val_tasks`` fixed validation tasks, or None without validation tasks."""
+    from metaphi.evaluate import evaluate
+
+    if "val" not in benchmark.splits and benchmark.regression_tasks is None:
+        return None
+    val_sampler = benchmark.episodes("val", config.ways, config.eval_shots, config.eval_query)
+    return lambda phi: evaluate(algorithm, phi, val_sampler, config.val_tasks, config.eval_seed + 1,
+                                device=config.device)["mean"]
+
+
+def run_record(config: RunConfig, benchmark) -> dict:
+    """What a checkpoint records of its run: enough for ``eval`` and ``predict`` to rebuild the data and inputs."""
+    return {"benchmark": benchmark.name, "data_root": config.data_root, "benchmark_options": benchmark_options(config),
+            **settings(config), "estimator": config.estimator, "seed": config.seed, "eval_seed": config.eval_seed,
+            "input": benchmark.input_spec(), "train_ways": config.train_ways or config.ways, "init": config.init}
+
+
 def has_test(benchmark) -> bool:
     """Whether ``benchmark`` has test tasks (a folder in deploy mode has none)."""
     return benchmark.regression_tasks is not None or "test" in benchmark.splits
@@ -408,15 +419,10 @@ def train_without_test(config: RunConfig, benchmark, algorithm, estimator, out_d
     """Deploy mode: meta-train on a benchmark with no test split, validating; the result says
     ``"test": None`` and gives the validation scores of the last φ and of the best (best.pt)."""
     from metaphi import distributed
-    from metaphi.evaluate import evaluate
 
-    val_sampler = benchmark.episodes("val", config.ways, config.eval_shots, config.eval_query)
-    validate = lambda phi: evaluate(algorithm, phi, val_sampler, config.val_tasks, config.eval_seed + 1,
-                                    device=config.device)["mean"]
+    validate = validator(config, benchmark, algorithm)
     train_ways = config.train_ways or config.ways
-    run = {"benchmark": benchmark.name, "data_root": config.data_root, "benchmark_options": benchmark_options(config),
-           **settings(config), "estimator": config.estimator, "seed": config.seed, "eval_seed": config.eval_seed,
-           "input": benchmark.input_spec(), "train_ways": train_ways, "init": config.init}
+    run = run_record(config, benchmark)
     started = time.perf_counter()
     state = meta_train_algorithm(config, benchmark, algorithm, estimator, out_dir, validate, run, progress)
     if not distributed.is_main():
