@@ -63,3 +63,27 @@ def bar_drawing(c: int, i: int, classes: int, size: int = 28):
     dist = np.abs(np.cos(angle) * (yy - rng.integers(-2, 3)) - np.sin(angle) * (xx - rng.integers(-2, 3)))
     img[dist < 2.5] = 0
     return img
+
+
+def trained_and_rebuilt(name: str, folder):
+    """Algorithm ``name`` meta-trained for 2 iterations on the tiny benchmark with its checkpoint in
+    ``folder``, rebuilt from that checkpoint: checks that the rebuilt spec is the same and that its
+    predictions on a test task are finite logits whose accuracy is what ``evaluate`` reports; returns
+    (algorithm, state, rebuilt, checkpoint, task, logits)."""
+    from metaphi.algorithms import build_algorithm, create_algorithm
+    from metaphi.outer import build_estimator
+    from metaphi.train import TrainConfig, load_checkpoint, meta_train
+
+    bench = tiny_benchmark()
+    torch.manual_seed(0)
+    algo = create_algorithm(name, bench, 3, 0.1, 0, 0)
+    state = meta_train(algo, build_estimator("first-order"), algo.training_tasks(bench, 3, 1, 2),
+                       TrainConfig(iterations=2, meta_batch=2), out_dir=str(folder), progress=False)
+    ck = load_checkpoint(str(folder / "checkpoint.pt"))
+    rebuilt = build_algorithm(ck["algorithm"])
+    assert rebuilt.spec() == algo.spec()
+    task = bench.episodes("test", 3, 2, 3).sample(torch.Generator().manual_seed(0))
+    logits = rebuilt.predict(ck["phi"], task.support, task.query[0], 0)
+    assert logits.shape == (9, 3) and torch.isfinite(logits).all()
+    assert (logits.argmax(-1) == task.query[1]).float().mean() == rebuilt.evaluate(ck["phi"], task)[0]
+    return algo, state, rebuilt, ck, task, logits

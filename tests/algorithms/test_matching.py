@@ -4,13 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from metaphi.algorithms import build_algorithm, create_algorithm
 from metaphi.algorithms.matching import MatchingNet, MatchingOptions, lstm_cell, query_context, support_context
 from metaphi.models import Conv4
-from metaphi.outer import build_estimator
 from metaphi.tasks import Task
-from metaphi.train import TrainConfig, load_checkpoint, meta_train
-from tiny import assert_first_order_vmap_equals_loop, random_task, tiny_benchmark
+from tiny import assert_first_order_vmap_equals_loop, trained_and_rebuilt, random_task
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -98,16 +95,6 @@ def test_vmap_equals_loop(fce):
 
 @pytest.mark.parametrize("name", ["matching", "matching-fce"])
 def test_checkpoint_rebuilds_and_predicts(tmp_path, name):
-    bench = tiny_benchmark()
-    torch.manual_seed(0)
-    algo = create_algorithm(name, bench, 3, 0.1, 0, 0)
-    meta_train(algo, build_estimator("first-order"), algo.training_tasks(bench, 3, 1, 2),
-               TrainConfig(iterations=2, meta_batch=2), out_dir=str(tmp_path), progress=False)
-    ck = load_checkpoint(str(tmp_path / "checkpoint.pt"))
-    rebuilt = build_algorithm(ck["algorithm"])
-    assert rebuilt.spec() == algo.spec() and rebuilt.fce == (name == "matching-fce")
-    task = bench.episodes("test", 3, 2, 3).sample(torch.Generator().manual_seed(0))
-    logits = rebuilt.predict(ck["phi"], task.support, task.query[0], 0)
-    assert logits.shape == (9, 3)
+    _, _, rebuilt, _, _, logits = trained_and_rebuilt(name, tmp_path)
+    assert rebuilt.fce == (name == "matching-fce")
     assert torch.allclose(logits.exp().sum(-1), torch.ones(9), atol=1e-5)
-    assert (logits.argmax(-1) == task.query[1]).float().mean() == rebuilt.evaluate(ck["phi"], task)[0]

@@ -6,14 +6,13 @@ import json
 import pytest
 import torch
 
-from metaphi.algorithms import build_algorithm, create_algorithm
 from metaphi.algorithms.protonet import ProtoNet, cosine_similarities, masked, prototypes, squared_distances
 from metaphi.evaluate import evaluate
 from metaphi.models import MLP, Conv4
 from metaphi.outer import build_estimator
 from metaphi.tasks import Task
-from metaphi.train import TrainConfig, load_checkpoint, meta_train
-from tiny import assert_first_order_vmap_equals_loop, install_tiny, random_task, tiny_benchmark
+from metaphi.train import TrainConfig, meta_train
+from tiny import assert_first_order_vmap_equals_loop, trained_and_rebuilt, install_tiny, random_task
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -110,20 +109,7 @@ def test_protonet_learns_a_linearly_separable_toy_problem_to_100_percent():
 
 @pytest.mark.parametrize("name", ["protonet", "protonet-cosine"])
 def test_checkpoint_rebuilds_and_predicts(tmp_path, name):
-    bench = tiny_benchmark()
-    torch.manual_seed(0)
-    algo = create_algorithm(name, bench, 3, 0.1, 0, 0)
-    state = meta_train(algo, build_estimator("first-order"),
-                       algo.training_tasks(bench, 3, 1, 2), TrainConfig(iterations=2, meta_batch=2),
-                       out_dir=str(tmp_path), progress=False)
-    ck = load_checkpoint(str(tmp_path / "checkpoint.pt"))
-    rebuilt = build_algorithm(ck["algorithm"])
-    assert rebuilt.spec() == algo.spec()
-    task = bench.episodes("test", 3, 2, 3).sample(torch.Generator().manual_seed(0))
-    logits = rebuilt.predict(ck["phi"], task.support, task.query[0], 0)
-    assert logits.shape == (9, 3) and torch.isfinite(logits).all()
-    accuracy = (logits.argmax(-1) == task.query[1]).float().mean()
-    assert accuracy == rebuilt.evaluate(ck["phi"], task)[0]
+    algo, state, _, _, task, logits = trained_and_rebuilt(name, tmp_path)
     assert torch.allclose(logits, algo.predict(state.phi, task.support, task.query[0], 0))
 
 

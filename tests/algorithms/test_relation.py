@@ -5,13 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from metaphi.algorithms import build_algorithm, create_algorithm
 from metaphi.algorithms.relation import RelationModule, RelationNet
 from metaphi.models import Conv4, TaskBatchNorm
-from metaphi.outer import build_estimator
 from metaphi.tasks import Task
-from metaphi.train import TrainConfig, load_checkpoint, meta_train
-from tiny import assert_first_order_vmap_equals_loop, random_task, tiny_benchmark
+from tiny import assert_first_order_vmap_equals_loop, trained_and_rebuilt, random_task
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -82,18 +79,7 @@ def test_vmap_equals_loop():
 
 
 def test_checkpoint_rebuilds_and_predicts(tmp_path):
-    bench = tiny_benchmark()
-    torch.manual_seed(0)
-    algo = create_algorithm("relation", bench, 3, 0.1, 0, 0)
-    meta_train(algo, build_estimator("first-order"), algo.training_tasks(bench, 3, 1, 2),
-               TrainConfig(iterations=2, meta_batch=2), out_dir=str(tmp_path), progress=False)
-    ck = load_checkpoint(str(tmp_path / "checkpoint.pt"))
-    rebuilt = build_algorithm(ck["algorithm"])
-    assert rebuilt.spec() == algo.spec()
-    task = bench.episodes("test", 3, 2, 3).sample(torch.Generator().manual_seed(0))
-    logits = rebuilt.predict(ck["phi"], task.support, task.query[0], 0)
-    assert logits.shape == (9, 3) and torch.isfinite(logits).all()
-    assert (logits.argmax(-1) == task.query[1]).float().mean() == rebuilt.evaluate(ck["phi"], task)[0]
+    trained_and_rebuilt("relation", tmp_path)
 
 
 def test_relation_needs_a_convolutional_backbone():
