@@ -92,7 +92,9 @@ class MetricLearner(Algorithm):
 
     # There is no inner loop, so first- and second-order meta-gradients are the same exact gradient.
     estimators = ("first-order", "second-order")
-    batched_eval = True
+    # A task is already one batch (support and query embedded together): tasks one at a time are 2-3x
+    # faster on a CPU than a vmapped chunk of them (Conv4, 5- and 20-way; torch 2.13).
+    batched_eval = False
     #: trains and tests on tasks with any number of classes (``--train-ways`` may differ from ``--ways``)
     any_ways = True
 
@@ -191,6 +193,40 @@ class ProtoNet(MetricLearner):
         if self.distance == "euclidean":
             return -squared_distances(zq, protos), present
         return phi["scale"] * cosine_similarities(zq, protos), present
+
+
+#: ProtoNet's recipe on character data (Snell et al. 2017's Omniglot protocol): 60-way training episodes
+#: with 5 queries per class, one episode per step, max-pooling Conv4
+CHARACTER_RECIPE = {"train_ways": 60, "query": 5, "meta_batch": 1, "pool": "max"}
+#: and on other images (their miniImageNet 1-shot protocol): 30-way episodes with 15 queries per class
+IMAGE_RECIPE = {"train_ways": 30, "query": 15, "meta_batch": 1, "pool": "max"}
+#: the smallest images Conv4's four 2x2 max poolings take
+MAX_POOL_SIZE = 16
+#: what was chosen on validation classes (benchmarks/omniglot_lake_format.py --choose) for folders of
+#: characters: the schedule, augmentation and a run length of about 30 CPU-minutes on 2 cores
+FOLDER_CHARACTER_RECIPE = {"lr_schedule": "cosine", "augment": False, "iterations": 2000}
+
+
+def defaults(settings: dict) -> dict:
+    """ProtoNet's recipe on an image benchmark (``settings["images"]``; nothing otherwise): the paper's
+    episodes (more ways than the tests, several queries per class, one episode per step) and
+    max-pooling Conv4; on a folder of characters also the schedule, augmentation and run length chosen
+    on validation classes. ``train_ways`` is capped by the training classes (``settings["train_classes"]``),
+    ``query`` by the images of the smallest training class beside the shots; max pooling needs
+    images of ``MAX_POOL_SIZE`` pixels or more."""
+    if not settings.get("images"):
+        return {}
+    recipe = dict(CHARACTER_RECIPE if settings.get("characters") else IMAGE_RECIPE)
+    if settings.get("train_classes"):
+        recipe["train_ways"] = min(recipe["train_ways"], settings["train_classes"])
+    if settings.get("image_size", 0) < MAX_POOL_SIZE:  # four 2x2 poolings need 16 pixels
+        del recipe["pool"]
+    if settings.get("train_class_images"):  # as many queries as the smallest class has images beside the shots
+        room = settings["train_class_images"] - (settings.get("shots") or 1)
+        recipe["query"] = max(1, min(recipe["query"], room))
+    if settings.get("folder") and settings.get("characters"):
+        recipe.update(FOLDER_CHARACTER_RECIPE)
+    return recipe
 
 
 def _backbone(benchmark, ways: int) -> nn.Module:
