@@ -66,6 +66,8 @@ SPEC_CLASSES = {
 }
 FAMILY_DEFAULTS = {
     "reptile": "metaphi.algorithms.reptile:defaults",
+    "protonet": "metaphi.algorithms.protonet:defaults",
+    "protonet-cosine": "metaphi.algorithms.protonet:defaults",
 }
 BASELINES = ("scratch", "pretrain")
 
@@ -101,8 +103,10 @@ def algorithm_options(name: str, options=None):
 
 
 def family_defaults(name: str, settings: dict | None = None) -> dict:
-    """The run settings algorithm ``name`` takes where the user gave none, given the benchmark's
-    default ``settings`` (e.g. Reptile: at least 5 inner steps); empty for most families."""
+    """The run settings algorithm ``name`` takes where the user gave none (its recipe), given the
+    benchmark's default ``settings`` and what the benchmark is (``images``, ``characters``, ``folder``,
+    ``train_classes``): e.g. Reptile at least 5 inner steps, ProtoNet 60-way training episodes on
+    characters; empty for most families."""
     _known(name)
     if name not in FAMILY_DEFAULTS:
         return {}

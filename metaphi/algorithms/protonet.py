@@ -202,9 +202,10 @@ CHARACTER_RECIPE = {"train_ways": 60, "query": 5, "meta_batch": 1, "pool": "max"
 IMAGE_RECIPE = {"train_ways": 30, "query": 15, "meta_batch": 1, "pool": "max"}
 #: the smallest images Conv4's four 2x2 max poolings take
 MAX_POOL_SIZE = 16
-#: what was chosen on validation classes (benchmarks/omniglot_lake_format.py --choose) for folders of
-#: characters: the schedule, augmentation and a run length of about 30 CPU-minutes on 2 cores
-FOLDER_CHARACTER_RECIPE = {"lr_schedule": "cosine", "augment": False, "iterations": 2000}
+#: what was chosen on validation characters for folders of characters (benchmarks/omniglot_recipe_choice.py:
+#: random affine augmentation lowered the validation error from 7.4% to 6.1%, a cosine step size did not
+#: change it, so it stays constant) and a run length of about 30 CPU-minutes on this 2-core machine
+FOLDER_CHARACTER_RECIPE = {"augment": True, "iterations": 2000}
 
 
 def defaults(settings: dict) -> dict:

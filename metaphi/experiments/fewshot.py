@@ -61,13 +61,18 @@ class RunConfig:
                                check="positive")
     query: int | None = option(None, "query examples per class for meta-training (none: the benchmark's)",
                                check="positive")
-    rotations: bool = option(False, "each training class also rotated by 90, 180 and 270 degrees, each rotation a "
-                                    "new class (Omniglot's protocol in MAML and ProtoNets; 4x the training images "
-                                    "in memory); validation and test classes untouched")
-    augment: bool = option(False, "move every training-episode image by its own random affine map: shift up to ±10% "
-                                  "of the size, zoom 0.9-1.1, rotation up to ±15°, shear up to ±10° (the usual "
-                                  "small-affine ranges for characters); validation and test episodes untouched")
+    rotations: bool | None = option(None, "each training class also rotated by 90, 180 and 270 degrees, each rotation "
+                                          "a new class (Omniglot's protocol in MAML and ProtoNets; 4x the training "
+                                          "images in memory); validation and test classes untouched (none: on for "
+                                          "character data: Omniglot, a folder of dark ink on light paper)")
+    augment: bool | None = option(None, "move every training-episode image by its own random affine map: shift up to "
+                                        "±10% of the size, zoom 0.9-1.1, rotation up to ±15°, shear up to ±10° (the "
+                                        "usual small-affine ranges for characters); validation and test episodes "
+                                        "untouched (none: the family's recipe; off unless it says on)")
     augment_strength: float = option(1.0, "--augment only: every range above times this, in (0, 1]", check="unit")
+    pool: str | None = option(None, "how the Conv4 backbone downsamples: stride-2 convolutions (MAML's Omniglot "
+                                    "network) or 2x2 max pooling (ProtoNet's; slower, stronger) (none: the family's "
+                                    "recipe, else the benchmark's)", choices=("stride", "max"))
     eval_shots: int | None = option(None, "support examples per class at test (none: the benchmark's, else --shots)",
                                     check="positive")
     eval_query: int | None = option(None, "query examples per class at test (none: the benchmark's, else --query)",
@@ -78,9 +83,10 @@ class RunConfig:
     inner_lr: float | None = option(None, "inner step size α (none: the benchmark's)", check="positive")
     meta_batch: int | None = option(None, "tasks per meta-update (none: the benchmark's)", check="positive")
     meta_lr: float | None = option(None, "outer step size (none: the benchmark's)", check="positive")
-    lr_schedule: str = option("constant", "the outer step size over the iterations: constant, or cosine (decays "
-                                          "from --meta-lr to --lr-min-factor x --meta-lr at the last iteration)",
-                              choices=("constant", "cosine"))
+    lr_schedule: str | None = option(None, "the outer step size over the iterations: constant, or cosine (decays "
+                                                 "from --meta-lr to --lr-min-factor x --meta-lr at the last "
+                                                 "iteration) (none: the family's recipe, else constant)",
+                                     choices=("constant", "cosine"))
     warmup: int = option(0, "iterations of linear warm-up of the outer step size to --meta-lr before the schedule "
                             "(fewer than --iterations)", check="nonneg")
     lr_min_factor: float = option(0.0, "--lr-schedule cosine only: the step size at the last iteration, as a "
@@ -221,15 +227,39 @@ def load_benchmark(config):
 
 
 def training_data(config: RunConfig, benchmark):
-    """``benchmark`` with its training split as ``config`` asks (``--rotations``, ``--augment``): through
-    the benchmark, so every family's training sampler (episodes or pooled batches) sees it and the
-    validation and test splits do not."""
-    if config.augment_strength != 1.0 and not config.augment:
+    """``benchmark`` with its training split as ``config`` asks (``--rotations``, ``--augment``; where it
+    does not say, the recipe's: rotations for character data, augmentation where the family's recipe has
+    it): through the benchmark, so every family's training sampler (episodes or pooled batches) sees it
+    and the validation and test splits do not. What was decided is ``benchmark.training``."""
+    rotations = config.rotations if config.rotations is not None else benchmark.rotates_by_default()
+    augment = config.augment
+    if augment is None:
+        augment = bool(family_recipe(config.algorithm, benchmark, rotated=rotations).get("augment", False))
+    if config.augment_strength != 1.0 and not augment:
         raise UsageError("--augment-strength applies with --augment only")
-    if config.augment and not 0.0 < config.augment_strength <= 1.0:
+    if augment and not 0.0 < config.augment_strength <= 1.0:
         raise UsageError(f"--augment-strength must be in (0, 1], got {config.augment_strength}")
-    return benchmark.with_training(rotations=config.rotations, augment=config.augment,
-                                   augment_strength=config.augment_strength)
+    return benchmark.with_training(rotations=rotations, augment=augment, augment_strength=config.augment_strength)
+
+
+def family_recipe(algorithm: str | None, benchmark, rotated: bool = False) -> dict:
+    """The settings family ``algorithm`` takes on ``benchmark`` where the run gives none (its recipe:
+    :func:`metaphi.algorithms.family_defaults`), told what the benchmark is: image classes or not,
+    character data, a folder, its training classes (times 4 when ``rotated`` is still to come), the
+    images of its smallest training class and its image size."""
+    from metaphi.algorithms import family_defaults
+    from metaphi.tasks.registry import folder_path
+
+    if algorithm is None:
+        return {}
+    images = bool(benchmark.splits)
+    classes = benchmark.num_classes("train") * (4 if rotated and images else 1) if images else 0
+    smallest = int(benchmark.splits["train"].counts.min()) if images and classes else 0
+    facts = {**benchmark.defaults, "images": images, "characters": benchmark.characters,
+             "folder": folder_path(benchmark.name) is not None, "train_classes": classes,
+             "train_class_images": smallest,
+             "image_size": min(benchmark.splits["train"].image_shape[1:]) if images else 0}
+    return family_defaults(algorithm, facts)
 
 
 def with_input_settled(config: RunConfig, benchmark) -> RunConfig:
@@ -258,13 +288,25 @@ def complete(config: RunConfig, benchmark) -> RunConfig:
     for key in ("algorithm_options", "estimator_options"):
         if not isinstance(getattr(config, key), dict):
             raise UsageError(f"{key} must be a mapping of options, got {getattr(config, key)!r}")
-    d = {**benchmark.defaults, **family_defaults(config.algorithm, benchmark.defaults)}
+    recipe = family_recipe(config.algorithm, benchmark)
+    d = {**benchmark.defaults, **recipe}
     sizes = {k: getattr(config, k) if getattr(config, k) is not None else d.get(k) for k in SIZES}
     sizes["eval_shots"] = config.eval_shots or d.get("eval_shots") or sizes["shots"]
-    sizes["eval_query"] = config.eval_query or d.get("eval_query") or sizes["query"]
+    # the recipe shapes training episodes only: tests keep the benchmark's queries (or the run's --query)
+    sizes["eval_query"] = (config.eval_query or d.get("eval_query")
+                           or (config.query if config.query is not None else benchmark.defaults.get("query"))
+                           or sizes["query"])
+    training = {"rotations": benchmark.training.get("rotations", bool(config.rotations)),
+                "augment": benchmark.training.get("augment", bool(config.augment)),
+                "pool": config.pool or recipe.get("pool") or benchmark.backbone.get("pool"),
+                "lr_schedule": config.lr_schedule or recipe.get("lr_schedule") or "constant",
+                "train_ways": config.train_ways}
+    if config.train_ways is None and recipe.get("train_ways") and sizes["ways"] is not None:
+        # more ways than the tests, as many as the training split has at most
+        training["train_ways"] = max(sizes["ways"], min(recipe["train_ways"], benchmark.num_classes("train")))
     probe = probe_algorithm(config.algorithm, benchmark, sizes)
     estimator = config.estimator or default_estimator(probe)
-    resolved = dataclasses.replace(config, **sizes, estimator=estimator)
+    resolved = dataclasses.replace(config, **sizes, **training, estimator=estimator)
     check(resolved)
     check_fits(resolved, probe)
     family, estimator_settings = check_options(resolved, estimator)
@@ -309,6 +351,8 @@ def make_algorithm(config: RunConfig, benchmark):
 
     from metaphi.algorithms import create_algorithm
 
+    if getattr(config, "pool", None):
+        benchmark = benchmark.with_backbone(pool=config.pool)
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         algorithm = create_algorithm(config.algorithm, benchmark, config.ways, config.inner_lr, config.inner_steps,
@@ -477,6 +521,29 @@ def baseline_config(config: RunConfig, name: str, benchmark) -> RunConfig:
                                estimator_options=to_dict(estimator_settings))
 
 
+#: what ``run`` reports having decided, where the command line left it open: (field, flag, wording)
+CHOICES = (("ways", "--ways", lambda v: f"{v}-way"), ("shots", "--shots", lambda v: f"{v}-shot tasks"),
+           ("train_ways", "--train-ways", lambda v: f"{v}-way training episodes"),
+           ("query", "--query", lambda v: f"{v} queries per class"),
+           ("meta_batch", "--meta-batch", lambda v: f"{v} task{'s' if v != 1 else ''} per step"),
+           ("rotations", "--rotations", lambda v: "rotations as new classes" if v else "no rotations"),
+           ("augment", "--augment", lambda v: "random affine augmentation" if v else "no augmentation"),
+           ("pool", "--pool", lambda v: f"{v} pooling"),
+           ("lr_schedule", "--lr-schedule", lambda v: f"{v} step size"),
+           ("iterations", "--iterations", lambda v: f"{v} iterations"))
+
+
+def describe_choices(given: RunConfig, config: RunConfig) -> str:
+    """One line: what the run decided of what ``given`` left open (the family's recipe, else the
+    benchmark's defaults), each with the flag that changes it."""
+    chosen = [(flag, say(getattr(config, key))) for key, flag, say in CHOICES
+              if getattr(given, key) is None and getattr(config, key) is not None]
+    if not chosen:
+        return f"{config.algorithm} on {config.benchmark}: every setting as given"
+    listed = ", ".join(f"{words} ({flag})" for flag, words in chosen)
+    return f"{config.algorithm} on {config.benchmark}, chosen where not given: {listed}"
+
+
 def outputs_folder(config: RunConfig, benchmark_name: str) -> str:
     return config.out or os.path.join("runs", f"{config.algorithm}-{benchmark_name}-{config.ways}w{config.shots}s-"
                                               f"seed{config.seed}")
@@ -520,6 +587,7 @@ def _run(config: RunConfig, main_process: bool) -> int:
     if benchmark.description and main_process and not config.quiet:  # folder:PATH: how its images are read
         print(benchmark.description, file=sys.stderr, flush=True)
     config = with_input_settled(config, benchmark)
+    given = config
     config = complete(config, benchmark)
     out_dir = outputs_folder(config, benchmark.name)
     config = dataclasses.replace(config, out=out_dir)
@@ -530,6 +598,8 @@ def _run(config: RunConfig, main_process: bool) -> int:
         if split == "test" and not has_test(benchmark):
             split = "val"  # deploy mode: the validation tasks are the held-out ones
         benchmark.episodes(split, config.ways, shots, query)
+    if main_process and not config.quiet:
+        print(describe_choices(given, config), file=sys.stderr, flush=True)
     if main_process:
         save_config(config, out_dir, "run")
     result = train_and_test(config, benchmark, out_dir, progress=progress)

@@ -61,6 +61,13 @@ class Benchmark:
     input_origin: dict = field(default_factory=dict)
     #: transforms every image of the "train" split's episodes and pooled batches (see with_training)
     train_augment: Transform | None = None
+    #: handwritten characters or other ink drawings (Omniglot; a folder of dark ink on light paper): a
+    #: rotated character is a new character, so training classes are rotated by default (run's recipe)
+    characters: bool = False
+    #: what with_training made of the training split: {"rotations": bool, "augment": bool}
+    training: dict = field(default_factory=dict)
+    #: what ``make_model`` takes besides the output size (Conv4's ``hidden`` and ``pool``); see with_backbone
+    backbone: dict = field(default_factory=dict)
 
     def with_training(self, rotations: bool = False, augment: bool = False,
                       augment_strength: float = 1.0) -> "Benchmark":
@@ -91,7 +98,21 @@ class Benchmark:
             if not 0.0 < augment_strength <= 1.0:
                 raise DataError(f"augmentation strength must be in (0, 1], got {augment_strength}")
             train_augment = RandomAffine(augment_strength, padding="zeros" if self.invert else "border")
-        return dataclasses.replace(self, splits=splits, train_augment=train_augment)
+        return dataclasses.replace(self, splits=splits, train_augment=train_augment,
+                                   training={"rotations": bool(rotations), "augment": bool(augment)})
+
+    def rotates_by_default(self) -> bool:
+        """Whether training classes are rotated where the run does not say (``--rotations``): character
+        data whose training split is not rotated already."""
+        return self.characters and "train" in self.splits and not self.splits["train"].is_rotated
+
+    def with_backbone(self, pool: str | None = None) -> "Benchmark":
+        """This benchmark with its models downsampling by ``pool`` ("stride" or "max"; None: as it is)."""
+        if pool is None or self.backbone.get("pool", pool) == pool:
+            return self
+        if "pool" not in self.backbone:
+            raise DataError(f"benchmark '{self.name}' has no convolutional backbone to choose the pooling of")
+        return dataclasses.replace(self, backbone={**self.backbone, "pool": pool})
 
     def episodes(self, split: str, ways: int, shots: int, query: int):
         if self.regression_tasks is not None:
@@ -112,7 +133,7 @@ class Benchmark:
         return self.splits[split].num_classes if self.splits else 1
 
     def model(self, out_features: int) -> nn.Module:
-        return self.make_model(out_features)
+        return self.make_model(out_features, **self.backbone)
 
     def input_spec(self) -> dict:
         """What inputs the models of this benchmark take, for checkpoints and ``predict``."""
@@ -126,7 +147,9 @@ class Benchmark:
 
 
 def image_benchmark(name: str, splits: dict[str, ImageClasses], defaults: dict, hidden: int = 64,
-                    pool: str = "stride", invert: bool = False) -> Benchmark:
+                    pool: str = "stride", invert: bool = False, characters: bool = False) -> Benchmark:
     c, h, _ = splits["train"].image_shape
     return Benchmark(name=name, problem=CLASSIFICATION, defaults=defaults, splits=splits, invert=invert,
-                     make_model=lambda out: Conv4(c, out, hidden=hidden, image_size=h, pool=pool))
+                     characters=characters, backbone={"hidden": hidden, "pool": pool},
+                     make_model=lambda out, hidden=hidden, pool=pool: Conv4(c, out, hidden=hidden, image_size=h,
+                                                                            pool=pool))

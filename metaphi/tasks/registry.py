@@ -101,7 +101,7 @@ def _omniglot(protocol: str) -> Builder:
             splits = omniglot.lake_splits(root, download=download)
         else:
             splits = omniglot.minimal_splits(root, "small1", test="unseen", download=download)
-        return image_benchmark(protocol, splits, dict(OMNIGLOT_DEFAULTS), invert=True)
+        return image_benchmark(protocol, splits, dict(OMNIGLOT_DEFAULTS), invert=True, characters=True)
     return build
 
 
@@ -149,7 +149,8 @@ def folder(path: str, options: dict) -> Benchmark:
                            channels=chosen.channels, image_size=chosen.image_size, invert=chosen.invert,
                            **({"fractions": DEPLOY_FRACTIONS} if deploy else {}))
     bench = image_benchmark(f"folder:{path}", splits, dict(FOLDER_DEFAULTS), pool="max" if size >= 64 else "stride",
-                            hidden=32, invert=chosen.invert)
+                            hidden=64 if size < 64 else 32, invert=chosen.invert,
+                            characters=chosen.channels == 1 and bool(chosen.invert))
     counts = [splits[s].num_classes for s in splits]
     images = sum(len(splits[s].targets) for s in splits)
     test = "no test: deploy" if deploy else f"{counts[2]} test"
