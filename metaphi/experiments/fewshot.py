@@ -2,7 +2,10 @@
 (``metaphi run``), and re-test a saved run (``metaphi eval``).
 
 A run is described by one :class:`RunConfig`; the sizes it leaves open (``None``) are the chosen
-family's defaults for the benchmark, then the benchmark's own (:func:`complete`). The chosen
+family's defaults for the benchmark (its recipe: ProtoNet's more-ways episodes and max-pooling Conv4
+on images, ...), then the benchmark's own (:func:`complete`); the training split is rotated where the
+run does not say for character data (:func:`training_data`). ``run`` prints what was chosen
+(:func:`describe_choices`) and writes it into config.yaml. The chosen
 algorithm's options (iMAML's λ, ...) and the estimator's (the implicit solver, ES's population, ...)
 are nested mappings, ``algorithm_options`` and ``estimator_options``, checked against the options
 dataclass of that family and that estimator: an option of another family or estimator is refused
