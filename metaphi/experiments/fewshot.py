@@ -283,9 +283,9 @@ def default_estimator(algorithm) -> str:
 def complete(config: RunConfig, benchmark) -> RunConfig:
     """``config`` with every size it leaves open decided (the family's default for this benchmark, else
     the benchmark's), the estimator named and the family's and estimator's options written out in full:
-    the run's fully resolved config."""
-    from metaphi.algorithms import family_defaults
-
+    the run's fully resolved config. The family's recipe (:func:`family_recipe`) also decides the
+    training ways, the pooling and the step-size schedule where the config leaves them open; the
+    rotations and augmentation are what :func:`training_data` made of the benchmark."""
     if config.algorithm is None:
         raise UsageError(f"name the algorithm: metaphi run ALGORITHM (valid: {', '.join(ALGORITHMS)})")
     for key in ("algorithm_options", "estimator_options"):
