@@ -68,6 +68,8 @@ FAMILY_DEFAULTS = {
     "reptile": "metaphi.algorithms.reptile:defaults",
     "protonet": "metaphi.algorithms.protonet:defaults",
     "protonet-cosine": "metaphi.algorithms.protonet:defaults",
+    "ssl-rotation": "metaphi.algorithms.ssl:defaults",
+    "ssl-simclr": "metaphi.algorithms.ssl:defaults",
 }
 BASELINES = ("scratch", "pretrain")
 

@@ -192,6 +192,13 @@ class SSL(Pretrain):
         return self.pretext_loss(phi, task)
 
 
+def defaults(settings: dict) -> dict:
+    """Self-supervised pre-training learns without labels, so classes rotated into new classes add nothing
+    but rotated copies, and to the rotation pretext task they are ambiguous (a class turned by 90° and
+    turned back by 270° is the class itself): no rotations where the run does not ask for them."""
+    return {"rotations": False}
+
+
 def _ssl(benchmark, objective: str, inner_lr: float, eval_steps, options) -> SSL:
     if benchmark.problem.name != "classification":
         raise DataError(f"self-supervised pre-training here is for images; benchmark '{benchmark.name}' is "

@@ -231,10 +231,12 @@ def load_benchmark(config):
 
 def training_data(config: RunConfig, benchmark):
     """``benchmark`` with its training split as ``config`` asks (``--rotations``, ``--augment``; where it
-    does not say, the recipe's: rotations for character data, augmentation where the family's recipe has
-    it): through the benchmark, so every family's training sampler (episodes or pooled batches) sees it
+    does not say, the recipe's: rotations for character data unless the family's recipe says otherwise,
+    augmentation where it has it): through the benchmark, so every family's training sampler (episodes or pooled batches) sees it
     and the validation and test splits do not. What was decided is ``benchmark.training``."""
-    rotations = config.rotations if config.rotations is not None else benchmark.rotates_by_default()
+    rotations = config.rotations
+    if rotations is None:
+        rotations = family_recipe(config.algorithm, benchmark).get("rotations", benchmark.rotates_by_default())
     augment = config.augment
     if augment is None:
         augment = bool(family_recipe(config.algorithm, benchmark, rotated=rotations).get("augment", False))

@@ -154,3 +154,12 @@ def test_predict_rebuilds_the_pooling_a_run_chose(tmp_path, pool):
                  "--out", str(tmp_path / "run")]) == 0
     ck = load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
     assert build_algorithm(ck["algorithm"]).model.pool == pool
+
+
+@pytest.mark.parametrize("name", ["ssl-rotation", "ssl-simclr"])
+def test_self_supervised_pretraining_does_not_rotate_classes(tmp_path, name):
+    folder = character_folder(tmp_path / "chars")
+    config, benchmark = resolved(algorithm=name, benchmark=f"folder:{folder}")
+    assert config.rotations is False and benchmark.num_classes("train") == 14
+    config, benchmark = resolved(algorithm=name, benchmark=f"folder:{folder}", rotations=True)
+    assert config.rotations is True and benchmark.num_classes("train") == 56
