@@ -18,9 +18,10 @@ Rows:
   fine-tuning, pixel-space nearest neighbour;
 * "recipe (run + predict)": the user-facing path. small1 is written out as a folder, one subfolder
   per character with the archive's own PNGs (black ink on white, 105 x 105); ``metaphi run protonet
-  --benchmark folder:DIR`` trains on it; each problem is written as a support folder (one subfolder
-  per character, one drawing) and a query folder (the drawings to label, under names that do not
-  say their class), and ``metaphi predict`` labels it.
+  --benchmark folder:DIR --deploy --ways 20`` trains on it with nothing else given (the recipe decides
+  the rest, iterations included, and trains on every class but a validation fifth); each problem is
+  written as a support folder (one subfolder per character, one drawing) and a query folder (the
+  drawings to label, under names that do not say their class), and ``metaphi predict`` labels it.
 
 small2's drawings serve only to test: every choice (best.pt, by validation) is made on small1's
 classes (the omniglot-small runs validate on small1's held-out alphabet and load small2's unseen
@@ -28,6 +29,7 @@ alphabets only as their own test split, scored after training; the folder run sp
 classes), and this script decodes small2 only after every run has finished.
 
     .venv/bin/python benchmarks/omniglot_lake_format.py --data-root ../shared/data/omniglot           # hours
+    (--jobs 2: two runs at a time, one thread each; CPU minutes are each run's own)
     .venv/bin/python benchmarks/omniglot_lake_format.py --quick --out /tmp/lake-quick                # minutes
 
 Writes benchmarks/results/omniglot_lake_format.{json,md} (``--out DIR``: DIR/omniglot_lake_format.*).
@@ -37,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import math
 import os
 import resource
@@ -50,7 +51,7 @@ import zipfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import RESULTS, machine, write  # noqa: E402
+from common import RESULTS, machine, run_all, shell, write  # noqa: E402
 
 from metaphi.evaluate import confidence95, mean_ci95  # noqa: E402
 from metaphi.experiments.report import markdown_table, pm  # noqa: E402
@@ -70,67 +71,37 @@ PUBLISHED = [
     ("BPL (Lake et al. 2015)", "small1 / small2", "4.3 / 4.0"),
     ("Deep convnet (Lake et al. 2015)", "small1 / small2", "24.0 / 22.3"),
     ("Prototypical networks (Lake et al. 2019, unverified)", "full background", 13.7),
-    ("Plain ProtoNet script, 60-way, rotations, 15 CPU-min (issue 18)", "small1, these alphabets", 15.0),
+    ("A plain ProtoNet script: Conv4, 60-way, rotations, 15 CPU-min", "small1, these alphabets", "about 15"),
 ]
 
-# The rows: (label, algorithm, flags of `metaphi run` beside the shared ones). ProtoNet and Matching
-# follow Snell et al.'s Omniglot recipe (60-way training episodes, 5 queries per class, rotations as
-# new classes, one episode per update); MAML keeps the minimal-split benchmark's 20-way sizes; the
-# pre-training rows take 4 batches of 64 images per update (the benchmark's meta-batch of 32 would
-# make self-supervised pre-training about 10 CPU-seconds an iteration).
+# The rows: (label, algorithm, flags of `metaphi run` beside the shared ones). ProtoNet takes its recipe
+# (`metaphi run`'s defaults for character data: Snell et al.'s 60-way training episodes, 5 queries per
+# class, one episode per update, rotations as new classes, max-pooling Conv4); Matching Networks the same
+# episodes by flags; MAML the minimal-split benchmark's 20-way sizes with rotations; the pre-training rows
+# take 4 batches of 64 images per update (the benchmark's meta-batch of 32 would make self-supervised
+# pre-training about 10 CPU-seconds an iteration).
 METHODS = {
-    "protonet": ("ProtoNet", "protonet", ["--train-ways", "60", "--query", "5", "--rotations", "--meta-batch", "1"]),
+    "protonet": ("ProtoNet", "protonet", []),
     "maml": ("MAML", "maml", ["--query", "2", "--meta-batch", "4", "--rotations"]),
     "matching": ("Matching", "matching", ["--train-ways", "60", "--query", "5", "--rotations", "--meta-batch", "1"]),
     "ssl": ("SSL (rotation) init + fine-tune", "ssl-rotation", ["--meta-batch", "4"]),
     "pretrain": ("Pre-training + fine-tune", "pretrain", ["--rotations", "--meta-batch", "4"]),
     "pixel-nn": ("Pixel nearest neighbour", "pixel-nn", []),
-    "recipe": ("Recipe (run + predict)", "protonet", ["--train-ways", "60", "--query", "5", "--rotations",
-                                                      "--meta-batch", "1"]),
+    "recipe": ("Recipe (run + predict)", "protonet", []),
 }
+# The user-facing row: `metaphi run protonet --benchmark folder:DIR --deploy --ways 20` with nothing else
+# (the recipe decides the rest, iterations included), then `metaphi predict` with these flags, chosen on
+# validation characters by benchmarks/omniglot_recipe_choice.py.
+PREDICT_FLAGS: list[str] = []
 
 
 def metaphi_bin() -> str:
     return os.path.join(os.path.dirname(sys.executable), "metaphi")
 
 
-def shell(cmd: list[str]) -> str:
-    return " ".join(a if a and all(ch.isalnum() or ch in "-_./:=" for ch in a) else repr(a) for a in cmd)
-
-
 def children_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_CHILDREN)
     return r.ru_utime + r.ru_stime
-
-
-def call(cmd: list[str], log: list[str] | None) -> str:
-    """Run ``cmd``; it is printed and added to ``log`` unless ``log`` is None."""
-    if log is not None:
-        log.append(shell(cmd))
-        print(shell(cmd), flush=True)
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.exit(f"failed ({done.returncode}): {shell(cmd)}\n{done.stderr[-3000:]}")
-    return done.stdout
-
-
-def train(cmd: list[str], out: str, log: list[str]) -> tuple[float, float]:
-    """Run ``cmd`` (a `metaphi run` writing to ``out``) unless ``out`` holds a finished run of the same
-    command; (CPU seconds, wall seconds) it took (as recorded when reused)."""
-    stamp = os.path.join(out, "bench-command.json")
-    if os.path.isfile(os.path.join(out, "result.json")) and os.path.isfile(stamp):
-        saved = json.load(open(stamp))
-        if saved["command"] == cmd:
-            log.append(shell(cmd) + "   # reused")
-            return saved["cpu_seconds"], saved["wall_seconds"]
-    if os.path.isdir(out):
-        shutil.rmtree(out)
-    cpu, wall = children_cpu(), time.perf_counter()
-    call(cmd, log)
-    cpu, wall = children_cpu() - cpu, time.perf_counter() - wall
-    with open(stamp, "w") as f:
-        json.dump({"command": cmd, "cpu_seconds": cpu, "wall_seconds": wall}, f)
-    return cpu, wall
 
 
 def test_in_process(run_dir: str, problems: list[lake.LakeProblem]) -> list[float]:
@@ -193,18 +164,30 @@ def write_problem_folders(source: str, problems: list[lake.LakeProblem], folder:
     return answers
 
 
-def test_by_predict(run_dir: str, answers: list[dict], log: list[str]) -> list[float]:
-    """Accuracy on each problem as labelled by `metaphi predict` with the run's default checkpoint."""
-    accuracies = []
-    for i, a in enumerate(answers):
+def test_by_predict(run_dir: str, answers: list[dict], log: list[str], parallel: int = 1) -> list[float]:
+    """Accuracy on each problem as labelled by `metaphi predict` with the run's default checkpoint
+    (``parallel`` predict processes at a time, one thread each when more than one)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def command(i: int, a: dict) -> list[str]:
         out = os.path.join(run_dir, "predictions", f"p{i:03d}.csv")
-        os.makedirs(os.path.dirname(out), exist_ok=True)
-        call([metaphi_bin(), "predict", "--checkpoint", run_dir, "--support", a["support"], "--query", a["query"],
-              "--out", out], log if i == 0 else None)
-        with open(out, newline="") as f:
+        return [metaphi_bin(), "predict", "--checkpoint", run_dir, "--support", a["support"], "--query", a["query"],
+                *PREDICT_FLAGS, "--out", out]
+
+    os.makedirs(os.path.join(run_dir, "predictions"), exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1") if parallel > 1 else None
+    commands = [command(i, a) for i, a in enumerate(answers)]
+    log.append(shell(commands[0]))
+    with ThreadPoolExecutor(parallel) as pool:
+        done = list(pool.map(lambda c: subprocess.run(c, capture_output=True, text=True, env=env), commands))
+    accuracies = []
+    for cmd, finished, a in zip(commands, done, answers):
+        if finished.returncode != 0:
+            sys.exit(f"failed ({finished.returncode}): {shell(cmd)}\n{finished.stderr[-3000:]}")
+        with open(cmd[-1], newline="") as f:
             rows = list(csv.DictReader(f))
         if len(rows) != len(a["truth"]):
-            sys.exit(f"{out}: {len(rows)} predictions for {len(a['truth'])} query images")
+            sys.exit(f"{cmd[-1]}: {len(rows)} predictions for {len(a['truth'])} query images")
         accuracies.append(sum(a["truth"][os.path.basename(r["file"])] == r["prediction"] for r in rows) / len(rows))
     if len(answers) > 1:
         log.append(f"# ... and the same for the other {len(answers) - 1} problems")
@@ -219,7 +202,12 @@ def main(argv=None):
                     help="folder with images_background_small1.zip and images_background_small2.zip")
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds")
-    ap.add_argument("--iterations", type=int, default=2000, help="meta-training iterations of every run")
+    ap.add_argument("--seeds-of", nargs="*", default=[], metavar="METHOD=S,S",
+                    help="other training seeds for some methods, e.g. maml=0 protonet=0,1")
+    ap.add_argument("--iterations-of", nargs="*", default=[], metavar="METHOD=N",
+                    help="other iterations for some methods, e.g. matching=500")
+    ap.add_argument("--iterations", type=int, default=1000,
+                    help="meta-training iterations of every run but the recipe's (which takes its own)")
     ap.add_argument("--per-alphabet", type=int, default=20, help="test problems per small2-only alphabet")
     ap.add_argument("--problem-seed", type=int, default=2015, help="seed of the test problems (all rows share them)")
     ap.add_argument("--val-every", type=int, default=100, help="validate (and keep best.pt) every this many "
@@ -227,14 +215,26 @@ def main(argv=None):
     ap.add_argument("--val-tasks", type=int, default=100, help="validation tasks")
     ap.add_argument("--run-eval-tasks", type=int, default=100,
                     help="the runs' own test tasks (random within-alphabet episodes; not this table's numbers)")
+    ap.add_argument("--jobs", type=int, default=2, help="runs at a time, one thread each")
     ap.add_argument("--quick", action="store_true",
                     help="a smoke run in minutes: 10 iterations, seed 0, 2 problems per alphabet, few tasks")
     ap.add_argument("--work", default=os.path.join("runs", "bench", "omniglot-lake-format"),
                     help="where the runs and the problem folders are written")
     ap.add_argument("--out", default=None, help=f"folder for {NAME}.{{json,md}} (default: benchmarks/results)")
     args = ap.parse_args(argv)
+    try:
+        args.method_seeds = {m: [int(x) for x in v.split(",")] for m, v in (a.split("=") for a in args.seeds_of)}
+    except ValueError:
+        ap.error("--seeds-of takes METHOD=S,S,...")
+    try:
+        args.method_iterations = {m: int(v) for m, v in (a.split("=") for a in args.iterations_of)}
+    except ValueError:
+        ap.error("--iterations-of takes METHOD=N")
+    if (set(args.method_seeds) | set(args.method_iterations)) - set(METHODS):
+        ap.error(f"--seeds-of/--iterations-of: unknown method (valid: {', '.join(METHODS)})")
     if args.quick:
         args.iterations, args.seeds, args.per_alphabet = 10, [0], 2
+        args.method_seeds, args.method_iterations = {}, {}
         args.val_every, args.val_tasks, args.run_eval_tasks = 10, 10, 10
     out_dir = args.out or RESULTS
     started = time.perf_counter()
@@ -246,25 +246,34 @@ def main(argv=None):
     work = os.path.abspath(args.work)
     os.makedirs(work, exist_ok=True)
 
-    shared = ["--ways", "20", "--shots", "1", "--iterations", str(args.iterations), "--val-every",
-              str(args.val_every), "--val-tasks", str(args.val_tasks), "--eval-tasks", str(args.run_eval_tasks),
-              "--no-baselines", "--quiet"]
-    runs = []  # (method, seed, run dir, train cpu s, train wall s, commands)
+    shared = lambda method: ["--ways", "20", "--shots", "1", "--iterations",
+                             str(args.method_iterations.get(method, args.iterations)), "--val-every",
+                             str(args.val_every), "--val-tasks", str(args.val_tasks), "--eval-tasks",
+                             str(args.run_eval_tasks), "--no-baselines", "--quiet"]
+    jobs, logs = [], {}
     for method in args.methods:
         label, algorithm, flags = METHODS[method]
-        for seed in args.seeds:
+        for seed in args.method_seeds.get(method, args.seeds):
             run_dir = os.path.join(work, f"{method}-seed{seed}")
-            log: list[str] = []
             if method == "recipe":
                 folder = os.path.join(work, "small1-folder")
                 write_training_folder(small1, folder)
-                cmd = [metaphi_bin(), "run", algorithm, "--benchmark", f"folder:{folder}", *shared, *flags,
-                       "--seed", str(seed), "--out", run_dir]
+                cmd = [metaphi_bin(), "run", algorithm, "--benchmark", f"folder:{folder}", "--deploy", "--ways", "20",
+                       *(["--iterations", str(args.iterations)] if args.quick else []),
+                       "--quiet", "--seed", str(seed), "--out", run_dir]
             else:
                 cmd = [metaphi_bin(), "run", algorithm, "--benchmark", "omniglot-small", "--data-root",
-                       args.data_root, "--within-alphabet", *shared, *flags, "--seed", str(seed), "--out", run_dir]
-            cpu, wall = train(cmd, run_dir, log)
-            runs.append((method, seed, run_dir, cpu, wall, log))
+                       args.data_root, "--within-alphabet", *shared(method), *flags, "--seed", str(seed), "--out", run_dir]
+            cmd += ["--threads", "1"] if args.jobs > 1 else []
+            jobs.append(((method, seed), cmd, run_dir))
+            logs[(method, seed)] = [shell(cmd)]
+    costs = run_all(jobs, args.jobs)
+    runs = []  # (method, seed, run dir, train cpu s, train wall s, commands)
+    for (method, seed), cmd, run_dir in jobs:
+        cpu, wall, reused = costs[(method, seed)]
+        if reused:
+            logs[(method, seed)][0] += "   # reused"
+        runs.append((method, seed, run_dir, cpu, wall, logs[(method, seed)]))
 
     # Training is over: now small2 is decoded and the problems drawn.
     data = lake.read(args.data_root, "small2")
@@ -276,7 +285,7 @@ def main(argv=None):
     for method, seed, run_dir, train_cpu, train_wall, log in runs:
         cpu, wall, own = children_cpu(), time.perf_counter(), time.process_time()
         if method == "recipe":
-            accuracies = test_by_predict(run_dir, answers, log)
+            accuracies = test_by_predict(run_dir, answers, log, parallel=args.jobs)
         else:
             accuracies = test_in_process(run_dir, problems)
             log.append(f"# tested in this script: {lake.__name__}.lake_problems + the algorithm's evaluate() "
@@ -296,7 +305,10 @@ def main(argv=None):
         rs = [r for r in rows if r["method"] == method]
         mean, ci = mean_ci95([r["error"] for r in rs])
         pooled = torch.tensor([e for r in rs for e in r["problem_errors"]])
-        summary.append({"method": method, "label": METHODS[method][0], "seeds": len(rs), "error": mean,
+        summary.append({"method": method, "label": METHODS[method][0], "seeds": len(rs),
+                        "iterations": None if method == "recipe" else args.method_iterations.get(method,
+                                                                                                args.iterations),
+                        "seed_list": [r["seed"] for r in rs], "error": mean,
                         "error_ci95_over_seeds": None if math.isnan(ci) else ci,  # None: one seed
                         "error_ci95_over_problems": confidence95(pooled),
                         "per_alphabet": {a: mean_ci95([r["per_alphabet"][a] for r in rs])[0] for a in alphabets},
@@ -322,24 +334,25 @@ def markdown_report(args, alphabets, problems, summary, total_minutes) -> str:
         f"{len(problems)} problems ({args.per_alphabet} per alphabet: "
         + ", ".join(f"{a} {w}-way" for a, w in ways)
         + f"; problem seed {args.problem_seed}), each one drawing per character by one person as the support and "
-        f"one by another person to label. Error = mean over {len(args.seeds)} training seed(s) "
-        f"({', '.join(map(str, args.seeds))}) ± 95% t-interval over seeds; beside it the 95% interval over all "
-        f"problems of all seeds pooled. {args.iterations} meta-training iterations per run; CPU minutes are "
-        "user + system time of the training process (all threads) and of testing, per seed.",
+        f"one by another person to label. Error = mean over a row's training seeds ± 95% t-interval over "
+        f"seeds (none with one seed); beside it the 95% interval over all problems of all its seeds pooled. "
+        "Iterations as the table says (the recipe takes its own: 2000); CPU minutes are user + system time of "
+        "the training process (all threads) and of testing, per seed.",
         "",
     ]
     table = []
     for s in summary:
-        table.append([s["label"], pm(s["error"], s["error_ci95_over_seeds"], digits=1),
+        table.append([s["label"], ", ".join(map(str, s["seed_list"])), str(s["iterations"] or "recipe"),
+                      pm(s["error"], s["error_ci95_over_seeds"], digits=1),
                       pm(s["error"], s["error_ci95_over_problems"], digits=1),
                       *[f"{100 * s['per_alphabet'][a]:.1f}" for a in alphabets],
                       f"{s['train_cpu_minutes']:.1f}", f"{s['test_cpu_minutes']:.1f}"])
-    lines.append(markdown_table(["method", "error % (seeds)", "error % (problems)",
+    lines.append(markdown_table(["method", "seeds", "iterations", "error % (seeds)", "error % (problems)",
                                  *[f"{a} %" for a in alphabets], "train CPU min", "test CPU min"], table))
     lines += ["", "Published 20-way within-alphabet one-shot error (Lake et al. tested on the 20 official runs over "
               "the evaluation alphabets, not these three: context, not a like-for-like comparison):", ""]
     lines.append(markdown_table(["system", "background set", "error %"], [list(p) for p in PUBLISHED]))
-    lines += ["", "Command lines of each row (seed " + str(args.seeds[0]) + "):", ""]
+    lines += ["", "Command lines of each row (its first seed):", ""]
     for s in summary:
         lines.append(f"- {s['label']}:")
         lines += [f"  - `{c}`" for c in s["commands"]]
