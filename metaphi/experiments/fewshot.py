@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from metaphi.algorithms import ALGORITHMS
 from metaphi.config import UsageError, check, option, to_dict, writable_dir
-from metaphi.experiments.report import machine, save_config, write_json
+from metaphi.experiments.report import machine, save_config, strict, write_json
 from metaphi.outer import ESTIMATORS
 
 #: the sizes a benchmark (or a family, for a benchmark) decides when the config leaves them open
@@ -683,5 +683,5 @@ def evaluate_checkpoint(config: EvalConfig) -> int:
     if config.out:
         write_json(result, config.out)
     print(f"metaphi eval: tested {describe_checkpoint(path, ck)}", file=sys.stderr)
-    print(json.dumps({k: result[k] for k in ("algorithm", "benchmark", "metric", "mean", "ci95", "tasks")}))
+    print(json.dumps(strict({k: result[k] for k in ("algorithm", "benchmark", "metric", "mean", "ci95", "tasks")})))
     return 0

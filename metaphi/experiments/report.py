@@ -3,6 +3,7 @@ atomically, a markdown table), the machine they ran on, and seeds -> t-interval 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import tempfile
@@ -73,13 +74,32 @@ def write_result(result: dict, out: str, table: str, quiet: bool, also: str = ""
         print(f"wrote {os.path.join(out, 'result.json')}, result.md{also}")
 
 
+def strict(obj):
+    """``obj`` with every NaN or infinite float (Python or numpy scalar) replaced by None, inside dicts,
+    lists and tuples: what strict JSON can hold."""
+    if isinstance(obj, dict):
+        return {k: strict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [strict(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def write_json(obj, path: str) -> None:
+    """``obj`` as strict JSON at ``path`` (NaN and infinities written as null), atomically: a reader
+    sees the old file or the whole new one, and no temporary file is left behind on failure."""
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(strict(obj), f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def machine() -> str:
