@@ -37,7 +37,29 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "unit": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "any": (lambda v: True, "a number"),
     "rate": (lambda v: v > 0, "positive"),  # step sizes and rates: "--lr must be positive"
+    "device": (lambda v: True, "a torch device"),  # text: see device_problem
 }
+
+
+def device_problem(name: str) -> str | None:
+    """Why torch device ``name`` cannot be used here (one line), or None when it can."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        return f"'{name}' is not a torch device (cpu, cuda, cuda:N, mps, ...)"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return (f"'{name}': CUDA is not available to this torch ({torch.__version__}); install a CUDA build "
+                    "of torch or use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            return f"'{name}': this machine has {torch.cuda.device_count()} CUDA device(s)"
+    if device.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        return f"'{name}': MPS is not available to this torch; use --device cpu"
+    if device.type not in ("cpu", "cuda", "mps"):
+        return f"'{name}': metaphi runs on cpu, cuda or mps"
+    return None
 
 
 def option(default: Any = MISSING, help: str = "", *, check: str | None = None, choices: Iterable | None = None,
@@ -173,6 +195,11 @@ def check(cfg, where: str = "") -> None:
             if choices is not None and v not in choices:
                 raise UsageError(f"{name}: '{v}' is not one of {', '.join(map(str, choices))}")
             rule = f.metadata.get("check")
+            if rule == "device" and isinstance(v, str):
+                problem = device_problem(v)
+                if problem:
+                    raise UsageError(f"{name}: {problem}")
+                continue
             if rule and isinstance(v, (int, float)) and not isinstance(v, bool):
                 test, words = CHECKS[rule]
                 if not test(v):

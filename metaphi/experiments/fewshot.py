@@ -109,7 +109,7 @@ class RunConfig:
                                        "other work; OMP_NUM_THREADS, if set, is respected)", check="positive",
                                  metavar="N")
     eval_seed: int = option(1234, "seed of the fixed test tasks")
-    device: str = option("cpu", "torch device")
+    device: str = option("cpu", "torch device", check="device")
     out: str | None = option(None, "output folder (none: runs/ALGO-BENCHMARK-WAYSwSHOTSs-seedSEED)")
     resume: bool = option(False, "continue the run in --out from its checkpoint")
     baselines: bool = option(True, "also run the scratch and pre-training baselines (--no-baselines skips them)")
@@ -131,7 +131,7 @@ class EvalConfig:
     data_root: str | None = option(None, "folder with the data set's archives (none: the run's)")
     within_alphabet: bool = option(False, "test tasks take all their classes from one alphabet (group)")
     threads: int | None = option(None, "torch CPU threads (none: torch's choice)", check="positive", metavar="N")
-    device: str = option("cpu", "torch device")
+    device: str = option("cpu", "torch device", check="device")
     out: str | None = option(None, "write the result JSON to this file")
     quiet: bool = option(False, "no progress bar")
 

@@ -55,7 +55,7 @@ class PredictConfig:
     finetune_lr: float = option(1e-3, "--finetune-steps only: the Adam step size", check="positive")
     seed: int = option(0, "seed of --tta's random copies")
     out: str | None = option(None, "also write the CSV to this file")
-    device: str = option("cpu", "torch device")
+    device: str = option("cpu", "torch device", check="device")
 
 
 def load_for_prediction(path: str):

@@ -82,7 +82,7 @@ class TuneConfig:
     estimator_options: dict = option(default_factory=dict, cli=False,
                                      help="the estimator's options (flags as for metaphi run)")
     seed: int = option(0, "seed of every trial's meta-training and of the search")
-    device: str = option("cpu", "torch device")
+    device: str = option("cpu", "torch device", check="device")
     out: str | None = option(None, "output folder (none: runs/tune-ALGO-BENCHMARK-seedSEED)")
     plot: bool = option(True, "draw the trace PNG (needs matplotlib; --no-plot skips it)")
     quiet: bool = option(False, "no progress output")
