@@ -37,7 +37,6 @@ CHECKS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "unit": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "any": (lambda v: True, "a number"),
     "rate": (lambda v: v > 0, "positive"),  # step sizes and rates: "--lr must be positive"
-    "device": (lambda v: True, "a torch device"),  # text: see device_problem
 }
 
 
@@ -62,19 +61,23 @@ def device_problem(name: str) -> str | None:
     return None
 
 
+#: checks of text values: name -> a function giving why the value is unusable (one line), or None
+TEXT_CHECKS: dict[str, Callable[[str], str | None]] = {"device": device_problem}
+
+
 def option(default: Any = MISSING, help: str = "", *, check: str | None = None, choices: Iterable | None = None,
            flag: str | None = None, metavar: str | None = None, positional: bool = False, cli: bool = True,
            default_factory: Callable[[], Any] | None = None):
     """A dataclass field with what the command line and the checks need.
 
-    ``check``: one of :data:`CHECKS` applied to the value (and to each item of a list); numbers are
-    always required to be finite. ``choices``: the valid values. ``flag``: the command-line name
+    ``check``: one of :data:`CHECKS` (numbers) or :data:`TEXT_CHECKS` (text) applied to the value (and
+    to each item of a list); numbers are always required to be finite. ``choices``: the valid values. ``flag``: the command-line name
     (default ``--field-name``). ``positional``: an optional positional argument instead of a flag.
     ``cli=False``: set from a config file only."""
     metadata = {"help": help, "check": check, "choices": tuple(choices) if choices is not None else None,
                 "flag": flag, "metavar": metavar, "positional": positional, "cli": cli}
-    if check is not None and check not in CHECKS:
-        raise ValueError(f"unknown check '{check}' (valid: {', '.join(CHECKS)})")
+    if check is not None and check not in CHECKS and check not in TEXT_CHECKS:
+        raise ValueError(f"unknown check '{check}' (valid: {', '.join([*CHECKS, *TEXT_CHECKS])})")
     if default_factory is not None:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -195,12 +198,11 @@ def check(cfg, where: str = "") -> None:
             if choices is not None and v not in choices:
                 raise UsageError(f"{name}: '{v}' is not one of {', '.join(map(str, choices))}")
             rule = f.metadata.get("check")
-            if rule == "device" and isinstance(v, str):
-                problem = device_problem(v)
+            if rule in TEXT_CHECKS and isinstance(v, str):
+                problem = TEXT_CHECKS[rule](v)
                 if problem:
                     raise UsageError(f"{name}: {problem}")
-                continue
-            if rule and isinstance(v, (int, float)) and not isinstance(v, bool):
+            elif rule in CHECKS and isinstance(v, (int, float)) and not isinstance(v, bool):
                 test, words = CHECKS[rule]
                 if not test(v):
                     raise UsageError(f"{name} must be {words}, got {v}")
