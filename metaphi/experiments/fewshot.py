@@ -232,14 +232,13 @@ def load_benchmark(config):
 def training_data(config: RunConfig, benchmark):
     """``benchmark`` with its training split as ``config`` asks (``--rotations``, ``--augment``; where it
     does not say, the recipe's: rotations for character data unless the family's recipe says otherwise,
-    augmentation where it has it): through the benchmark, so every family's training sampler (episodes or pooled batches) sees it
-    and the validation and test splits do not. What was decided is ``benchmark.training``."""
+    augmentation where it has it): through the benchmark, so every family's training sampler (episodes or
+    pooled batches) sees it and the validation and test splits do not. What was decided is ``benchmark.training``."""
+    recipe = family_recipe(config.algorithm, benchmark)
     rotations = config.rotations
     if rotations is None:
-        rotations = family_recipe(config.algorithm, benchmark).get("rotations", benchmark.rotates_by_default())
-    augment = config.augment
-    if augment is None:
-        augment = bool(family_recipe(config.algorithm, benchmark, rotated=rotations).get("augment", False))
+        rotations = recipe.get("rotations", benchmark.rotates_by_default())
+    augment = config.augment if config.augment is not None else bool(recipe.get("augment", False))
     if config.augment_strength != 1.0 and not augment:
         raise UsageError("--augment-strength applies with --augment only")
     if augment and not 0.0 < config.augment_strength <= 1.0:
@@ -247,18 +246,18 @@ def training_data(config: RunConfig, benchmark):
     return benchmark.with_training(rotations=rotations, augment=augment, augment_strength=config.augment_strength)
 
 
-def family_recipe(algorithm: str | None, benchmark, rotated: bool = False) -> dict:
+def family_recipe(algorithm: str | None, benchmark) -> dict:
     """The settings family ``algorithm`` takes on ``benchmark`` where the run gives none (its recipe:
     :func:`metaphi.algorithms.family_defaults`), told what the benchmark is: image classes or not,
-    character data, a folder, its training classes (times 4 when ``rotated`` is still to come), the
-    images of its smallest training class and its image size."""
+    character data, a folder, its training classes, the images of its smallest training class and its
+    image size."""
     from metaphi.algorithms import family_defaults
     from metaphi.tasks.registry import folder_path
 
     if algorithm is None:
         return {}
     images = bool(benchmark.splits)
-    classes = benchmark.num_classes("train") * (4 if rotated and images else 1) if images else 0
+    classes = benchmark.num_classes("train") if images else 0
     smallest = int(benchmark.splits["train"].counts.min()) if images and classes else 0
     facts = {**benchmark.defaults, "images": images, "characters": benchmark.characters,
              "folder": folder_path(benchmark.name) is not None, "train_classes": classes,
@@ -307,8 +306,8 @@ def complete(config: RunConfig, benchmark) -> RunConfig:
                 "lr_schedule": config.lr_schedule or recipe.get("lr_schedule") or "constant",
                 "train_ways": config.train_ways}
     if config.train_ways is None and recipe.get("train_ways") and sizes["ways"] is not None:
-        # more ways than the tests, as many as the training split has at most
-        training["train_ways"] = max(sizes["ways"], min(recipe["train_ways"], benchmark.num_classes("train")))
+        # the recipe's ways (already capped by the training classes), never fewer than the tests'
+        training["train_ways"] = max(sizes["ways"], recipe["train_ways"])
     probe = probe_algorithm(config.algorithm, benchmark, sizes)
     estimator = config.estimator or default_estimator(probe)
     resolved = dataclasses.replace(config, **sizes, **training, estimator=estimator)
