@@ -22,6 +22,7 @@ with the same command has finished there).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -36,7 +37,6 @@ from omniglot_lake_format import class_folder, metaphi_bin, write_training_folde
 from metaphi.evaluate import mean_ci95  # noqa: E402
 from metaphi.experiments.report import markdown_table, pm  # noqa: E402
 from metaphi.tasks import lake, omniglot  # noqa: E402
-from metaphi.tasks.base import ImageClasses  # noqa: E402
 
 NAME = "omniglot_recipe_choice"
 
@@ -66,11 +66,9 @@ def validation_problems(data_root: str, folder: str, per_group: int, seed: int) 
     data = lake.read(data_root, "small1")
     store = data.store
     chosen = [i for i, c in enumerate(store.classes) if class_folder(c) in val]
-    keep = torch.isin(store.targets, torch.tensor(chosen))
-    index = {c: i for i, c in enumerate(chosen)}
-    pooled = ImageClasses(store.images[keep], torch.tensor([index[int(t)] for t in store.targets[keep]]),
-                          [store.classes[c] for c in chosen], ["validation"] * len(chosen))
-    return lake.lake_problems(lake.DrawnCharacters(pooled, data.drawers[keep]), None, per_group,
+    pooled = dataclasses.replace(store.subset(chosen), groups=["validation"] * len(chosen))
+    drawers = data.drawers[torch.cat([store.indices_of(c) for c in chosen])]  # in subset's image order
+    return lake.lake_problems(lake.DrawnCharacters(pooled, drawers), None, per_group,
                               torch.Generator().manual_seed(seed))
 
 
