@@ -105,6 +105,8 @@ def finetuned_scorer(algorithm, phi: dict, support, xq: torch.Tensor, steps: int
     from torch.func import grad
 
     from metaphi.algorithms.protonet import prototypes
+    from metaphi.functional import prefixed, with_prefix
+    from metaphi.inner.rules import Adam
 
     xs, ys = support
     ways = int(ys.max()) + 1
@@ -112,28 +114,20 @@ def finetuned_scorer(algorithm, phi: dict, support, xq: torch.Tensor, steps: int
     with torch.no_grad():
         zs, _ = algorithm.embed_episode(body, xs, xq)
         protos, _ = prototypes(zs, ys)
-    params = {"body": body, "head": prototype_head(protos[:ways])}
+    # body and head as one flat tree ("body.*", "head.*"), as φ keeps its parts
+    params = {**with_prefix(body, "body"), **with_prefix(prototype_head(protos[:ways]), "head")}
 
     def logits(p: dict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        zs, zx = algorithm.embed_episode(p["body"], xs, x)
-        head = lambda z: z @ p["head"]["weight"].T + p["head"]["bias"]
-        return head(zs), head(zx)
+        zs, zx = algorithm.embed_episode(prefixed(p, "body"), xs, x)
+        head = prefixed(p, "head")
+        return zs @ head["weight"].T + head["bias"], zx @ head["weight"].T + head["bias"]
 
     support_loss = lambda p: F.cross_entropy(logits(p, xq)[0], ys)
-    # Adam as a pure function of the params tree (optax's way): state in, state out, nothing mutated
-    leaves = lambda tree: [(part, k) for part in tree for k in tree[part]]
-    m = {part: {k: torch.zeros_like(v) for k, v in tree.items()} for part, tree in params.items()}
-    v2 = {part: {k: torch.zeros_like(v) for k, v in tree.items()} for part, tree in params.items()}
-    beta1, beta2, eps = 0.9, 0.999, 1e-8
-    for t in range(1, steps + 1):
-        g = grad(support_loss)(params)
-        new = {part: {} for part in params}
-        for part, k in leaves(params):
-            m[part][k] = beta1 * m[part][k] + (1 - beta1) * g[part][k]
-            v2[part][k] = beta2 * v2[part][k] + (1 - beta2) * g[part][k] ** 2
-            step = (m[part][k] / (1 - beta1 ** t)) / ((v2[part][k] / (1 - beta2 ** t)).sqrt() + eps)
-            new[part][k] = (params[part][k] - lr * step).detach()
-        params = new
+    rule = Adam(lr)  # a pure rule: state in, state out, nothing mutated
+    state = rule.init(params)
+    for _ in range(steps):
+        params, state = rule.update(params, grad(support_loss)(params), state, {})
+        params = {k: v.detach() for k, v in params.items()}
 
     def score(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
