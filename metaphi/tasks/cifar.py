@@ -22,6 +22,7 @@ import torch
 
 from metaphi.tasks.base import DataError, ImageClasses
 from metaphi.tasks.download import download as fetch
+from metaphi.tasks.download import verify
 from metaphi.tasks.imageio import CacheDir, cached, pickle_entry, read_pickle, text
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
@@ -92,8 +93,8 @@ def find(data_root: str | os.PathLike, download_missing: bool = False, progress:
     root = Path(data_root).expanduser()
     for folder in (root, root / "cifar100", root / "cifar-100", root / "cifar"):
         for candidate in (folder / ARCHIVE, folder / "cifar-100-python"):
-            if candidate.exists():
-                return candidate
+            if candidate.exists():  # the archive is checked against its published hash before each use
+                return candidate if candidate.is_dir() else verify(candidate, SHA256, MD5)
     if download_missing:
         return fetch(URL, root / ARCHIVE, SHA256, progress, md5=MD5)
     raise DataError(

@@ -14,12 +14,15 @@ import os
 import re
 import socket
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from metaphi.tasks.base import DataError
 
 CHUNK = 1 << 16
+#: plain http is allowed from these hosts only (a mirror on this machine; nothing crosses a network)
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 def file_hash(path: str | os.PathLike, algorithm: str = "sha256") -> str:
@@ -40,6 +43,19 @@ def _check(path: Path, name: str, sha256: str | None, md5: str | None) -> None:
                 raise DataError(f"{name}: {algorithm} mismatch, expected {expected}, got {actual}")
 
 
+def verify(path: str | os.PathLike, sha256: str | None, md5: str | None = None) -> Path:
+    """``path`` when it matches its published hashes (SHA-256, and MD5 where that is all that was
+    published); a DataError saying what to do when it does not. For archives found already on disk,
+    which are checked before each use as a download is."""
+    path = Path(path)
+    try:
+        _check(path, str(path), sha256, md5)
+    except DataError as e:
+        raise DataError(f"{e}; the file is corrupt, altered or a different version: delete it and download it "
+                        "again (or unpack your own copy and point --data-root at the folder)") from None
+    return path
+
+
 def _unreachable(url: str, dest: Path, reason: object) -> DataError:
     return DataError(
         f"could not download {dest.name} from {url} ({reason}); download it by hand from {url} and put it at "
@@ -49,20 +65,21 @@ def _unreachable(url: str, dest: Path, reason: object) -> DataError:
 
 def download(url: str, dest: str | os.PathLike, sha256: str | None = None, progress: bool = True, *,
              md5: str | None = None, timeout: float = 30.0) -> Path:
-    """Fetch ``url`` to ``dest`` unless ``dest`` already exists; return ``dest``.
+    """Fetch ``url`` to ``dest`` unless ``dest`` already exists; return ``dest``. Only https addresses
+    are fetched (plain http from the loopback address alone).
 
     The file is checked against ``sha256`` (and ``md5``) where given. A file already at ``dest`` is
     checked too; a mismatch there raises DataError and leaves the file alone, since it is not ours to
     delete. A download that does not match is removed and raises DataError with both hashes.
     Unreachable servers raise DataError saying where to get the file and where to put it.
     """
+    address = urllib.parse.urlsplit(url)
+    if address.scheme != "https" and not (address.scheme == "http" and address.hostname in LOOPBACK):
+        raise DataError(f"refusing to download {url}: only https addresses are fetched (plain http only from this "
+                        "machine's own loopback address, e.g. a local mirror)")
     dest = Path(dest)
     if dest.exists():
-        try:
-            _check(dest, str(dest), sha256, md5)
-        except DataError as e:
-            raise DataError(f"{e}; the file is corrupt or a different version: delete it and run again") from None
-        return dest
+        return verify(dest, sha256, md5)
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_name(dest.name + ".part")
     try:

@@ -195,19 +195,52 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file())
 
 
+#: what a data pickle may name: numpy arrays, dtypes and scalars, and plain containers. Anything else
+#: (``os.system``, ``builtins.eval``, a class of some module) is refused before it is called.
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    ("builtins", "set"), ("builtins", "frozenset"), ("builtins", "bytearray"), ("builtins", "complex"),
+    ("collections", "OrderedDict"),
+}
+_PY2_MODULES = {"__builtin__": "builtins", "copy_reg": "copyreg"}
+
+
+class UnsafePickle(pickle.UnpicklingError):
+    """A pickle that names a callable outside :data:`_PICKLE_GLOBALS`: refused, never called."""
+
+
+class _DataUnpickler(pickle.Unpickler):
+    """An unpickler that rebuilds numpy arrays and plain containers and nothing else: data files can
+    not run code however they were crafted."""
+
+    def find_class(self, module: str, name: str):
+        module = _PY2_MODULES.get(module, module)
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise UnsafePickle(f"it asks for {module}.{name}, which a data file never needs; refused")
+        if module.startswith("numpy.core."):  # numpy 1's name of what numpy 2 keeps in numpy._core
+            module = "numpy._core." + module[len("numpy.core."):]
+        return super().find_class(module, name)
+
+
 def read_pickle(source: str | os.PathLike | bytes, name: str | None = None):
-    """Unpickle a file (or its bytes) written by Python 3 or by Python 2, whose numpy arrays and
-    strings need latin1. Pickles run code when loaded: read only files you trust."""
-    name = name or str(source)
+    """Unpickle a data file (or its bytes) written by Python 3 or by Python 2 (whose numpy arrays and
+    strings need latin1). Only numpy arrays, dtypes, scalars and plain containers are rebuilt: a pickle
+    that asks for anything else raises DataError before any of it is called, so no code in the file runs."""
+    name = name or ("the pickle" if isinstance(source, bytes) else str(source))
     if not isinstance(source, bytes) and not Path(source).exists():
         raise DataError(f"{name}: not found")
     try:
         with (io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")) as f:
             try:
-                return pickle.load(f)
+                return _DataUnpickler(f).load()
             except UnicodeDecodeError:
                 f.seek(0)
-                return pickle.load(f, encoding="latin1")
+                return _DataUnpickler(f, encoding="latin1").load()
+    except UnsafePickle as e:
+        raise DataError(f"{name}: not a data pickle ({e})") from None
     except Exception as e:
         raise DataError(f"{name}: not a readable pickle ({_reason(e)}); download it again") from None
 

@@ -30,12 +30,14 @@ import torch
 
 from metaphi.tasks.base import DataError, ImageClasses
 from metaphi.tasks.download import download as fetch
+from metaphi.tasks.download import verify
 from metaphi.tasks.imageio import CacheDir, Size, as_size, cached, concat, decode_many, split_by_counts, split_by_groups
 
 URL = "https://github.com/brendenlake/omniglot/raw/master/python/{}.zip"
 
-# The hash of each archive is checked when it is known (None: not checked). small1/small2 are the
-# hashes of the archives as published; background/evaluation have a published md5 only.
+# The hash of each archive, checked when it is downloaded and whenever it is found on disk (None: not
+# checked). small1/small2 are the hashes of the archives as published; for background/evaluation only
+# an md5 is published (torchvision's), so those two are checked by md5.
 ARCHIVES: dict[str, dict[str, str | None]] = {
     "images_background": {"sha256": None, "md5": "68d2efa1b9178cc56df9314c21c6e718"},
     "images_evaluation": {"sha256": None, "md5": "6b91aef0f799c5bb55b94e3f2daec811"},
@@ -73,8 +75,8 @@ def find(data_root: str | os.PathLike, which: str, download_missing: bool = Fals
     root = Path(data_root).expanduser()
     for folder in (root, root / "omniglot"):
         for candidate in (folder / f"{name}.zip", folder / name):
-            if candidate.exists():
-                return candidate
+            if candidate.exists():  # an archive is checked against its published hash before each use
+                return candidate if candidate.is_dir() else verify(candidate, **ARCHIVES[name])
     url = URL.format(name)
     if download_missing:
         return fetch(url, root / f"{name}.zip", ARCHIVES[name]["sha256"], progress, md5=ARCHIVES[name]["md5"])

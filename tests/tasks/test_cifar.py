@@ -1,3 +1,4 @@
+import hashlib
 import io
 import pickle
 import tarfile
@@ -69,7 +70,7 @@ def test_load_pools_train_and_test(tmp_path, bytes_keys, unpacked):
     assert torch.equal(data.images[200], torch.from_numpy(test_data[0].reshape(3, 32, 32)))
 
 
-def test_cifar_fs_and_fc100_splits(tmp_path):
+def test_cifar_fs_and_fc100_splits(tmp_path, fixture_archives):
     (tmp_path / "cifar100").mkdir()
     make_cifar100(tmp_path / "cifar100")
     cache = tmp_path / "cache"
@@ -99,3 +100,38 @@ def test_errors(tmp_path):
     with pytest.raises(DataError, match="not a readable tar archive"):
         cifar.load(bad, cache_dir=tmp_path / "cache")
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.pt"))
+
+
+class Payload:
+    """What an attacker would put in a pickle: unpickling it calls open(path, "w"), creating a file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_crafted_pickle_in_an_archive_never_runs(tmp_path):
+    ran = tmp_path / "payload-ran"
+    path = tmp_path / "cifar-100-python.tar.gz"
+    blob = pickle.dumps({b"data": Payload(ran)}, protocol=2)
+    with tarfile.open(path, "w:gz") as tar:
+        for name in ("train", "test", "meta"):
+            info = tarfile.TarInfo(f"cifar-100-python/{name}")
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+    with pytest.raises(DataError, match="not a data pickle.*io.open.*refused"):
+        cifar.load(path, cache_dir=False)
+    assert not ran.exists()
+    # found on disk under the real name, the archive is refused by its hash before anything is read
+    with pytest.raises(DataError, match="sha256 mismatch"):
+        cifar.cifar_fs_splits(tmp_path)
+    assert not ran.exists()
+
+
+def test_an_archive_with_the_published_hash_is_taken(tmp_path, monkeypatch):
+    path, _ = make_cifar100(tmp_path)
+    monkeypatch.setattr(cifar, "SHA256", hashlib.sha256(path.read_bytes()).hexdigest())
+    monkeypatch.setattr(cifar, "MD5", None)
+    assert cifar.find(tmp_path) == path

@@ -88,7 +88,7 @@ def test_existing_file_is_not_fetched_again(tmp_path):
 def test_existing_file_with_wrong_hash_is_reported_and_kept(tmp_path):
     dest = tmp_path / "file.zip"
     dest.write_bytes(b"something else")
-    with pytest.raises(DataError, match="sha256 mismatch.*delete it and run again"):
+    with pytest.raises(DataError, match="sha256 mismatch.*delete it and download it again"):
         download("http://127.0.0.1:9/file.zip", dest, SHA, progress=False)
     assert dest.exists()
 
@@ -169,3 +169,11 @@ def test_http_error_is_reported(tmp_path):
     with Server() as server:
         with pytest.raises(DataError, match="HTTP 404"):
             download(server.url.replace("file.zip", "missing.zip"), tmp_path / "m.zip", progress=False)
+
+
+@pytest.mark.parametrize("url", ["http://example.org/file.zip", "ftp://example.org/file.zip",
+                                 "file:///etc/passwd", "http://10.0.0.1/file.zip"])
+def test_only_https_is_fetched(tmp_path, url):
+    with pytest.raises(DataError, match="only https addresses are fetched"):
+        download(url, tmp_path / "file.zip", SHA, progress=False)
+    assert not list(tmp_path.iterdir())

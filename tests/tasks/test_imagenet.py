@@ -192,3 +192,17 @@ def test_tiered_imagenet_errors(tmp_path):
         imagenet.load_tiered_imagenet(tmp_path, "train", cache_dir=cache)
     with pytest.raises(DataError, match="tiered-ImageNet not found"):
         imagenet.tiered_imagenet_splits(tmp_path / "nothing")
+
+
+def test_a_crafted_mini_imagenet_pickle_never_runs(tmp_path):
+    ran = tmp_path / "payload-ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(ran), "w"))
+
+    path = tmp_path / "mini-imagenet-cache-train.pkl"
+    path.write_bytes(pickle.dumps({"image_data": Payload(), "class_dict": {}}))
+    with pytest.raises(DataError, match="not a data pickle"):
+        imagenet.load_mini_imagenet_pickle(path)
+    assert not ran.exists()

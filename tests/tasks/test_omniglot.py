@@ -149,7 +149,7 @@ def test_zip_without_top_folder(tmp_path, cache):
     assert omniglot.load(flat, cache_dir=cache).classes == ["Greek/character01", "Greek/character02"]
 
 
-def test_find_looks_in_root_and_omniglot_subfolder(tmp_path):
+def test_find_looks_in_root_and_omniglot_subfolder(tmp_path, fixture_archives):
     make_omniglot(tmp_path / "images_background_small1.zip", {"Greek": 1})
     (tmp_path / "omniglot").mkdir()
     make_omniglot(tmp_path / "omniglot" / "images_background_small2.zip", {"Latin": 1})
@@ -165,7 +165,7 @@ def full_root(tmp_path: Path) -> Path:
     return root
 
 
-def test_maml_splits_disjoint_rotated_and_seeded(tmp_path, cache):
+def test_maml_splits_disjoint_rotated_and_seeded(tmp_path, cache, fixture_archives):
     root = full_root(tmp_path)
     splits = omniglot.maml_splits(root, num_train=10, num_val=3, seed=1, cache_dir=cache)
     base = {k: {c.split("@")[0] for c in v.classes} for k, v in splits.items()}
@@ -199,7 +199,7 @@ def test_maml_default_sizes_are_1100_100_423(monkeypatch):
     assert {k: v.num_classes for k, v in splits.items()} == {"train": 4400, "val": 400, "test": 1692}
 
 
-def test_lake_splits_hold_out_background_alphabets(tmp_path, cache):
+def test_lake_splits_hold_out_background_alphabets(tmp_path, cache, fixture_archives):
     root = full_root(tmp_path)
     splits = omniglot.lake_splits(root, val_alphabets=1, seed=0, cache_dir=cache)
     assert set(splits["test"].groups) == {"Angelic", "Tengwar"}
@@ -212,7 +212,7 @@ def test_lake_splits_hold_out_background_alphabets(tmp_path, cache):
         omniglot.lake_splits(root, val_alphabets=["Klingon"], cache_dir=cache)
 
 
-def test_minimal_splits_and_unseen_alphabets(tmp_path, cache):
+def test_minimal_splits_and_unseen_alphabets(tmp_path, cache, fixture_archives):
     root = tmp_path / "data"
     root.mkdir()
     make_omniglot(root / "images_background_small1.zip", {"Greek": 5, "Latin": 5, "Korean": 5})
@@ -286,3 +286,15 @@ def test_default_cache_dir_and_unreadable_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("METAPHI_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert imageio.default_cache_dir() == tmp_path / "home" / ".cache" / "metaphi"
+
+
+def test_an_archive_found_on_disk_is_checked_against_its_published_hash(tmp_path):
+    # a file under the real name but not the published contents is refused before it is read
+    make_omniglot(tmp_path / "images_background_small1.zip", {"Greek": 1})
+    with pytest.raises(DataError, match="sha256 mismatch.*delete it and download it again"):
+        omniglot.find(tmp_path, "small1")
+    make_omniglot(tmp_path / "images_background.zip", {"Greek": 1})  # published with an md5 only
+    with pytest.raises(DataError, match="md5 mismatch"):
+        omniglot.find(tmp_path, "background")
+    (tmp_path / "images_evaluation").mkdir()  # an unpacked folder is the user's own: not hashed
+    assert omniglot.find(tmp_path, "evaluation") == tmp_path / "images_evaluation"
