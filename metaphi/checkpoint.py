@@ -9,6 +9,7 @@ file. Configs are stored as dicts (:func:`metaphi.config.to_dict`), never as pic
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 
 import torch
@@ -32,5 +33,16 @@ def load(path: str | os.PathLike) -> Any:
     except FileNotFoundError:
         raise
     except Exception as e:  # truncated, random bytes, or a pickle that asks for more than plain data
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{os.fspath(path)} is not a readable metaphi checkpoint ({first[:200]})") from None
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if found:  # torch's weights-only reader met a callable it does not rebuild: the file asks to run code
+            raise CheckpointError(f"{os.fspath(path)} asks to call {found.group(1)}, not plain data (a pickle that "
+                                  "would run code); refused, nothing in it ran") from None
+        raise CheckpointError(f"{os.fspath(path)} is not a readable metaphi checkpoint ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip()  # torch colours parts of its messages
+    reason = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", text)  # past torch's advice to load unsafely
+    if reason:
+        return reason.group(1)[:200]
+    return (text.splitlines()[0] if text else type(e).__name__)[:200]

@@ -87,3 +87,11 @@ def trained_and_rebuilt(name: str, folder):
     assert logits.shape == (9, 3) and torch.isfinite(logits).all()
     assert (logits.argmax(-1) == task.query[1]).float().mean() == rebuilt.evaluate(ck["phi"], task)[0]
     return algo, state, rebuilt, ck, task, logits
+
+
+def tiny_store(*args, **kwargs):
+    """Four classes of four random 8x8 images: a stand-in for a study's data loader."""
+    g = torch.Generator().manual_seed(0)
+    targets = torch.arange(4).repeat_interleave(4)
+    images = (torch.rand(16, 1, 8, 8, generator=g) * 255).to(torch.uint8)
+    return ImageClasses(images, targets, [f"c{i}" for i in range(4)])

@@ -241,6 +241,7 @@ def load_body(spec: str) -> tuple[Params, str]:
     """The body saved in a checkpoint named by ``spec`` = ``[ssl:]PATH`` (``ssl:`` insists on an SSL run)."""
     import os
 
+    from metaphi.checkpoint import CheckpointError
     from metaphi.train import load_checkpoint
 
     kind, _, path = spec.partition(":") if spec.startswith("ssl:") else ("", "", spec)
@@ -248,8 +249,10 @@ def load_body(spec: str) -> tuple[Params, str]:
         raise DataError(f"--init: no checkpoint at {path}")
     try:
         ck = load_checkpoint(path)
-    except Exception as e:
-        raise DataError(f"--init: {path} is not a readable metaphi checkpoint ({e})") from e
+    except CheckpointError as e:  # says what the file is
+        raise DataError(f"--init: {e}") from None
+    except Exception as e:  # a foreign file
+        raise DataError(f"--init: {path} is not a readable metaphi checkpoint ({e})") from None
     if kind == "ssl" and ck["algorithm"].get("class") != "ssl":
         raise DataError(f"--init ssl:{path}: that run is '{ck['algorithm']['name']}', not a self-supervised one "
                         f"(give the path alone to start from any run's body)")

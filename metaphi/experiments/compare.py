@@ -135,6 +135,7 @@ def compare(config: CompareConfig, progress: bool = False, log=print) -> dict:
     With ``config.reuse``, a method whose folder already holds a result of the same settings is not run
     again. Returns the summary also written to ``config.out``/compare.json.
     """
+    from metaphi.algorithms.ssl import load_body
     from metaphi.experiments.fewshot import complete, load_benchmark, settings, train_and_test
 
     if not config.methods:
@@ -153,6 +154,8 @@ def compare(config: CompareConfig, progress: bool = False, log=print) -> dict:
             raise UsageError(f"'{m.label}' starts from '{m.init}', which must come before it")
         if m.init and m.init not in labels and not os.path.isfile(m.init.removeprefix("ssl:")):
             raise UsageError(f"'{m.label}' starts from '{m.init}', which is neither an earlier method nor a checkpoint")
+        if m.init and m.init not in labels:  # a checkpoint file: read (safely) before anything trains
+            load_body(m.init)
     writable_dir(config.out)
     base = dataclasses.replace(config.base, quiet=config.quiet, baselines=False)
     benchmark = load_benchmark(base)

@@ -651,6 +651,7 @@ def evaluate_checkpoint(config: EvalConfig) -> int:
     from metaphi.algorithms import build_algorithm
     from metaphi.evaluate import evaluate
     from metaphi.tasks.registry import build_benchmark
+    from metaphi.checkpoint import CheckpointError
     from metaphi.train import choose_checkpoint, describe_checkpoint, load_checkpoint
 
     if config.checkpoint is None:
@@ -663,8 +664,10 @@ def evaluate_checkpoint(config: EvalConfig) -> int:
         raise UsageError(f"no checkpoint at {path}")
     try:
         ck = load_checkpoint(path)
-    except Exception as e:  # a truncated or foreign file
-        raise UsageError(f"{path} is not a readable metaphi checkpoint ({e})")
+    except CheckpointError as e:  # says what the file is
+        raise UsageError(str(e)) from None
+    except Exception as e:  # a foreign file
+        raise UsageError(f"{path} is not a readable metaphi checkpoint ({e})") from None
     run = ck["run"]
     algorithm = build_algorithm(ck["algorithm"])
     options = dict(run.get("benchmark_options", {}))

@@ -61,14 +61,17 @@ class PredictConfig:
 def load_for_prediction(path: str):
     """``(checkpoint, algorithm, input spec)`` of the checkpoint file at ``path``."""
     from metaphi.algorithms import build_algorithm
+    from metaphi.checkpoint import CheckpointError
     from metaphi.train import load_checkpoint
 
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     try:
         ck = load_checkpoint(path)
-    except Exception as e:
-        raise UsageError(f"{path} is not a readable metaphi checkpoint ({e})")
+    except CheckpointError as e:  # says what the file is
+        raise UsageError(str(e)) from None
+    except Exception as e:  # a foreign file
+        raise UsageError(f"{path} is not a readable metaphi checkpoint ({e})") from None
     spec = ck["run"].get("input", {})
     if spec.get("kind") != "image":
         raise UsageError(f"{path} was trained on {ck['run']['benchmark']}, not on images; predict labels images")

@@ -7,14 +7,7 @@ import yaml
 
 import metaphi.experiments.distill as study_module
 from metaphi.cli import main
-
-
-def tiny_store(*args, **kwargs):
-    from metaphi.tasks.base import ImageClasses
-    g = torch.Generator().manual_seed(0)
-    targets = torch.arange(4).repeat_interleave(4)
-    images = (torch.rand(16, 1, 8, 8, generator=g) * 255).to(torch.uint8)
-    return ImageClasses(images, targets, [f"c{i}" for i in range(4)])
+from tiny import tiny_store
 
 
 def test_cli_distill_writes_results_and_resumes(tmp_path, monkeypatch, capsys):

@@ -183,7 +183,7 @@ def test_learned_file_is_plain_data_and_a_foreign_pickle_is_refused(tmp_path):
     # a file that would run code when unpickled is refused before anything in it is built
     torch.save({"format": "metaphi-learned-optimizer-1", "rule": rule.spec(), "meta": {}, "info": Exception("x")},
                tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="not a readable metaphi checkpoint"):
+    with pytest.raises(ValueError, match="asks to call .*Exception, not plain data"):
         load_learned(tmp_path / "evil.pt")
-    with pytest.raises(ValueError, match="not a readable metaphi checkpoint"):
+    with pytest.raises(ValueError, match="asks to call .*Exception, not plain data"):
         LearnedOptimizer(small_net().parameters(), tmp_path / "evil.pt")
