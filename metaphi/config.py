@@ -455,11 +455,15 @@ def positive(name: str, value, allow_zero: bool = False) -> None:
 
 
 def writable_dir(path: str) -> str:
-    """``path`` as a folder this process can write to (created if needed), or a UsageError."""
+    """``path`` as a folder this process can write to (created if needed) and holds alone
+    (:func:`metaphi.lock.claim`), or a UsageError."""
+    from metaphi import lock
+
     try:
         os.makedirs(path, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".probe-"):
             pass
     except OSError as e:
         raise UsageError(f"--out {path} is not a writable folder ({e.strerror}); choose another with --out")
+    lock.claim(path)
     return path

@@ -106,8 +106,39 @@ def make_scheduler(optimizer: torch.optim.Optimizer | None, config: TrainConfig)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config))
 
 
-def _schedule_settings(config: dict) -> tuple:
-    return (config.get("lr_schedule", "constant"), config.get("warmup", 0), config.get("lr_min_factor", 0.0))
+class ResumeError(ValueError):
+    """``--resume`` refused: no checkpoint to resume, or one written with other settings."""
+
+
+#: what may change when a run is resumed: how long it runs, how often it validates and saves, where it
+#: runs, and its test (which comes after training); everything else must be the checkpoint's
+RESUMABLE = frozenset({"iterations", "val_every", "checkpoint_every", "device", "eval_tasks", "eval_seed",
+                       "data_root"})
+
+
+def resume_difference(ck: dict, config: TrainConfig, run: dict | None) -> str | None:
+    """The first setting in which ``config`` and ``run`` differ from the checkpoint's (outside
+    :data:`RESUMABLE`), as "--seed 0 (this run: 1)"; None when they agree."""
+    pairs = [(ck.get("config") or {}, asdict(config))]
+    if run and ck.get("run"):
+        pairs.append((ck["run"], run))
+    for stored, now in pairs:
+        for key in [*stored, *(k for k in now if k not in stored)]:  # in the record's order: shots before eval_shots
+            if key in RESUMABLE:
+                continue
+            was, is_ = _plain(stored.get(key)), _plain(now.get(key))
+            if was != is_:
+                return f"--{key.replace('_', '-')} {_shown(was)} (this run: {_shown(is_)})"
+    return None
+
+
+def _plain(value):
+    """Tuples as lists, as they come back from a checkpoint."""
+    return json.loads(json.dumps(value, default=str))
+
+
+def _shown(value) -> str:
+    return "none" if value is None else str(value)
 
 
 def make_optimizer(name: str, params, lr: float) -> torch.optim.Optimizer | None:
@@ -219,14 +250,15 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
     log_path = os.path.join(out_dir, "metrics.jsonl") if out_dir and main else None
     if resume:
         if not ck_path or not os.path.exists(ck_path):
-            raise FileNotFoundError(f"--resume: no checkpoint at {ck_path}")
+            raise ResumeError(f"--resume: no checkpoint at {ck_path}; leave out --resume to start a new run")
         ck = load_checkpoint(ck_path)
         if ck["algorithm"] != algorithm.spec():
-            raise ValueError(f"--resume: {ck_path} was written by a different configuration ({ck['algorithm']['name']})")
-        if _schedule_settings(ck["config"]) != _schedule_settings(asdict(config)):
-            was = _schedule_settings(ck["config"])
-            raise ValueError(f"--resume: {ck_path} was written with --lr-schedule {was[0]} --warmup {was[1]} "
-                             f"--lr-min-factor {was[2]}; resume with the same schedule")
+            raise ResumeError(f"--resume: {ck_path} was written by a different configuration "
+                              f"({ck['algorithm']['name']}); resume with the same settings or choose another --out")
+        difference = resume_difference(ck, config, run)
+        if difference:
+            raise ResumeError(f"--resume: {ck_path} was written with {difference}; resume with the same settings or "
+                              "choose another --out")
         for k, v in ck["phi"].items():
             state.phi[k].data.copy_(v)
         if state.optimizer:

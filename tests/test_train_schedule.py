@@ -115,7 +115,10 @@ def test_resume_continues_the_schedule_exactly(tmp_path):
     assert [r["lr"] for r in log] == [r["lr"] for r in straight.history]
     assert resumed.scheduler.last_epoch == straight.scheduler.last_epoch == 7
     # a checkpoint written with one schedule is not continued with another
-    with pytest.raises(ValueError, match="written with --lr-schedule cosine --warmup 2"):
+    with pytest.raises(ValueError, match=r"written with --warmup 2 \(this run: 1\)"):
+        meta_train(algo, est, sample, TrainConfig(iterations=8, **{**settings, "warmup": 1}),
+                   out_dir=str(tmp_path / "b"), resume=True, progress=False)
+    with pytest.raises(ValueError, match=r"written with --lr-schedule cosine \(this run: constant\)"):
         meta_train(algo, est, sample, TrainConfig(iterations=8, **{**settings, "lr_schedule": "constant",
                                                                    "lr_min_factor": 0.0}),
                    out_dir=str(tmp_path / "b"), resume=True, progress=False)

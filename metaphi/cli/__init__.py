@@ -82,22 +82,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from metaphi.checkpoint import CheckpointError
     from metaphi.tasks import DataError
-    from metaphi.train import NonFiniteLoss
+    from metaphi.train import NonFiniteLoss, ResumeError
+
+    from metaphi import lock
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    lock.command = " ".join(["metaphi", *(sys.argv[1:] if argv is None else argv)])[:300]
     try:
         if os.environ.get("WORLD_SIZE", "1") not in ("", "1") and args.command != "run":
             raise UsageError(f"only 'metaphi run' runs on several processes (torchrun); run '{args.command}' "
                              "as one process")
         set_threads(getattr(args, "threads", None) or None)
         return args.func(args)
-    except (UsageError, DataError, CheckpointError) as e:
+    except (UsageError, DataError, CheckpointError, ResumeError) as e:
         print(f"metaphi: error: {e}", file=sys.stderr)
         return USAGE_ERROR
     except NonFiniteLoss as e:
         print(f"metaphi: stopped: {e}", file=sys.stderr)
         return NONFINITE
+    finally:
+        lock.release_all()
 
 
 if __name__ == "__main__":

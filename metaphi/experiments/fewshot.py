@@ -595,6 +595,8 @@ def _run(config: RunConfig, main_process: bool) -> int:
     config = complete(config, benchmark)
     out_dir = outputs_folder(config, benchmark.name)
     config = dataclasses.replace(config, out=out_dir)
+    if config.resume and not os.path.isfile(os.path.join(out_dir, "checkpoint.pt")):
+        raise UsageError(f"--resume: no checkpoint in {out_dir}; leave out --resume to start a new run")
     writable_dir(out_dir)
     progress = progress_bars(config.quiet)
     # Sizes are checked against the data before any training starts.

@@ -569,9 +569,10 @@ def run_train(config: L2OTrainConfig) -> dict:
         raise UsageError(f"--population must be an even number >= 2 (antithetic pairs), got {config.es_population}")
     if config.threads:
         torch.set_num_threads(config.threads)
-    out = writable_dir(config.out or os.path.join("runs", f"l2o-{config.rule}-{config.family}-seed{config.seed}"))
+    out = config.out or os.path.join("runs", f"l2o-{config.rule}-{config.family}-seed{config.seed}")
     if config.resume and not os.path.exists(os.path.join(out, "checkpoint.pt")):
-        raise UsageError(f"--resume: no checkpoint in {out}")
+        raise UsageError(f"--resume: no checkpoint in {out}; leave out --resume to start a new run")
+    writable_dir(out)
     family = build_family(config.family, split="train")
     val_family = build_family(config.family, split="val")
     test_family = build_family(config.family, split="test")

@@ -79,14 +79,22 @@ def budget_plan(method: str, budget: int, child_steps: int, darts_settings=None,
     return {"candidates": n, "per_unit": per}
 
 
+def check_resume(config: ArchSearchConfig) -> None:
+    """A UsageError when --resume and the checkpoint in --out disagree (one without the other)."""
+    checkpoint = os.path.join(config.out, "checkpoint.pt")
+    if os.path.exists(checkpoint) and not config.resume:
+        raise UsageError(f"{checkpoint} exists: pass --resume to continue that search, or choose another --out")
+    if config.resume and not os.path.exists(checkpoint):
+        raise UsageError(f"--resume: no checkpoint in {config.out}; leave out --resume to start a new search")
+
+
 def run_search(config: ArchSearchConfig, data: dict, network, progress: bool) -> dict:
     """The search part of ``search-arch``: returns the searcher's output dict."""
     from metaphi.nas import blackbox, darts
     from metaphi.nas.child import TrainSettings
 
     checkpoint = os.path.join(config.out, "checkpoint.pt")
-    if os.path.exists(checkpoint) and not config.resume:
-        raise UsageError(f"{checkpoint} exists: pass --resume to continue that search, or choose another --out")
+    check_resume(config)
     bar = None
     if config.method.startswith("darts"):
         settings = darts.DartsSettings(order=int(config.method[-1]), arch_grad=config.arch_grad, batch=config.batch,
@@ -151,6 +159,8 @@ def run(config: ArchSearchConfig) -> dict:
         raise UsageError(f"--tournament ({config.tournament}) cannot exceed --population ({config.population})")
     if config.method == "retrain" and not config.genotype:
         raise UsageError("search-arch retrain needs --genotype FILE (a genotype.json written by a search)")
+    if config.method != "retrain":
+        check_resume(config)
     out_dir = writable_dir(config.out)
     progress = not config.quiet and (sys.stderr.isatty() or os.environ.get("METAPHI_PROGRESS") == "1")
     try:

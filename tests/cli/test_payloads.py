@@ -49,6 +49,7 @@ def refused(argv, capsys, marker: Path) -> None:
     assert not marker.exists(), f"metaphi {' '.join(argv)}: the payload ran"
     assert code == 2, f"metaphi {' '.join(argv)}: exit {code}, expected 2; stderr: {err}"
     assert err.strip() and err.strip().count("\n") == 0 and "Traceback" not in err, err
+    assert "not plain data" in err and "nothing in it ran" in err, err  # refused for the payload, not for another reason
 
 
 def poison(folder: Path, marker: Path) -> int:
@@ -62,7 +63,7 @@ def poison(folder: Path, marker: Path) -> int:
     return n
 
 
-TINY_RUN = ["--benchmark", "tiny", "--iterations", "1", "--eval-tasks", "2", "--val-every", "0", "--quiet"]
+TINY_RUN = ["--benchmark", "tiny", "--iterations", "1", "--eval-tasks", "2", "--quiet"]
 
 
 @pytest.fixture
