@@ -62,7 +62,19 @@ def device_problem(name: str) -> str | None:
 
 
 #: checks of text values: name -> a function giving why the value is unusable (one line), or None
-TEXT_CHECKS: dict[str, Callable[[str], str | None]] = {"device": device_problem}
+def output_file_problem(path: str) -> str | None:
+    """Why a result file cannot be written at ``path`` (one line), or None when it can."""
+    if os.path.isdir(path):
+        return f"{path} is a folder; give a file name (e.g. {os.path.join(path, 'result.json')})"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"the folder of {path} does not exist ({folder}); create it or choose another file"
+    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        return f"{path} is not writable; choose another file"
+    return None
+
+
+TEXT_CHECKS: dict[str, Callable[[str], str | None]] = {"device": device_problem, "output_file": output_file_problem}
 
 
 def option(default: Any = MISSING, help: str = "", *, check: str | None = None, choices: Iterable | None = None,
@@ -194,6 +206,8 @@ def check(cfg, where: str = "") -> None:
                 continue
             if isinstance(v, float) and not math.isfinite(v):
                 raise UsageError(f"{name} must be a finite number, got {v}")
+            if isinstance(v, int) and not isinstance(v, bool) and not -2 ** 63 <= v < 2 ** 63:
+                raise UsageError(f"{name} must fit in 64 bits (below 2^63), got {v}")
             choices = f.metadata.get("choices")
             if choices is not None and v not in choices:
                 raise UsageError(f"{name}: '{v}' is not one of {', '.join(map(str, choices))}")

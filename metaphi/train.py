@@ -192,6 +192,44 @@ def load_checkpoint(path: str) -> dict:
     return ck
 
 
+#: what every run checkpoint holds (eval and predict read these)
+REQUIRED_KEYS = ("algorithm", "phi", "run", "iteration")
+
+
+def load_model(path: str):
+    """``(checkpoint, algorithm)`` of the run checkpoint at ``path``, checked: the keys a run writes, an
+    algorithm this version knows, and every weight that algorithm needs with its shape (no missing,
+    unexpected or misshapen entry). A CheckpointError (one line) for anything else."""
+    from metaphi.algorithms import build_algorithm
+
+    ck = load_checkpoint(path)
+    missing = [k for k in REQUIRED_KEYS if k not in ck]
+    if missing:
+        raise checkpoints.CheckpointError(f"{path} lacks '{missing[0]}': it is not a whole metaphi run checkpoint")
+    try:
+        algorithm = build_algorithm(ck["algorithm"])
+        needed = algorithm.init_meta_params()
+    except Exception as e:  # an algorithm or model this version does not know, or options it refuses
+        name = ck["algorithm"].get("name") if isinstance(ck["algorithm"], dict) else None
+        raise checkpoints.CheckpointError(f"{path}: cannot rebuild its algorithm {name!r} ({e}); it was written by "
+                                          "another version of metaphi or edited") from None
+    phi = ck["phi"]
+    if not isinstance(phi, dict):
+        raise checkpoints.CheckpointError(f"{path}: its weights are not a mapping of tensors")
+    absent = [k for k in needed if k not in phi]
+    extra = [k for k in phi if k not in needed]
+    if absent or extra:
+        what = f"lacks the weight '{absent[0]}'" if absent else f"has a weight '{extra[0]}' its algorithm does not use"
+        raise checkpoints.CheckpointError(f"{path} {what} ({algorithm.name}); it was trained with another network "
+                                          "or edited")
+    for k, v in needed.items():
+        if not isinstance(phi[k], torch.Tensor) or tuple(phi[k].shape) != tuple(v.shape):
+            shape = tuple(phi[k].shape) if isinstance(phi[k], torch.Tensor) else type(phi[k]).__name__
+            raise checkpoints.CheckpointError(f"{path}: weight '{k}' has shape {shape} but {algorithm.name} needs "
+                                              f"{tuple(v.shape)}; it was trained with another network or edited")
+    return ck, algorithm
+
+
 def choose_checkpoint(path: str, last: bool = False) -> str:
     """The file a user means by ``path``: a run folder, or the ``checkpoint.pt`` of a folder that also
     holds ``best.pt``, means ``best.pt`` (the best validation score), or ``checkpoint.pt`` (the last

@@ -56,11 +56,19 @@ def auto_threads(cpus: int, load: float, default: int) -> int:
     return max(1, min(default, free))
 
 
+#: more threads than any machine has cores (torch takes a 32-bit count)
+MAX_THREADS = 4096
+
+
 def set_threads(requested: int | None) -> None:
     import torch
     if requested is not None:
         if requested < 1:
             raise UsageError(f"--threads must be a positive number, got {requested}")
+        if requested >= 2 ** 63:
+            raise UsageError(f"--threads must fit in 64 bits (below 2^63), got {requested}")
+        if requested > MAX_THREADS:
+            raise UsageError(f"--threads must be at most {MAX_THREADS}, got {requested}")
         torch.set_num_threads(requested)
     elif not os.environ.get("OMP_NUM_THREADS") and hasattr(os, "getloadavg"):
         torch.set_num_threads(auto_threads(os.cpu_count() or 1, os.getloadavg()[0], torch.get_num_threads()))

@@ -72,7 +72,7 @@ class RunConfig:
                                         "±10% of the size, zoom 0.9-1.1, rotation up to ±15°, shear up to ±10° (the "
                                         "usual small-affine ranges for characters); validation and test episodes "
                                         "untouched (none: the family's recipe; off unless it says on)")
-    augment_strength: float = option(1.0, "--augment only: every range above times this, in (0, 1]", check="unit")
+    augment_strength: float = option(1.0, "--augment only: every range above times this, in (0, 2]", check="positive")
     pool: str | None = option(None, "how the Conv4 backbone downsamples: stride-2 convolutions (MAML's Omniglot "
                                     "network) or 2x2 max pooling (ProtoNet's; slower, stronger) (none: the family's "
                                     "recipe, else the benchmark's)", choices=("stride", "max"))
@@ -132,7 +132,7 @@ class EvalConfig:
     within_alphabet: bool = option(False, "test tasks take all their classes from one alphabet (group)")
     threads: int | None = option(None, "torch CPU threads (none: torch's choice)", check="positive", metavar="N")
     device: str = option("cpu", "torch device", check="device")
-    out: str | None = option(None, "write the result JSON to this file")
+    out: str | None = option(None, "write the result JSON to this file", check="output_file")
     quiet: bool = option(False, "no progress bar")
 
 
@@ -234,6 +234,8 @@ def training_data(config: RunConfig, benchmark):
     does not say, the recipe's: rotations for character data unless the family's recipe says otherwise,
     augmentation where it has it): through the benchmark, so every family's training sampler (episodes or
     pooled batches) sees it and the validation and test splits do not. What was decided is ``benchmark.training``."""
+    from metaphi.tasks.transforms import MAX_STRENGTH
+
     recipe = family_recipe(config.algorithm, benchmark)
     rotations = config.rotations
     if rotations is None:
@@ -241,8 +243,8 @@ def training_data(config: RunConfig, benchmark):
     augment = config.augment if config.augment is not None else bool(recipe.get("augment", False))
     if config.augment_strength != 1.0 and not augment:
         raise UsageError("--augment-strength applies with --augment only")
-    if augment and not 0.0 < config.augment_strength <= 1.0:
-        raise UsageError(f"--augment-strength must be in (0, 1], got {config.augment_strength}")
+    if augment and not 0.0 < config.augment_strength <= MAX_STRENGTH:
+        raise UsageError(f"--augment-strength must be in (0, {MAX_STRENGTH:g}], got {config.augment_strength}")
     return benchmark.with_training(rotations=rotations, augment=augment, augment_strength=config.augment_strength)
 
 
@@ -312,8 +314,8 @@ def complete(config: RunConfig, benchmark) -> RunConfig:
     estimator = config.estimator or default_estimator(probe)
     resolved = dataclasses.replace(config, **sizes, **training, estimator=estimator)
     check(resolved)
+    family, estimator_settings = check_options(resolved, estimator)  # numbers first, then whether they fit
     check_fits(resolved, probe)
-    family, estimator_settings = check_options(resolved, estimator)
     return dataclasses.replace(resolved, algorithm_options=to_dict(family),
                                estimator_options=to_dict(estimator_settings))
 
@@ -597,6 +599,8 @@ def _run(config: RunConfig, main_process: bool) -> int:
     config = dataclasses.replace(config, out=out_dir)
     if config.resume and not os.path.isfile(os.path.join(out_dir, "checkpoint.pt")):
         raise UsageError(f"--resume: no checkpoint in {out_dir}; leave out --resume to start a new run")
+    if config.init:  # the body it starts from is read and checked before anything is written
+        make_algorithm(config, benchmark)
     writable_dir(out_dir)
     progress = progress_bars(config.quiet)
     # Sizes are checked against the data before any training starts.
@@ -650,11 +654,10 @@ def report_deployed(result: dict, out_dir: str) -> int:
 
 def evaluate_checkpoint(config: EvalConfig) -> int:
     """``metaphi eval``: the saved run's algorithm and φ on its fixed test tasks (or as many as asked)."""
-    from metaphi.algorithms import build_algorithm
     from metaphi.evaluate import evaluate
     from metaphi.tasks.registry import build_benchmark
     from metaphi.checkpoint import CheckpointError
-    from metaphi.train import choose_checkpoint, describe_checkpoint, load_checkpoint
+    from metaphi.train import choose_checkpoint, describe_checkpoint, load_model
 
     if config.checkpoint is None:
         raise UsageError("name the checkpoint: metaphi eval CHECKPOINT")
@@ -665,13 +668,10 @@ def evaluate_checkpoint(config: EvalConfig) -> int:
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     try:
-        ck = load_checkpoint(path)
+        ck, algorithm = load_model(path)
     except CheckpointError as e:  # says what the file is
         raise UsageError(str(e)) from None
-    except Exception as e:  # a foreign file
-        raise UsageError(f"{path} is not a readable metaphi checkpoint ({e})") from None
     run = ck["run"]
-    algorithm = build_algorithm(ck["algorithm"])
     options = dict(run.get("benchmark_options", {}))
     if config.within_alphabet:
         options["within_group"] = True

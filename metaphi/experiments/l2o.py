@@ -618,7 +618,7 @@ class L2OEvalConfig:
     tune_problems: int = option(10, "problems the learning rates are tuned on", check="positive")
     tune_seed: int = option(77, "seed of the tuning problems")
     threads: int | None = option(None, "torch CPU threads (none: torch's choice)", check="positive")
-    out: str | None = option(None, "write the result JSON here")
+    out: str | None = option(None, "write the result JSON here", check="output_file")
     quiet: bool = option(False, "no progress bar")
 
 

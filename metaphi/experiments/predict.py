@@ -54,28 +54,25 @@ class PredictConfig:
                                     "adapt with --inner-steps)", check="nonneg")
     finetune_lr: float = option(1e-3, "--finetune-steps only: the Adam step size", check="positive")
     seed: int = option(0, "seed of --tta's random copies")
-    out: str | None = option(None, "also write the CSV to this file")
+    out: str | None = option(None, "also write the CSV to this file", check="output_file")
     device: str = option("cpu", "torch device", check="device")
 
 
 def load_for_prediction(path: str):
     """``(checkpoint, algorithm, input spec)`` of the checkpoint file at ``path``."""
-    from metaphi.algorithms import build_algorithm
     from metaphi.checkpoint import CheckpointError
-    from metaphi.train import load_checkpoint
+    from metaphi.train import load_model
 
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     try:
-        ck = load_checkpoint(path)
+        ck, algorithm = load_model(path)
     except CheckpointError as e:  # says what the file is
         raise UsageError(str(e)) from None
-    except Exception as e:  # a foreign file
-        raise UsageError(f"{path} is not a readable metaphi checkpoint ({e})") from None
     spec = ck["run"].get("input", {})
     if spec.get("kind") != "image":
         raise UsageError(f"{path} was trained on {ck['run']['benchmark']}, not on images; predict labels images")
-    return ck, build_algorithm(ck["algorithm"]), spec
+    return ck, algorithm, spec
 
 
 def check_finetune(algorithm, steps: int) -> None:

@@ -22,7 +22,7 @@ from metaphi.models import Conv4
 from metaphi.tasks import DataError, EpisodeSampler, ImageClasses, Task
 from metaphi.tasks.episodes import Transform
 from metaphi.tasks.sinusoid import SinusoidTasks
-from metaphi.tasks.transforms import RandomAffine
+from metaphi.tasks.transforms import MAX_STRENGTH, RandomAffine
 
 
 class PooledSampler:
@@ -95,8 +95,8 @@ class Benchmark:
             splits["train"] = splits["train"].rotated()
         train_augment = self.train_augment
         if augment:
-            if not 0.0 < augment_strength <= 1.0:
-                raise DataError(f"augmentation strength must be in (0, 1], got {augment_strength}")
+            if not 0.0 < augment_strength <= MAX_STRENGTH:
+                raise DataError(f"augmentation strength must be in (0, {MAX_STRENGTH:g}], got {augment_strength}")
             train_augment = RandomAffine(augment_strength, padding="zeros" if self.invert else "border")
         return dataclasses.replace(self, splits=splits, train_augment=train_augment,
                                    training={"rotations": bool(rotations), "augment": bool(augment)})

@@ -26,6 +26,7 @@ raises DataError listing the valid ones.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, Sequence
 
@@ -282,8 +283,21 @@ def _rotated_omniglot(o: dict):
     classes = dm.omniglot_classes(o["data_root"], o["alphabets"] or ["Greek"], o["omniglot_set"],
                                   download=o["download"])
     classes = dm.choose_classes(classes, o["classes"], o["split_seed"])
-    angles = [float(a) for a in o["domains"]] if o["domains"] else dm.ANGLES
-    return dm.rotated_domains(classes, angles, name="rotated-omniglot", **split_sizes(o))
+    return dm.rotated_domains(classes, _angles(o["domains"]), name="rotated-omniglot", **split_sizes(o))
+
+
+def _angles(domains: Sequence[str]) -> list[float]:
+    """The rotation domains named by ``domains`` (degrees; every default angle when empty)."""
+    from metaphi.tasks import domains as dm
+
+    try:
+        angles = [float(a) for a in domains] if domains else list(dm.ANGLES)
+    except ValueError:
+        raise DataError(f"--domains of rotations are angles in degrees (e.g. 0,15,30), got {','.join(domains)}") \
+            from None
+    if not all(math.isfinite(a) for a in angles):
+        raise DataError(f"--domains: angles must be finite numbers, got {','.join(domains)}")
+    return angles
 
 
 def _glyph_domains(name: str) -> Builder:
@@ -294,8 +308,7 @@ def _glyph_domains(name: str) -> Builder:
 
         classes = dm.glyph_classes(o["classes"] or 10, alphabets=2, seed=o["split_seed"])
         if name == "rotated-glyphs":
-            angles = [float(a) for a in o["domains"]] if o["domains"] else dm.ANGLES
-            return dm.rotated_domains(classes, angles, name=name, **split_sizes(o))
+            return dm.rotated_domains(classes, _angles(o["domains"]), name=name, **split_sizes(o))
         return dm.style_domains(classes, o["domains"] or dm.STYLES, name=name, **split_sizes(o))
     return build
 

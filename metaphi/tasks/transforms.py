@@ -25,6 +25,8 @@ from torch import Tensor
 #: what fills the parts of an image moved in from outside it: paper of ink-high characters (0), or
 #: the image's own edge (natural images, light backgrounds)
 PADDINGS = ("zeros", "border")
+#: the largest augmentation strength: every range doubled (shift ±20%, zoom 0.8-1.2, ±30°, shear ±20°)
+MAX_STRENGTH = 2.0
 
 
 @dataclass(frozen=True)
@@ -47,8 +49,8 @@ class RandomAffine:
     padding: str = "zeros"
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.strength <= 1.0:
-            raise ValueError(f"augmentation strength must be in [0, 1], got {self.strength}")
+        if not 0.0 <= self.strength <= MAX_STRENGTH:
+            raise ValueError(f"augmentation strength must be in [0, {MAX_STRENGTH:g}], got {self.strength}")
         if self.padding not in PADDINGS:
             raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got '{self.padding}'")
 
