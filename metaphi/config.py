@@ -25,6 +25,10 @@ from typing import Any, Callable, Iterable
 MISSING = dataclasses.MISSING
 
 
+#: exit codes: bad input (one line, nothing run), and a run stopped by a non-finite or diverged loss
+USAGE_ERROR, NONFINITE_EXIT = 2, 3
+
+
 class UsageError(Exception):
     """Bad input: the command exits with code 2 and this one line."""
 

@@ -43,7 +43,18 @@ SCHEDULES = ("constant", "cosine")
 
 
 class NonFiniteLoss(RuntimeError):
-    """The meta-training loss became NaN or infinite."""
+    """The meta-training loss became NaN or infinite (or diverged: :class:`Diverged`); exit code 3."""
+
+
+class Diverged(NonFiniteLoss):
+    """The meta-training loss stayed past its bound (:data:`DIVERGENCE`) for too many iterations."""
+
+
+#: the divergence rule: a run stops (exit 3) when its loss has been above ``factor`` x its first
+#: iteration's loss (the loss of the initial φ, before any update) for ``patience`` iterations in a row.
+#: While the loss is past the bound no checkpoint is written, so checkpoint.pt keeps the last state from
+#: before the loss left it.
+DIVERGENCE = {"factor": 100.0, "patience": 20}
 
 
 @dataclass
@@ -263,7 +274,8 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
 
     ``sample_tasks(n, generator)`` gives a batched Task. With ``out_dir``, metrics go to
     ``out_dir/metrics.jsonl`` and checkpoints to ``out_dir/checkpoint.pt``; ``resume`` continues
-    from that checkpoint. A non-finite loss raises NonFiniteLoss after saving the last good state.
+    from that checkpoint. A non-finite loss raises NonFiniteLoss after saving the last good state; a
+    loss past the divergence bound for too long (:data:`DIVERGENCE`) raises Diverged.
     ``validate(phi)`` scores φ every ``config.val_every`` iterations and at the last; with ``out_dir``
     each score better than all before it (higher when ``higher_is_better``, by default as the
     algorithm's problem says) writes ``out_dir/best.pt``, and ``state.best`` says which it was.
@@ -319,10 +331,13 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
             for row in state.history:
                 f.write(json.dumps(row) + "\n")
 
+    saved = {"iteration": state.iteration if resume else None}  # of the state in checkpoint.pt
+
     def checkpoint() -> None:
         if ck_path and main:
             state.estimator = estimator.state_dict() if hasattr(estimator, "state_dict") else None
             save_checkpoint(ck_path, algorithm, state, config, run)
+            saved["iteration"] = state.iteration
 
     def improves(score: float) -> bool:
         if not math.isfinite(score):
@@ -334,6 +349,15 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
     bar = tqdm(total=config.iterations, initial=state.iteration, desc=f"meta-train {algorithm.name}",
                disable=not progress or not main, dynamic_ncols=True)
     last_val = None
+    beyond = 0  # iterations in a row with the loss past the divergence bound
+
+    def bound() -> float:
+        first = state.history[0].get("loss") if state.history else None
+        return DIVERGENCE["factor"] * max(abs(first), 1e-3) if first is not None else math.inf
+
+    def diverging(loss: float) -> int:
+        return beyond + 1 if abs(loss) > bound() else 0
+
     try:
         while state.iteration < config.iterations:
             started = time.perf_counter()
@@ -349,10 +373,12 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
             if not math.isfinite(metrics["loss"]) or not all(torch.isfinite(g).all() for g in grads.values()):
                 if before is not None:
                     estimator.load_state_dict(before)
-                checkpoint()  # the state before this step is the last good one
+                if not beyond:  # the state before this step is the last good one (unless already diverging)
+                    checkpoint()
                 raise NonFiniteLoss(
                     f"the meta-training loss became {metrics['loss']} at iteration {state.iteration + 1}; "
                     f"the last good state is kept in {ck_path or '(no --out)'}. Lower --meta-lr or --inner-lr.")
+            beyond = diverging(metrics["loss"])
             state.optimizer.zero_grad(set_to_none=True)
             for k, p in state.phi.items():
                 p.grad = grads[k]
@@ -376,7 +402,14 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
             if log_path:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
-            if state.iteration % config.checkpoint_every == 0 and state.iteration < config.iterations:
+            if beyond >= DIVERGENCE["patience"]:
+                kept = ("nothing was saved before it left that bound" if not ck_path or saved["iteration"] is None
+                        else f"{ck_path} keeps iteration {saved['iteration']}, saved before it left that bound")
+                raise Diverged(
+                    f"the meta-training loss has stayed above {bound():.4g} ({DIVERGENCE['factor']:g} x its first "
+                    f"iteration's) for {beyond} iterations, up to iteration {state.iteration} (last: "
+                    f"{metrics['loss']:.4g}); {kept}. Lower --meta-lr or --inner-lr.")
+            if state.iteration % config.checkpoint_every == 0 and state.iteration < config.iterations and not beyond:
                 checkpoint()
             shown = {k: f"{v:.4g}" for k, v in metrics.items()}
             if last_val is not None:

@@ -7,7 +7,7 @@ from metaphi.algorithms import build_algorithm, create_algorithm
 from metaphi.tasks.registry import build_benchmark
 from metaphi.evaluate import confidence95, evaluate
 from metaphi.outer import build_estimator
-from metaphi.train import NonFiniteLoss, TrainConfig, load_checkpoint, meta_train
+from metaphi.train import DIVERGENCE, Diverged, NonFiniteLoss, TrainConfig, load_checkpoint, meta_train
 
 
 def setup(name="maml"):
@@ -56,6 +56,39 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     ck = load_checkpoint(str(tmp_path / "checkpoint.pt"))
     assert ck["iteration"] == 3
     assert all(torch.isfinite(v).all() for v in ck["phi"].values())
+
+
+class BlowsUpAt:
+    """An estimator whose reported loss is multiplied by ``factor`` for ``length`` calls from call ``at``
+    (the update is the real one)."""
+
+    def __init__(self, inner, at, factor, length=10 ** 9):
+        self.inner, self.at, self.factor, self.length, self.calls = inner, at, factor, length, 0
+
+    def __call__(self, algorithm, phi, tasks):
+        self.calls += 1
+        grads, metrics = self.inner(algorithm, phi, tasks)
+        if self.at <= self.calls < self.at + self.length:
+            metrics["loss"] = metrics["loss"] * self.factor
+        return grads, metrics
+
+
+def test_a_loss_that_stays_past_the_bound_stops_the_run(tmp_path):
+    bench, algo, sample = setup()
+    est = BlowsUpAt(build_estimator("first-order", {"loop": True}), at=6, factor=1e6)
+    with pytest.raises(Diverged, match=r"above .* \(100 x its first iteration's\) for 20 iterations, up to "
+                                       r"iteration 25 .*keeps iteration 4, saved before it left that bound"):
+        meta_train(algo, est, sample, TrainConfig(iterations=100, meta_batch=2, checkpoint_every=2),
+                   out_dir=str(tmp_path), progress=False)
+    assert DIVERGENCE["patience"] == 20 and est.calls == 25
+    assert load_checkpoint(str(tmp_path / "checkpoint.pt"))["iteration"] == 4  # none written while past the bound
+
+
+def test_a_shorter_stretch_past_the_bound_is_not_divergence():
+    bench, algo, sample = setup()
+    est = BlowsUpAt(build_estimator("first-order", {"loop": True}), at=6, factor=1e6,
+                    length=DIVERGENCE["patience"] - 1)
+    assert meta_train(algo, est, sample, TrainConfig(iterations=40, meta_batch=2), progress=False).iteration == 40
 
 
 def test_checkpoint_rebuilds_the_algorithm(tmp_path):

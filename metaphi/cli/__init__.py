@@ -12,9 +12,9 @@ import os
 import sys
 from typing import Any, Callable
 
-from metaphi.config import UsageError, add_config_option, add_options, resolve
+from metaphi.config import NONFINITE_EXIT as NONFINITE
+from metaphi.config import USAGE_ERROR, UsageError, add_config_option, add_options, resolve
 
-USAGE_ERROR, NONFINITE = 2, 3
 
 
 class _Parser(argparse.ArgumentParser):

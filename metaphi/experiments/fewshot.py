@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
 from dataclasses import dataclass
 
 from metaphi.algorithms import ALGORITHMS
-from metaphi.config import UsageError, check, option, to_dict, writable_dir
+from metaphi.config import NONFINITE_EXIT, UsageError, check, option, to_dict, writable_dir
 from metaphi.experiments.report import machine, save_config, strict, write_json
 from metaphi.outer import ESTIMATORS
 
@@ -654,6 +655,8 @@ def report_deployed(result: dict, out_dir: str) -> int:
 
 def evaluate_checkpoint(config: EvalConfig) -> int:
     """``metaphi eval``: the saved run's algorithm and φ on its fixed test tasks (or as many as asked)."""
+    import torch
+
     from metaphi.evaluate import evaluate
     from metaphi.tasks.registry import build_benchmark
     from metaphi.checkpoint import CheckpointError
@@ -680,6 +683,11 @@ def evaluate_checkpoint(config: EvalConfig) -> int:
     n = config.eval_tasks or run["eval_tasks"]
     seed = run["eval_seed"] if config.eval_seed is None else config.eval_seed
     phi = {k: v.to(config.device) for k, v in ck["phi"].items()}
+    diverged = [k for k, v in phi.items() if not torch.isfinite(v).all()]
+    if diverged:  # NaN weights classify by argmax at chance: a number that would look like a result
+        print(f"metaphi: stopped: {path}: weight '{diverged[0]}' is not finite (the run diverged); nothing to "
+              "evaluate", file=sys.stderr)
+        return NONFINITE_EXIT
     progress = not config.quiet and sys.stderr.isatty()
     test = evaluate(algorithm, phi, sampler, n, seed, config.eval_steps, device=config.device, progress=progress)
     result = {"algorithm": algorithm.name, "benchmark": benchmark.name, "metric": benchmark.problem.metric,
@@ -688,4 +696,8 @@ def evaluate_checkpoint(config: EvalConfig) -> int:
         write_json(result, config.out)
     print(f"metaphi eval: tested {describe_checkpoint(path, ck)}", file=sys.stderr)
     print(json.dumps(strict({k: result[k] for k in ("algorithm", "benchmark", "metric", "mean", "ci95", "tasks")})))
+    if not math.isfinite(result["mean"]):  # a diverged model: its scores are NaN, which is a failure
+        print(f"metaphi: stopped: {path} gives a non-finite {result['metric']} (its weights have diverged)",
+              file=sys.stderr)
+        return NONFINITE_EXIT
     return 0

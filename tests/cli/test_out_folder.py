@@ -120,3 +120,20 @@ def test_the_lock_is_the_systems_not_the_files(tmp_path):
         assert time.perf_counter() - started < 5
     finally:
         lock.release_all()
+
+
+def test_eval_of_a_diverged_model_exits_3(tmp_path, capsys, monkeypatch):
+    import torch
+
+    install_tiny(monkeypatch)
+    out = tmp_path / "run"
+    assert exit_code(["run", "maml", *TINY_RUN, "--iterations", "1", "--out", str(out)]) == 0
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    first = next(iter(ck["phi"]))
+    ck["phi"][first] = torch.full_like(ck["phi"][first], float("nan"))
+    torch.save(ck, out / "checkpoint.pt")
+    capsys.readouterr()
+    assert exit_code(["eval", str(out / "checkpoint.pt"), "--last", "--out", str(tmp_path / "e.json")]) == 3
+    err = capsys.readouterr().err
+    assert f"weight '{first}' is not finite" in err and err.count("\n") == 1
+    assert not (tmp_path / "e.json").exists()
