@@ -46,3 +46,19 @@ def _first_line(e: Exception) -> str:
     if reason:
         return reason.group(1)[:200]
     return (text.splitlines()[0] if text else type(e).__name__)[:200]
+
+
+def module_state(source: str | os.PathLike | dict, prefix: str | None = None) -> dict:
+    """The weights of a run checkpoint (a path, or the loaded dict) as the state dict of the module it
+    trained: ``your_module.load_state_dict(module_state(PATH), strict=False)`` (strict=False: batch-norm
+    buffers are not meta-learned, so they are not in it). ``prefix``: the part of φ that holds the
+    network (``init`` for the MAML family, ``embed`` for metric learners; found when not given)."""
+    ck = load(source) if not isinstance(source, dict) else source
+    phi = ck.get("phi") if isinstance(ck, dict) else None
+    if not isinstance(phi, dict):
+        raise CheckpointError(f"{source if not isinstance(source, dict) else 'the checkpoint'} holds no weights (phi)")
+    prefixes = [prefix] if prefix else [p for p in ("init", "embed", "body", "model") if any(
+        k.startswith(p + ".") for k in phi)]
+    if not prefixes:
+        raise CheckpointError(f"no network weights found among {', '.join(list(phi)[:5])}; pass prefix=")
+    return {k[len(prefixes[0]) + 1:]: v for k, v in phi.items() if k.startswith(prefixes[0] + ".")}

@@ -46,6 +46,26 @@ class NoOptions:
     """The options of a family that has none of its own."""
 
 
+def model_spec(model) -> dict:
+    """What a checkpoint records of ``model``: a built-in backbone's ``spec`` (which rebuilds it), or for
+    a module of the user's own only its class, ``{"class": "module.QualName"}``."""
+    spec = getattr(model, "spec", None)
+    if isinstance(spec, dict):
+        return spec
+    return {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+
+
+def rebuild_model(spec: dict):
+    """The model of a checkpoint's spec; a ValueError saying what to do for a user's own module."""
+    from metaphi.models import build_model
+
+    if "name" not in spec and "class" in spec:
+        raise ValueError(f"its model is your own {spec['class']}, which metaphi cannot rebuild: build the module "
+                         "yourself and load the weights with model.load_state_dict(metaphi.checkpoint."
+                         "module_state(PATH))")
+    return build_model(spec)
+
+
 def _plain(value: Any) -> Any:
     """A constructor argument as plain data for a spec: an update rule by its spec, tuples as lists."""
     if callable(getattr(value, "spec", None)):
@@ -100,7 +120,7 @@ class Algorithm:
     def spec(self) -> dict:
         """{"class", "name", "model" (the network's spec, or None), "problem", "args", "options"}."""
         model = getattr(self, "model", None)
-        return {"class": self.spec_class, "name": self.name, "model": None if model is None else model.spec,
+        return {"class": self.spec_class, "name": self.name, "model": None if model is None else model_spec(model),
                 "problem": self.problem.name, "args": {k: _plain(getattr(self, k)) for k in self.spec_args},
                 "options": to_dict(self.options)}
 
@@ -113,11 +133,9 @@ class Algorithm:
     def from_spec(cls, spec: dict, options_class: type | None = None) -> "Algorithm":
         """The algorithm ``spec()`` describes, with a freshly initialised network. ``options_class``:
         the class of its options (the one its table name declares; by default the family's)."""
-        from metaphi.models import build_model
-
         kwargs = dict(spec["args"])
         if spec["model"] is not None:
-            kwargs["model"] = build_model(spec["model"])
+            kwargs["model"] = rebuild_model(spec["model"])
         options_class = options_class or cls.options_for(kwargs)
         options = from_dict(options_class, spec["options"], where=f"{spec['name']} options")
         return cls(problem=problem_named(spec["problem"]), options=options, name=spec["name"], **kwargs)

@@ -19,6 +19,7 @@ size per coordinate as well: θ_{s+1} = θ_s − α ⊙ ∇L_S(θ_s), φ = (θ�
 """
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,10 +38,40 @@ class MAMLOptions:
     ``--eval-steps``): its variants are named algorithms (fomaml, anil, metasgd, reptile)."""
 
 
+def select_parameters(names: list[str], trainable, model: str = "the model") -> list[str]:
+    """The names among ``names`` that ``trainable`` selects (see :class:`MAML`), in the model's order;
+    a ValueError when it selects none or names a parameter the model lacks."""
+    if trainable == "all":
+        chosen = list(names)
+    elif trainable == "head":
+        chosen = [k for k in names if k.startswith("head.")]
+    elif callable(trainable):
+        chosen = [k for k in names if trainable(k)]
+    elif isinstance(trainable, str):
+        patterns = [p.strip() for p in trainable.split(",") if p.strip()]
+        chosen = [k for k in names if any(fnmatch.fnmatchcase(k, p) for p in patterns)]
+    else:
+        wanted = list(trainable)
+        unknown = [k for k in wanted if k not in names]
+        if unknown:
+            raise ValueError(f"trainable names '{unknown[0]}', which {model} does not have (its parameters: "
+                             f"{', '.join(names)})")
+        chosen = [k for k in names if k in set(wanted)]
+    if not chosen:
+        shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+        raise ValueError(f"trainable={trainable!r} selects no parameter of {model}, so the inner loop would adapt "
+                         f"nothing (its parameters: {shown}); pass a pattern such as 'fc.*', a list of names or a "
+                         "predicate")
+    return chosen
+
+
 class MAML(Algorithm):
     """Learn an initialization by backpropagating through ``inner_steps`` of the update rule.
 
-    ``trainable`` = ``"all"`` adapts every parameter, ``"head"`` only the last layer (ANIL).
+    ``trainable`` chooses the parameters the inner loop adapts: ``"all"``, ``"head"`` (those named
+    ``head.*``: ANIL on the built-in backbones), glob patterns of parameter names (``"fc.*"``, or
+    ``"layer4.*,fc.*"``; BOIL's body is ``"body.*"``), a list of names, or a predicate on the name. A
+    selection that matches no parameter is a ValueError naming the model's parameters.
     ``estimators``: the ways of optimizing φ that apply, the first the default (first-order MAML is
     this algorithm with "first-order" first: how the inner loop is unrolled is the estimator's choice).
     ``rule`` is an update rule or its spec.
@@ -57,13 +88,14 @@ class MAML(Algorithm):
                  options: MAMLOptions | None = None):
         if inner_steps < 0:
             raise ValueError("inner_steps must be >= 0")
-        if trainable not in ("all", "head"):
-            raise ValueError("trainable must be 'all' or 'head'")
         self.model, self.problem = model, problem
         self.rule = build_rule(rule) if isinstance(rule, dict) else rule
         self.inner_steps = inner_steps
         self.eval_steps = inner_steps if eval_steps is None else eval_steps
-        self.trainable = trainable
+        names = [k for k, _ in model.named_parameters()]
+        self._adapted = select_parameters(names, trainable, type(model).__name__)
+        # a predicate is stored as the names it chose, so that the spec rebuilds the same selection
+        self.trainable = list(self._adapted) if callable(trainable) else trainable
         if name:
             self.name = name
         self.estimators = tuple(estimators)
@@ -72,8 +104,6 @@ class MAML(Algorithm):
         # Scoring test tasks under vmap pays for small MLPs; for convnets on a CPU the loop over
         # tasks was faster (benchmarks/engine_speed.py), so it is used there.
         self.batched_eval = problem.name == "regression"
-        names = [k for k, _ in model.named_parameters()]
-        self._adapted = names if trainable == "all" else [k for k in names if k.startswith("head.")]
 
     # φ = {"init.<param>": θ₀} ∪ {"rule.<param>": the update rule's own meta-parameters}
     def init_meta_params(self) -> Params:

@@ -47,9 +47,8 @@ from torch import Tensor, nn
 
 from metaphi.functional import Params, call, params_of, prefixed, with_prefix
 from metaphi.inner import FIRST_ORDER, SGD, Unroll, adapt, adapt_steps
-from metaphi.models import build_model
 from metaphi.tasks import Task
-from metaphi.algorithms.base import CLASSIFICATION, Algorithm, Problem, problem_named
+from metaphi.algorithms.base import CLASSIFICATION, Algorithm, Problem, model_spec, problem_named, rebuild_model
 
 
 def _pooled(batch: Any) -> tuple[Tensor, Tensor]:
@@ -129,7 +128,7 @@ class DomainLearner(Algorithm):
         return {self.problem.metric: self.problem.score(out, y).detach()}
 
     def spec(self) -> dict:
-        return {"class": "mldg", "method": self.method, "name": self.name, "model": self.model.spec,
+        return {"class": "mldg", "method": self.method, "name": self.name, "model": model_spec(self.model),
                 "problem": self.problem.name, "adapt_lr": self.adapt_rule.lr, "eval_steps": self.eval_steps,
                 "adapt_params": self.adapt_params}
 
@@ -211,7 +210,7 @@ def create(method: str, model: nn.Module, problem: Problem = CLASSIFICATION, inn
 
 
 def mldg_from_spec(spec: dict) -> DomainLearner:
-    model, problem = build_model(spec["model"]), problem_named(spec["problem"])
+    model, problem = rebuild_model(spec["model"]), problem_named(spec["problem"])
     common = dict(adapt_lr=spec["adapt_lr"], eval_steps=spec["eval_steps"], adapt_params=spec["adapt_params"])
     if spec["method"] == "erm":
         return ERM(model, problem, **common)

@@ -104,8 +104,10 @@ class MetricLearner(Algorithm):
         self.model, self.name = model, name
         self.problem = CLASSIFICATION
         self.options = options if options is not None else self.Options()
-        self._features = _Method(model, "features")
-        self._embed_keys = [k for k, _ in model.named_parameters() if not k.startswith("head.")]
+        # a backbone with features() embeds by it and leaves its head out; any other module is the encoder
+        self._whole = not callable(getattr(model, "features", None))
+        self._features = model if self._whole else _Method(model, "features")
+        self._embed_keys = [k for k, _ in model.named_parameters() if self._whole or not k.startswith("head.")]
 
     def _extra_params(self) -> Params:
         return {}
@@ -116,8 +118,11 @@ class MetricLearner(Algorithm):
         return {k: v.detach().clone().requires_grad_() for k, v in phi.items()}
 
     def embed(self, phi: Params, x: Tensor) -> Tensor:
-        """f_φ(x): the backbone's features (body, then its pooling)."""
-        return call(self._features, with_prefix(prefixed(phi, "embed"), "model"), x)
+        """f_φ(x): the backbone's features (body, then its pooling), or a plain encoder's output flattened."""
+        weights = prefixed(phi, "embed")
+        if self._whole:
+            return call(self.model, weights, x).flatten(1)
+        return call(self._features, with_prefix(weights, "model"), x)
 
     def embed_episode(self, phi: Params, xs: Tensor, xq: Tensor) -> tuple[Tensor, Tensor]:
         z = self.embed(phi, torch.cat([xs, xq]))
