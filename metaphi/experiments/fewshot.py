@@ -56,6 +56,9 @@ class RunConfig:
     deploy: bool = option(False, "folder:PATH only: a model for `metaphi predict`: every class but a validation fifth "
                                  "trains, no test split; result.json has no test score (test: null) but the "
                                  "validation scores of the best and last φ; no baselines")
+    val_fraction: float | None = option(None, "--deploy only: the fraction of the folder's classes held out to "
+                                              "validate (and choose best.pt) instead of training (none: 0.2)",
+                                        check="positive")
     ways: int | None = option(None, "classes per task (none: the benchmark's)", check="positive")
     train_ways: int | None = option(None, "classes per meta-training task, for learners that take any number "
                                           "(protonet, matching, relation; none: --ways)", check="positive")
@@ -218,7 +221,8 @@ def benchmark_options(config) -> dict:
     """What ``build_benchmark`` takes besides the name and the data root (also stored with the run)."""
     return {"download": config.download, "within_group": config.within_alphabet, "image_size": config.image_size,
             "channels": config.channels, "invert": config.invert, "split_file": config.split_file,
-            **({"deploy": True} if getattr(config, "deploy", False) else {})}
+            **({"deploy": True} if getattr(config, "deploy", False) else {}),
+            **({"val_fraction": config.val_fraction} if getattr(config, "val_fraction", None) is not None else {})}
 
 
 def load_benchmark(config):
@@ -226,6 +230,11 @@ def load_benchmark(config):
 
     if getattr(config, "deploy", False) and folder_path(config.benchmark) is None:
         raise UsageError(f"--deploy applies to folder:PATH benchmarks only, not {config.benchmark}")
+    if getattr(config, "val_fraction", None) is not None:
+        if not config.deploy:
+            raise UsageError("--val-fraction applies with --deploy only (other runs split 60/20/20 or by --split-file)")
+        if not 0.0 < config.val_fraction < 1.0:
+            raise UsageError(f"--val-fraction must be between 0 and 1, got {config.val_fraction}")
     benchmark = build_benchmark(config.benchmark, config.data_root, **benchmark_options(config))
     return training_data(config, benchmark)
 

@@ -129,6 +129,15 @@ def _cifar(name: str) -> Builder:
 DEPLOY_FRACTIONS = (0.8, 0.2, 0.0)
 
 
+def deploy_fractions(val_fraction: float | None = None) -> tuple[float, float, float]:
+    """Deploy mode's (train, val, test) class fractions: ``val_fraction`` (default 0.2) validates."""
+    if val_fraction is None:
+        return DEPLOY_FRACTIONS
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"the validation fraction must be between 0 and 1, got {val_fraction}")
+    return (1.0 - val_fraction, val_fraction, 0.0)
+
+
 def folder(path: str, options: dict) -> Benchmark:
     """``PATH/<class>/<image>``, its classes split into train/val/test (or by ``split_file``).
 
@@ -136,7 +145,8 @@ def folder(path: str, options: dict) -> Benchmark:
     (:func:`metaphi.tasks.folder.folder_input`: all grey -> 1 channel; grey on a light background ->
     inverted and 28 pixels; else 84). The choices, and whether each was given or inferred, are in the
     benchmark's ``description`` and its ``input_spec()`` (so a checkpoint's ``run["input"]``).
-    ``deploy``: no test split; every class but a validation fifth trains (a model meant for ``predict``)."""
+    ``deploy``: no test split; every class but a validation fifth (``val_fraction``) trains (a model meant
+    for ``predict``)."""
     from metaphi.tasks.folder import folder_input, folder_splits
 
     deploy = bool(options.get("deploy"))
@@ -148,7 +158,7 @@ def folder(path: str, options: dict) -> Benchmark:
     size = chosen.image_size if isinstance(chosen.image_size, int) else min(chosen.image_size)
     splits = folder_splits(path, seed=options.get("split_seed", 0), split=options.get("split_file"),
                            channels=chosen.channels, image_size=chosen.image_size, invert=chosen.invert,
-                           **({"fractions": DEPLOY_FRACTIONS} if deploy else {}))
+                           **({"fractions": deploy_fractions(options.get("val_fraction"))} if deploy else {}))
     bench = image_benchmark(f"folder:{path}", splits, dict(FOLDER_DEFAULTS), pool="max" if size >= 64 else "stride",
                             hidden=64 if size < 64 else 32, invert=chosen.invert,
                             characters=chosen.channels == 1 and bool(chosen.invert))
@@ -380,18 +390,21 @@ def resolve(kind: str, name: str) -> Builder:
 
 def build_benchmark(name: str, data_root: str | None = None, *, download: bool = False, within_group: bool = False,
                     image_size: int | None = None, channels: int | None = None, invert: bool | None = None,
-                    split_file: str | None = None, split_seed: int = 0, deploy: bool = False) -> Benchmark:
+                    split_file: str | None = None, split_seed: int = 0, deploy: bool = False,
+                    val_fraction: float | None = None) -> Benchmark:
     """The few-shot benchmark called ``name`` (see ``BENCHMARKS``) or ``folder:PATH``.
 
     ``download`` fetches missing archives; ``within_group`` draws each test and validation episode
     from one group (alphabet). For folders: ``image_size``, ``channels`` and ``invert`` (None: inferred
     from a sample of the images, see :func:`folder`), ``split_file`` (which classes go to which split)
-    and ``split_seed`` (the random split otherwise); ``deploy`` (folders only): no test split.
+    and ``split_seed`` (the random split otherwise); ``deploy`` (folders only): no test split, with
+    ``val_fraction`` of the classes validating (default 0.2).
     """
     if deploy and folder_path(name) is None:
         raise DataError(f"deploy mode (no test split) is for folder:PATH benchmarks, not '{name}'")
     options = dict(data_root=data_root or default_data_root(), download=download, image_size=image_size,
-                   channels=channels, invert=invert, split_file=split_file, split_seed=split_seed, deploy=deploy)
+                   channels=channels, invert=invert, split_file=split_file, split_seed=split_seed, deploy=deploy,
+                   val_fraction=val_fraction)
     bench = resolve("episodes", name)(options)
     bench.eval_within_group = bool(within_group)
     return bench

@@ -79,9 +79,19 @@ def test_a_run_without_deploy_still_tests_on_its_folder(folder, tmp_path, capsys
     assert "6 train, 2 val, 2 test" in capsys.readouterr().err
 
 
+def test_val_fraction_sets_how_many_classes_validate(folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", "protonet", "--benchmark", f"folder:{folder / 'train'}", "--deploy", "--val-fraction", "0.3",
+                 *RUN, "--out", str(out)]) == 0
+    assert "7 train, 3 val, no test: deploy" in capsys.readouterr().err
+    assert "val_fraction: 0.3" in (out / "config.yaml").read_text()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--benchmark", "glyphs", "--deploy"], "--deploy applies to folder:PATH benchmarks only, not glyphs"),
     (["--deploy", "--split-file", "SPLIT"], "drop the split file"),
+    (["--val-fraction", "0.1"], "--val-fraction applies with --deploy only"),
+    (["--deploy", "--val-fraction", "1"], "--val-fraction must be between 0 and 1"),
 ])
 def test_deploy_refusals_exit_2_with_one_line(folder, tmp_path, args, message):
     split = tmp_path / "split.txt"
