@@ -1,6 +1,8 @@
 """Testing a learning algorithm on fixed, seed-stable episodes: mean ± 95% CI after 0..S inner steps."""
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import math
 import time
 
@@ -47,10 +49,19 @@ def mean_ci95(values) -> tuple[float, float]:
 
 
 def fixed_tasks(sampler, n: int, seed: int):
-    """The same ``n`` tasks for every method: drawn from a generator seeded with ``seed`` alone."""
+    """The same ``n`` tasks for every method: drawn from a generator seeded with ``seed`` alone.
+    ``sampler`` is an episode sampler (``sample(generator) -> Task``) or the function training takes,
+    ``(n, generator) -> Task`` of a batch of tasks (asked for one at a time)."""
     generator = torch.Generator().manual_seed(seed)
+    if callable(getattr(sampler, "sample", None)):
+        draw = sampler.sample
+    elif callable(sampler):
+        draw = lambda g: sampler(1, g).unstack()[0]
+    else:
+        raise TypeError(f"a sampler has sample(generator) or is called as (n, generator) -> Task; got "
+                        f"{type(sampler).__name__}")
     for _ in range(n):
-        yield sampler.sample(generator)
+        yield draw(generator)
 
 
 def _chunks(tasks, size: int):
@@ -77,6 +88,32 @@ def evaluate(algorithm, phi: Params, sampler, n_tasks: int, seed: int, steps: in
     start = time.perf_counter()
     phi = {k: v.detach() for k, v in phi.items()}
     batched = getattr(algorithm, "batched_eval", False)
+    with eval_mode(algorithm):
+        table = _scores(algorithm, phi, sampler, n_tasks, seed, steps, device, progress, desc, chunk, batched)
+    per_step = [{"step": s, "mean": float(table[:, s].mean()), "ci95": confidence95(table[:, s])}
+                for s in range(table.shape[1])]
+    return {"mean": per_step[-1]["mean"], "ci95": per_step[-1]["ci95"], "per_step": per_step,
+            "tasks": n_tasks, "eval_seed": seed, "seconds": time.perf_counter() - start}
+
+
+@contextmanager
+def eval_mode(algorithm):
+    """The algorithm's network in eval mode while it is scored (dropout off; what ``model.eval()``
+    means for the user's layers), restored after."""
+    model = getattr(algorithm, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        yield
+        return
+    was = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was)
+
+
+def _scores(algorithm, phi, sampler, n_tasks, seed, steps, device, progress, desc, chunk, batched) -> torch.Tensor:
+    """[tasks, steps + 1]: each fixed task's metric after each inner step."""
     rows: list[torch.Tensor] = []
     bar = tqdm(total=n_tasks, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     for tasks in _chunks(fixed_tasks(sampler, n_tasks, seed), chunk if batched else 1):
@@ -90,8 +127,4 @@ def evaluate(algorithm, phi: Params, sampler, n_tasks: int, seed: int, steps: in
         if progress:
             bar.set_postfix({"mean": f"{torch.stack(rows)[:, -1].mean():.4f}"})
     bar.close()
-    table = torch.stack(rows)  # [tasks, steps + 1]
-    per_step = [{"step": s, "mean": float(table[:, s].mean()), "ci95": confidence95(table[:, s])}
-                for s in range(table.shape[1])]
-    return {"mean": per_step[-1]["mean"], "ci95": per_step[-1]["ci95"], "per_step": per_step,
-            "tasks": n_tasks, "eval_seed": seed, "seconds": time.perf_counter() - start}
+    return torch.stack(rows)

@@ -1,6 +1,8 @@
 """What every algorithm provides to the trainer, the estimators and the evaluator."""
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -44,6 +46,18 @@ def problem_named(name: str) -> Problem:
 @dataclass
 class NoOptions:
     """The options of a family that has none of its own."""
+
+
+def standard_batch_norm(model) -> None:
+    """Turn the user's ``nn.BatchNorm*`` layers of ``model`` into per-task batch norm, saying so once
+    (:func:`metaphi.models.layers.task_batch_norm`)."""
+    from metaphi.models.layers import task_batch_norm
+
+    turned = task_batch_norm(model)
+    if turned:
+        warnings.warn(f"metaphi: batch norm {', '.join(turned[:6])}{' ...' if len(turned) > 6 else ''} of "
+                      f"{type(model).__name__} now normalises each task by its own batch statistics (as MAML uses "
+                      "batch norm); running statistics are not kept", stacklevel=3)
 
 
 def model_spec(model) -> dict:

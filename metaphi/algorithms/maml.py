@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from metaphi.functional import Params, call, params_of, prefixed, with_prefix
 from metaphi.inner import FIRST_ORDER, SGD, MetaSGD, Unroll, UpdateRule, adapt, adapt_steps, build_rule
 from metaphi.tasks import Task
-from metaphi.algorithms.base import Algorithm, Problem
+from metaphi.algorithms.base import Algorithm, Problem, standard_batch_norm
 
 
 @dataclass
@@ -92,6 +92,7 @@ class MAML(Algorithm):
         self.rule = build_rule(rule) if isinstance(rule, dict) else rule
         self.inner_steps = inner_steps
         self.eval_steps = inner_steps if eval_steps is None else eval_steps
+        standard_batch_norm(model)
         names = [k for k, _ in model.named_parameters()]
         self._adapted = select_parameters(names, trainable, type(model).__name__)
         # a predicate is stored as the names it chose, so that the spec rebuilds the same selection

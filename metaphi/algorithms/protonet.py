@@ -38,7 +38,7 @@ from metaphi.config import UsageError, option
 from metaphi.functional import Params, call, params_of, prefixed, with_prefix
 from metaphi.inner import Unroll
 from metaphi.tasks import DataError, Task
-from metaphi.algorithms.base import CLASSIFICATION, Algorithm, Problem
+from metaphi.algorithms.base import CLASSIFICATION, Algorithm, Problem, standard_batch_norm
 
 
 class _Method(nn.Module):
@@ -104,6 +104,7 @@ class MetricLearner(Algorithm):
         self.model, self.name = model, name
         self.problem = CLASSIFICATION
         self.options = options if options is not None else self.Options()
+        standard_batch_norm(model)
         # a backbone with features() embeds by it and leaves its head out; any other module is the encoder
         self._whole = not callable(getattr(model, "features", None))
         self._features = model if self._whole else _Method(model, "features")

@@ -219,3 +219,29 @@ class GroupNorm(nn.Module):
         g = (g - mean) * torch.rsqrt(var + self.eps)
         shape = [1, c] + [1] * (x.dim() - 2)
         return g.reshape(x.shape) * self.weight.view(shape) + self.bias.view(shape)
+
+
+def task_batch_norm(model: nn.Module) -> list[str]:
+    """Turn every standard batch norm of ``model`` (``nn.BatchNorm1d/2d/3d``) into :class:`TaskBatchNorm`,
+    in place, keeping its affine weights under the same names; the names of the layers turned.
+
+    This is how MAML uses batch norm: each task normalised by its own batch statistics, at training and
+    at test time, with no running averages (whose in-place updates torch's transforms refuse, and which
+    would carry one task's statistics into the next). It also routes around torch's batch-norm kernel,
+    whose batching rule gives wrong second derivatives under ``vmap`` (see :class:`TaskBatchNorm`). A
+    batch norm without affine weights is turned into one with weights fixed at 1 and 0, frozen."""
+    turned = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
+                layer = TaskBatchNorm(child.num_features, eps=child.eps)
+                if child.affine:
+                    layer.weight = child.weight
+                    layer.bias = child.bias
+                else:
+                    del layer.weight, layer.bias
+                    layer.register_buffer("weight", torch.ones(child.num_features))
+                    layer.register_buffer("bias", torch.zeros(child.num_features))
+                setattr(module, child_name, layer)
+                turned.append(f"{name}.{child_name}" if name else child_name)
+    return turned

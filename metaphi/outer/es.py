@@ -181,7 +181,8 @@ class EvolutionStrategies(SeededSteps):
     @staticmethod
     def _member_loss(algorithm, phi: Params, tasks: Task, vectorize: bool) -> tuple[Tensor, dict[str, Tensor]]:
         if vectorize:
-            losses, metrics = torch.func.vmap(lambda t: algorithm.task_loss(phi, t, FIRST_ORDER))(tasks)
+            losses, metrics = torch.func.vmap(lambda t: algorithm.task_loss(phi, t, FIRST_ORDER),
+                                              randomness="different")(tasks)  # dropout: its own draws per task
             return losses.mean(), {k: v.mean() for k, v in metrics.items()}
         parts = [algorithm.task_loss(phi, t, FIRST_ORDER) for t in tasks.unstack()]
         losses = torch.stack([p[0] for p in parts])

@@ -26,7 +26,8 @@ from metaphi.outer.es import LOOP_HELP, SEED_HELP, SeededSteps
 def _mean_task_loss(algorithm, phi: Params, tasks: Task, unroll: Unroll, vectorize: bool
                     ) -> tuple[Tensor, dict[str, Tensor]]:
     if vectorize:
-        losses, metrics = torch.func.vmap(lambda t: algorithm.task_loss(phi, t, unroll))(tasks)
+        losses, metrics = torch.func.vmap(lambda t: algorithm.task_loss(phi, t, unroll),
+                                          randomness="different")(tasks)  # dropout: its own draws per task
         return losses.mean(), {k: v.mean() for k, v in metrics.items()}
     total, sums = 0.0, {}
     parts = tasks.unstack()
@@ -149,7 +150,8 @@ def _meta_gradient(algorithm, unroll: Unroll, batched: bool):
         def loss_of(params: Params):
             phi = {**fixed, **params}
             if batched:
-                losses, metrics = torch.func.vmap(lambda t: algorithm.task_loss(phi, t, unroll))(task)
+                losses, metrics = torch.func.vmap(lambda t: algorithm.task_loss(phi, t, unroll),
+                                                  randomness="different")(task)
                 loss, metrics = losses.mean(), {k: v.mean() for k, v in metrics.items()}
             else:
                 loss, metrics = algorithm.task_loss(phi, task, unroll)

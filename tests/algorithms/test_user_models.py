@@ -105,3 +105,65 @@ def test_a_user_model_without_spec_saves_and_its_weights_load_into_the_users_mod
     # eval/predict cannot rebuild a module they do not know: one line saying what to do
     with pytest.raises(checkpoint.CheckpointError, match=r"your own .*UserNet.*module_state"):
         load_model(str(tmp_path / "checkpoint.pt"))
+
+
+WARNS = pytest.warns(UserWarning, match="bn of BatchNormNet now normalises each task by its own batch statistics")
+
+
+class BatchNormNet(nn.Module):
+    """A user's CNN with the standard batch norm (running statistics on or off) and dropout."""
+
+    def __init__(self, running=True, dropout=0.0, ways=3):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3)
+        self.bn = nn.BatchNorm2d(4, track_running_stats=running)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(4 * 8 * 8, ways)
+
+    def forward(self, x):
+        return self.fc(self.drop(torch.relu(self.bn(self.conv(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["running-stats", "no-running-stats"])
+def test_standard_batch_norm_gets_exact_per_task_meta_gradients_looped_and_vmapped(float64, running):
+    torch.manual_seed(0)
+    reference_model = BatchNormNet(running=False).double()  # plain autograd, batch statistics per call
+    model = BatchNormNet(running=running).double()
+    model.load_state_dict(reference_model.state_dict(), strict=False)
+    with WARNS:
+        algo = MAML(model, CLASSIFICATION, SGD(0.3), inner_steps=1)
+    phi = algo.init_meta_params()
+    tasks = [random_task(ways=3, shots=2, query=2, seed=s) for s in (3, 4)]
+    stacked = Task.stack(tasks)
+    looped, _ = build_estimator("second-order", {"loop": True})(algo, phi, stacked)
+    vmapped, _ = build_estimator("second-order")(algo, phi, stacked)
+    # by hand: each task's second-order MAML gradient through the user's own (unconverted) layers
+    theta = {k.removeprefix("init."): v.detach().clone().requires_grad_() for k, v in phi.items()}
+    total = 0
+    for task in tasks:
+        (xs, ys), (xq, yq) = task.support, task.query
+        loss = F.cross_entropy(functional_call(reference_model, theta, (xs,)), ys)
+        g = torch.autograd.grad(loss, list(theta.values()), create_graph=True)
+        fast = {k: v - 0.3 * gk for (k, v), gk in zip(theta.items(), g)}
+        total = total + F.cross_entropy(functional_call(reference_model, fast, (xq,)), yq) / len(tasks)
+    expected = dict(zip(theta, torch.autograd.grad(total, list(theta.values()))))
+    for k, e in expected.items():
+        torch.testing.assert_close(looped[f"init.{k}"], e, rtol=1e-8, atol=1e-11)
+        torch.testing.assert_close(vmapped[f"init.{k}"], e, rtol=1e-8, atol=1e-11)
+
+
+def test_dropout_runs_under_vmap_with_per_task_draws_and_is_off_when_scored(float64):
+    from metaphi.evaluate import evaluate
+
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning):
+        algo = MAML(BatchNormNet(running=False, dropout=0.5).double(), CLASSIFICATION, SGD(0.3))
+    phi = algo.init_meta_params()
+    stacked = Task.stack([random_task(ways=3, shots=2, query=2, seed=s) for s in (3, 4)])
+    grads, _ = build_estimator("first-order")(algo, phi, stacked)  # vmapped: no randomness error
+    assert all(torch.isfinite(g).all() for g in grads.values())
+    sampler = lambda n, g: Task.stack([random_task(ways=3, shots=2, query=2,
+                                                   seed=int(torch.randint(99, (1,), generator=g))) for _ in range(n)])
+    first, second = (evaluate(algo, phi, sampler, 6, seed=1)["mean"] for _ in range(2))
+    assert first == second  # dropout is off when scored: the same tasks give the same score
+    assert algo.model.training  # and the model is back in training mode
