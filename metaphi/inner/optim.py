@@ -61,16 +61,20 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     ``params``: tensors, ``(name, tensor)`` pairs (``model.named_parameters()``) or param groups.
     ``learned``: a learned optimizer file, the dict it holds, or a ``(rule, meta)`` pair.
+    ``lr`` scales each learned step (θ ← θ + lr·(rule(θ) − θ)): at 1, the default, the step is the
+    rule's own; it is a param-group ``"lr"``, so torch's learning-rate schedulers drive it.
     """
 
-    def __init__(self, params, learned: str | os.PathLike | dict | tuple):
+    def __init__(self, params, learned: str | os.PathLike | dict | tuple, lr: float = 1.0):
+        if not (lr >= 0.0 and lr == lr and lr != float("inf")):
+            raise ValueError(f"lr must be a finite number >= 0, got {lr}")
         if isinstance(learned, tuple):
             rule, meta = learned
             meta = {k: v.detach().clone() for k, v in meta.items()}
         else:
             rule, meta, _ = load_learned(learned)
         self.rule, self.meta = rule, meta
-        super().__init__(params, {})
+        super().__init__(params, {"lr": float(lr)})
         if not self._shared:
             for group in self.param_groups:
                 names = group.get("param_names")
@@ -110,7 +114,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
                         state.update(fresh[key])
                 rule_state = {key: dict(state)} if state else None
                 new_params, new_state = self.rule.update({key: p}, {key: p.grad}, rule_state, self._meta_like(p))
-                p.copy_(new_params[key])
+                if group["lr"] == 1.0:
+                    p.copy_(new_params[key])  # the rule's own step, bit for bit
+                else:
+                    p.add_(new_params[key] - p, alpha=group["lr"])
                 if new_state is not None:
                     state.update(new_state[key])
         return loss

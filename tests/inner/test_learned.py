@@ -187,3 +187,28 @@ def test_learned_file_is_plain_data_and_a_foreign_pickle_is_refused(tmp_path):
         load_learned(tmp_path / "evil.pt")
     with pytest.raises(ValueError, match="asks to call .*Exception, not plain data"):
         LearnedOptimizer(small_net().parameters(), tmp_path / "evil.pt")
+
+
+def test_torch_schedulers_drive_the_learned_step():
+    """lr scales each learned step: with a rule that is SGD at 0.1, lr 0.5 is SGD at 0.05, and a
+    StepLR halving it every 2 steps gives SGD at 0.1, 0.1, 0.05, 0.05, ..."""
+    rule = PerLayerSGD(0.1)
+    reference, learned = small_net(), small_net()
+    x, y = data()
+    opt = LearnedOptimizer(learned.named_parameters(), (rule, rule.meta_params(dict(learned.named_parameters()))))
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+    for step in range(6):
+        alpha = 0.1 * 0.5 ** (step // 2)
+        grads = torch.autograd.grad((reference(x) - y).pow(2).mean(), list(reference.parameters()))
+        with torch.no_grad():
+            for p, g in zip(reference.parameters(), grads):
+                p.copy_(p - alpha * g)
+        opt.zero_grad()
+        (learned(x) - y).pow(2).mean().backward()
+        opt.step()
+        scheduler.step()
+        for a, b in zip(weights(reference), weights(learned)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        LearnedOptimizer(small_net().named_parameters(), (rule, rule.meta_params(dict(small_net().named_parameters()))),
+                         lr=float("nan"))
