@@ -80,6 +80,9 @@ class RunConfig:
     pool: str | None = option(None, "how the Conv4 backbone downsamples: stride-2 convolutions (MAML's Omniglot "
                                     "network) or 2x2 max pooling (ProtoNet's; slower, stronger) (none: the family's "
                                     "recipe, else the benchmark's)", choices=("stride", "max"))
+    model: str | None = option(None, "the backbone on image benchmarks: conv4, resnet12 (ResNet-12), wrn-28-10 (any "
+                                     "wrn-DEPTH-WIDEN), or timm:ARCHITECTURE (needs timm; architecture only, no "
+                                     "weights downloaded) (none: the benchmark's Conv4)")
     eval_shots: int | None = option(None, "support examples per class at test (none: the benchmark's, else --shots)",
                                     check="positive")
     eval_query: int | None = option(None, "query examples per class at test (none: the benchmark's, else --query)",
@@ -236,6 +239,7 @@ def load_benchmark(config):
         if not 0.0 < config.val_fraction < 1.0:
             raise UsageError(f"--val-fraction must be between 0 and 1, got {config.val_fraction}")
     benchmark = build_benchmark(config.benchmark, config.data_root, **benchmark_options(config))
+    check_model(config, benchmark)
     return training_data(config, benchmark)
 
 
@@ -314,7 +318,8 @@ def complete(config: RunConfig, benchmark) -> RunConfig:
                            or sizes["query"])
     training = {"rotations": benchmark.training.get("rotations", bool(config.rotations)),
                 "augment": benchmark.training.get("augment", bool(config.augment)),
-                "pool": config.pool or recipe.get("pool") or benchmark.backbone.get("pool"),
+                "pool": None if getattr(config, "model", None) not in (None, "conv4")  # another backbone
+                else config.pool or recipe.get("pool") or benchmark.backbone.get("pool"),
                 "lr_schedule": config.lr_schedule or recipe.get("lr_schedule") or "constant",
                 "train_ways": config.train_ways}
     if config.train_ways is None and recipe.get("train_ways") and sizes["ways"] is not None:
@@ -360,6 +365,39 @@ def settings(config: RunConfig) -> dict:
 
 # -- the pieces of a run: the algorithm, its estimator, meta-training ---------------------------------
 
+def with_chosen_model(config: RunConfig, benchmark):
+    """``benchmark`` with the backbone ``--model`` names, or its Conv4 pooled as ``--pool`` says."""
+    from metaphi.models import model_named
+
+    name = getattr(config, "model", None)
+    if name and name != "conv4":
+        return benchmark.with_model(model_named(name))
+    if getattr(config, "pool", None):
+        return benchmark.with_backbone(pool=config.pool)
+    return benchmark
+
+
+def check_model(config: RunConfig, benchmark) -> None:
+    """A UsageError, before anything runs, for a ``--model`` that does not exist or cannot be built here."""
+    import importlib.util
+
+    from metaphi.models import model_named
+
+    name = getattr(config, "model", None)
+    if not name:
+        return
+    try:
+        spec = model_named(name)
+    except ValueError as e:
+        raise UsageError(f"--model: {e}") from None
+    if not benchmark.splits:
+        raise UsageError(f"--model applies to image benchmarks, and {benchmark.name} is not one")
+    if spec["name"] != "conv4" and config.pool:
+        raise UsageError(f"--pool chooses how Conv4 downsamples; --model {name} has its own")
+    if spec["name"] == "timm" and importlib.util.find_spec("timm") is None:
+        raise UsageError(f"--model {name} needs the timm package: pip install timm")
+
+
 def make_algorithm(config: RunConfig, benchmark):
     """The algorithm of a completed ``config``: its initial weights from ``config.seed`` (touching no
     global random state), its body from ``config.init`` when given."""
@@ -367,8 +405,7 @@ def make_algorithm(config: RunConfig, benchmark):
 
     from metaphi.algorithms import create_algorithm
 
-    if getattr(config, "pool", None):
-        benchmark = benchmark.with_backbone(pool=config.pool)
+    benchmark = with_chosen_model(config, benchmark)
     with torch.random.fork_rng():
         torch.manual_seed(config.seed)
         algorithm = create_algorithm(config.algorithm, benchmark, config.ways, config.inner_lr, config.inner_steps,

@@ -9,6 +9,9 @@ checkpoints store and :func:`build_model` rebuilds it from:
     mlp            MLP: fully connected; MAML's sinusoid regressor                        (mlp.py)
     dg-convnet     GroupNormConvNet: stride-2 convnet with group norm, for MLDG          (convnet.py)
     plain-convnet  PlainConvNet: stride-2 convnet with no normalization, for continual   (convnet.py)
+    resnet12       ResNet12: the few-shot ResNet-12 (MetaOptNet, RFS), task batch norm   (resnet.py)
+    wrn            WideResNet: WRN-depth-widen (WRN-28-10 by default), task batch norm   (resnet.py)
+    timm           TimmModel: any timm architecture by name, without weights             (resnet.py)
 
 A study that knows its data but not every argument gives a partial spec and the data's shape:
 ``build_model({"name": "conv4", "hidden": 8}, input_shape=(1, 28, 28), out_features=10)``.
@@ -25,9 +28,10 @@ from metaphi.models.layers import GroupNorm, TaskBatchNorm
 from metaphi.models.conv4 import Conv4
 from metaphi.models.convnet import GroupNormConvNet, PlainConvNet
 from metaphi.models.mlp import MLP
+from metaphi.models.resnet import ResNet12, TimmModel, WideResNet
 
-__all__ = ["TaskBatchNorm", "GroupNorm", "Conv4", "MLP", "GroupNormConvNet", "PlainConvNet", "MODELS",
-           "build_model", "spec_of"]
+__all__ = ["TaskBatchNorm", "GroupNorm", "Conv4", "MLP", "GroupNormConvNet", "PlainConvNet", "ResNet12",
+           "WideResNet", "TimmModel", "MODELS", "IMAGE_MODELS", "build_model", "spec_of", "model_named"]
 
 
 def _image(shape: Sequence[int]) -> tuple[int, int, int]:
@@ -43,7 +47,26 @@ MODELS: dict[str, tuple[type[nn.Module], Callable[[Sequence[int]], dict], str]] 
     "dg-convnet": (GroupNormConvNet, lambda s: {"in_channels": _image(s)[0]}, "out_features"),
     "plain-convnet": (PlainConvNet, lambda s: {"in_channels": _image(s)[0], "image_size": _image(s)[1]},
                       "num_classes"),
+    "resnet12": (ResNet12, lambda s: {"in_channels": _image(s)[0]}, "out_features"),
+    "wrn": (WideResNet, lambda s: {"in_channels": _image(s)[0]}, "out_features"),
+    "timm": (TimmModel, lambda s: {"in_channels": _image(s)[0]}, "out_features"),
 }
+#: the backbones ``metaphi run --model`` offers on image benchmarks (and ``timm:ARCHITECTURE``)
+IMAGE_MODELS = {"conv4": {"name": "conv4"}, "resnet12": {"name": "resnet12"},
+                "wrn-28-10": {"name": "wrn", "depth": 28, "widen": 10}}
+
+
+def model_named(text: str) -> dict:
+    """The partial spec ``--model TEXT`` names: a key of IMAGE_MODELS, ``wrn-DEPTH-WIDEN`` or
+    ``timm:ARCHITECTURE``; a ValueError listing them otherwise."""
+    if text in IMAGE_MODELS:
+        return dict(IMAGE_MODELS[text])
+    if text.startswith("timm:") and len(text) > 5:
+        return {"name": "timm", "architecture": text[5:]}
+    parts = text.split("-")
+    if len(parts) == 3 and parts[0] == "wrn" and parts[1].isdigit() and parts[2].isdigit():
+        return {"name": "wrn", "depth": int(parts[1]), "widen": int(parts[2])}
+    raise ValueError(f"unknown model '{text}' (valid: {', '.join(IMAGE_MODELS)}, wrn-DEPTH-WIDEN, timm:ARCHITECTURE)")
 
 
 def build_model(spec: dict, *, input_shape: Sequence[int] | None = None, out_features: int | None = None) -> nn.Module:

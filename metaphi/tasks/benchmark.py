@@ -132,6 +132,16 @@ class Benchmark:
     def num_classes(self, split: str) -> int:
         return self.splits[split].num_classes if self.splits else 1
 
+    def with_model(self, spec: dict) -> "Benchmark":
+        """This benchmark with the backbone ``spec`` names (see :mod:`metaphi.models`) in place of its own."""
+        from metaphi.models import build_model
+
+        if not self.splits:
+            raise DataError(f"benchmark '{self.name}' is not made of images; --model chooses an image backbone")
+        shape = tuple(self.splits["train"].image_shape)
+        return dataclasses.replace(self, backbone={},
+                                   make_model=lambda out: build_model(spec, input_shape=shape, out_features=out))
+
     def model(self, out_features: int) -> nn.Module:
         return self.make_model(out_features, **self.backbone)
 

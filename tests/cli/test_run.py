@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from metaphi.cli import main
 
@@ -151,3 +152,21 @@ def test_a_run_whose_best_is_its_last_adds_only_the_best_keys(tmp_path):
     result = json.loads((out / "result.json").read_text())
     assert result["best_iteration"] == result["iterations"] == 4 and "best" not in result
     assert (out / "best.pt").exists()
+
+
+def test_model_flag_trains_a_resnet12_that_eval_rebuilds(tmp_path, capsys, monkeypatch):
+    from tiny import install_tiny
+
+    install_tiny(monkeypatch)
+    out = tmp_path / "rn"
+    assert main(["run", "protonet", "--benchmark", "tiny", "--model", "resnet12", "--iterations", "1",
+                 "--eval-tasks", "2", "--no-baselines", "--quiet", "--out", str(out)]) == 0
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["algorithm"]["model"]["name"] == "resnet12"
+    assert "model: resnet12" in (out / "config.yaml").read_text() and "pool: null" in (out / "config.yaml").read_text()
+    capsys.readouterr()
+    assert main(["eval", str(out), "--eval-tasks", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["algorithm"] == "protonet"
+    assert main(["run", "protonet", "--benchmark", "tiny", "--model", "resnet12", "--pool", "max",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "has its own" in capsys.readouterr().err and not (tmp_path / "x").exists()

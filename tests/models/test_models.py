@@ -13,7 +13,47 @@ CASES = {
     "mlp": ({"name": "mlp", "hidden": [16, 8]}, (1, 8, 8)),
     "dg-convnet": ({"name": "dg-convnet", "hidden": 8, "blocks": 2, "groups": 2}, (1, 16, 16)),
     "plain-convnet": ({"name": "plain-convnet", "hidden": 4, "blocks": 2}, (1, 12, 12)),
+    "resnet12": ({"name": "resnet12", "widths": [4, 6, 8, 10]}, (3, 16, 16)),
+    "wrn": ({"name": "wrn", "depth": 10, "widen": 1}, (3, 16, 16)),
+    "timm": ({"name": "timm", "architecture": "tiny-test-net"}, (3, 16, 16)),
 }
+
+
+class _FakeTimmNet(torch.nn.Module):
+    """What timm.create_model returns, reduced: forward_features, forward_head, num_features, a classifier
+    and a standard batch norm."""
+
+    def __init__(self, num_classes, in_chans):
+        super().__init__()
+        self.conv, self.bn = torch.nn.Conv2d(in_chans, 6, 3), torch.nn.BatchNorm2d(6)
+        self.fc, self.num_features = torch.nn.Linear(6, num_classes), 6
+
+    def forward_features(self, x):
+        return torch.relu(self.bn(self.conv(x)))
+
+    def forward_head(self, x, pre_logits=False):
+        x = x.mean(dim=(2, 3))
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def get_classifier(self):
+        return self.fc
+
+
+@pytest.fixture(autouse=True)
+def fake_timm(monkeypatch):
+    """timm is an optional extra: a stand-in with its create_model, knowing one architecture."""
+    import types
+
+    def create_model(name, pretrained=False, num_classes=1000, in_chans=3):
+        assert pretrained is False  # architectures only: nothing may be downloaded
+        if name != "tiny-test-net":
+            raise RuntimeError(f"Unknown model ({name})")
+        return _FakeTimmNet(num_classes, in_chans)
+
+    monkeypatch.setitem(__import__("sys").modules, "timm", types.SimpleNamespace(create_model=create_model))
 
 
 def test_every_model_has_a_case():
@@ -61,7 +101,7 @@ def test_specs_kept_as_checkpoints_store_them():
 
 
 def test_bad_specs_are_refused_with_a_message():
-    with pytest.raises(ValueError, match="unknown model 'resnet99' \\(known: conv4, mlp, dg-convnet, plain-convnet\\)"):
+    with pytest.raises(ValueError, match="unknown model 'resnet99' \\(known: conv4, mlp, .*, timm\\)"):
         build_model({"name": "resnet99"})
     with pytest.raises(ValueError, match="unknown model 'None'"):
         build_model({"hidden": 3})
@@ -106,3 +146,38 @@ def test_plain_convnet_is_he_initialized():
     conv = net.body[2]
     assert abs(float(conv.weight.detach().std()) - (2 / (64 * 9)) ** 0.5) < 0.01
     assert float(conv.bias.detach().abs().max()) == 0.0
+
+
+def test_the_few_shot_standard_backbones_have_their_published_sizes():
+    from metaphi.models import model_named
+
+    sizes = {name: sum(p.numel() for p in build_model(model_named(name), input_shape=(3, 84, 84),
+                                                          out_features=5).parameters())
+             for name in ("resnet12", "wrn-28-10")}
+    # ResNet-12 of MetaOptNet/RFS: about 12.4M weights; WRN-28-10: about 36.5M
+    assert 12.3e6 < sizes["resnet12"] < 12.5e6 and 36.4e6 < sizes["wrn-28-10"] < 36.6e6
+    with pytest.raises(ValueError, match="unknown model 'vgg'"):
+        model_named("vgg")
+    assert model_named("timm:convnext_atto") == {"name": "timm", "architecture": "convnext_atto"}
+    with pytest.raises(ValueError, match="timm has no architecture 'nope'"):
+        build_model({"name": "timm", "architecture": "nope"}, input_shape=(3, 8, 8), out_features=2)
+
+
+def test_resnet12_meta_gradients_vmapped_equal_the_loop(float64):
+    from metaphi.algorithms.base import CLASSIFICATION
+    from metaphi.algorithms.maml import MAML
+    from metaphi.inner import SGD
+    from metaphi.outer import build_estimator
+    from metaphi.tasks import Task
+
+    torch.manual_seed(0)
+    model = build_model({"name": "resnet12", "widths": [3, 4, 5, 6]}, input_shape=(1, 8, 8), out_features=3).double()
+    algo = MAML(model, CLASSIFICATION, SGD(0.2), trainable="head")
+    phi = algo.init_meta_params()
+    g = torch.Generator().manual_seed(1)
+    tasks = Task((torch.rand(2, 6, 1, 8, 8, generator=g, dtype=torch.float64), torch.arange(3).repeat(2).expand(2, 6)),
+                 (torch.rand(2, 6, 1, 8, 8, generator=g, dtype=torch.float64), torch.arange(3).repeat(2).expand(2, 6)))
+    looped, _ = build_estimator("second-order", {"loop": True})(algo, phi, tasks)
+    vmapped, _ = build_estimator("second-order")(algo, phi, tasks)
+    for k in looped:
+        torch.testing.assert_close(vmapped[k], looped[k], rtol=1e-9, atol=1e-12)
