@@ -269,13 +269,15 @@ def describe_checkpoint(path: str, ck: dict) -> str:
 
 def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generator], Task], config: TrainConfig,
                out_dir: str | None = None, validate: Callable[[Params], float] | None = None, resume: bool = False,
-               run: dict | None = None, progress: bool = True, higher_is_better: bool | None = None) -> TrainState:
+               run: dict | None = None, progress: bool = True, higher_is_better: bool | None = None,
+               loggers=None) -> TrainState:
     """Optimize φ of ``algorithm`` for ``config.iterations`` meta-batches.
 
     ``sample_tasks(n, generator)`` gives a batched Task. With ``out_dir``, metrics go to
     ``out_dir/metrics.jsonl`` and checkpoints to ``out_dir/checkpoint.pt``; ``resume`` continues
     from that checkpoint. A non-finite loss raises NonFiniteLoss after saving the last good state; a
     loss past the divergence bound for too long (:data:`DIVERGENCE`) raises Diverged.
+    ``loggers`` (:class:`metaphi.loggers.Loggers`) get every row metrics.jsonl gets.
     ``validate(phi)`` scores φ every ``config.val_every`` iterations and at the last; with ``out_dir``
     each score better than all before it (higher when ``higher_is_better``, by default as the
     algorithm's problem says) writes ``out_dir/best.pt``, and ``state.best`` says which it was.
@@ -330,6 +332,9 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
         with open(log_path, "w") as f:
             for row in state.history:
                 f.write(json.dumps(row) + "\n")
+    loggers = loggers if main else None  # metaphi.loggers.Loggers: --log csv,tensorboard,wandb
+    if loggers:
+        loggers.start(state.history)
 
     saved = {"iteration": state.iteration if resume else None}  # of the state in checkpoint.pt
 
@@ -402,6 +407,8 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
             if log_path:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
+            if loggers:
+                loggers.log(row)
             if beyond >= DIVERGENCE["patience"]:
                 kept = ("nothing was saved before it left that bound" if not ck_path or saved["iteration"] is None
                         else f"{ck_path} keeps iteration {saved['iteration']}, saved before it left that bound")
@@ -418,5 +425,7 @@ def meta_train(algorithm, estimator, sample_tasks: Callable[[int, torch.Generato
             bar.update(1)
     finally:
         bar.close()
+        if loggers:
+            loggers.close()
     checkpoint()
     return state

@@ -80,6 +80,9 @@ class RunConfig:
     pool: str | None = option(None, "how the Conv4 backbone downsamples: stride-2 convolutions (MAML's Omniglot "
                                     "network) or 2x2 max pooling (ProtoNet's; slower, stronger) (none: the family's "
                                     "recipe, else the benchmark's)", choices=("stride", "max"))
+    log: str | None = option(None, "also log the curves to: a comma list of csv (OUT/metrics.csv), tensorboard "
+                                   "(OUT/tensorboard; needs tensorboard), wandb (needs wandb; WANDB_MODE=offline "
+                                   "keeps it local) (none: metrics.jsonl only)")
     model: str | None = option(None, "the backbone on image benchmarks: conv4, resnet12 (ResNet-12), wrn-28-10 (any "
                                      "wrn-DEPTH-WIDEN), or timm:ARCHITECTURE (needs timm; architecture only, no "
                                      "weights downloaded) (none: the benchmark's Conv4)")
@@ -238,6 +241,7 @@ def load_benchmark(config):
             raise UsageError("--val-fraction applies with --deploy only (other runs split 60/20/20 or by --split-file)")
         if not 0.0 < config.val_fraction < 1.0:
             raise UsageError(f"--val-fraction must be between 0 and 1, got {config.val_fraction}")
+    logger_names(config)
     benchmark = build_benchmark(config.benchmark, config.data_root, **benchmark_options(config))
     check_model(config, benchmark)
     return training_data(config, benchmark)
@@ -365,6 +369,14 @@ def settings(config: RunConfig) -> dict:
 
 # -- the pieces of a run: the algorithm, its estimator, meta-training ---------------------------------
 
+def logger_names(config) -> list[str]:
+    """``--log``'s loggers, checked (:func:`metaphi.loggers.check_loggers`)."""
+    from metaphi.loggers import check_loggers
+
+    text = getattr(config, "log", None)
+    return check_loggers([n.strip() for n in text.split(",") if n.strip()] if text else [])
+
+
 def with_chosen_model(config: RunConfig, benchmark):
     """``benchmark`` with the backbone ``--model`` names, or its Conv4 pooled as ``--pool`` says."""
     from metaphi.models import model_named
@@ -430,6 +442,7 @@ def make_estimator(config: RunConfig, algorithm, progress: bool = False):
 def meta_train_algorithm(config: RunConfig, benchmark, algorithm, estimator, out_dir: str | None = None,
                          validate=None, run: dict | None = None, progress: bool = False):
     """Meta-train ``algorithm`` on ``benchmark``'s training tasks as ``config`` says; the TrainState."""
+    from metaphi.loggers import Loggers
     from metaphi.train import TrainConfig, check_schedule, meta_train
 
     sample_train = algorithm.training_tasks(benchmark, config.train_ways or config.ways, config.shots, config.query)
@@ -442,8 +455,10 @@ def meta_train_algorithm(config: RunConfig, benchmark, algorithm, estimator, out
     except ValueError as e:
         raise UsageError(str(e)) from None
     resume = config.resume and out_dir is not None and os.path.exists(os.path.join(out_dir, "checkpoint.pt"))
+    loggers = Loggers(logger_names(config), out_dir, to_dict(config)) if out_dir else None
     return meta_train(algorithm, estimator, sample_train, train, out_dir=out_dir, validate=validate, resume=resume,
-                      run=run, progress=progress, higher_is_better=benchmark.problem.higher_is_better)
+                      run=run, progress=progress, higher_is_better=benchmark.problem.higher_is_better,
+                      loggers=loggers)
 
 
 def train_and_test(config: RunConfig, benchmark, out_dir: str, progress: bool = True) -> dict:
