@@ -52,8 +52,8 @@ def test_strength_zero_is_the_identity_and_small_strengths_are_close_to_it():
     assert torch.equal(RandomAffine(0.0)(x, g), x)
     assert torch.allclose(RandomAffine(1e-6)(x, g), x, atol=1e-4)
     assert not torch.allclose(RandomAffine(1.0)(x, g), x, atol=1e-2)
-    with pytest.raises(ValueError, match=r"strength must be in \[0, 1\]"):
-        RandomAffine(1.5)
+    with pytest.raises(ValueError, match=r"strength must be in \[0, 2\]"):
+        RandomAffine(2.5)
 
 
 def test_transform_is_deterministic_for_a_seeded_generator_and_uses_no_global_rng():
@@ -189,7 +189,8 @@ def test_run_with_rotations_and_augment_writes_them_to_its_config(tmp_path, caps
 
 @pytest.mark.parametrize("flags, message", [
     (["--augment-strength", "0.5"], "--augment-strength applies with --augment only"),
-    (["--augment", "--augment-strength", "0"], r"--augment-strength must be in \(0, 1\]"),
+    (["--augment", "--augment-strength", "0"], r"--augment-strength must be a positive number"),
+    (["--augment", "--augment-strength", "2.5"], r"--augment-strength must be in \(0, 2\]"),
     (["--benchmark", "sinusoid", "--rotations"], "benchmark 'sinusoid' has none"),
 ])
 def test_run_refuses_what_does_not_apply(tmp_path, capsys, flags, message):
