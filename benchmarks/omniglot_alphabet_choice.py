@@ -113,9 +113,11 @@ def report(args, rows, n: int, minutes: float, command: str) -> str:
             if r is base:
                 continue
             d = 100 * (r["error"] - base["error"])
-            said.append(f"{r['variant']} {d:+.1f} points")
-        lines += ["", "Against the recipe: " + "; ".join(said) + ". A change is taken only where it lowers the error "
-                  "by more than the intervals' overlap allows; where it does not, the recipe stays as it is."]
+            overlap = abs(r["error"] - base["error"]) <= r["ci95"] + base["ci95"]
+            said.append(f"{r['variant']} {d:+.1f} points ({'within' if overlap else 'beyond'} the two intervals)")
+        lines += ["", "Against the recipe: " + "; ".join(said) + ". The recipe changes only for a fall in the error "
+                  "beyond the two intervals; a rise beyond them confirms the recipe's own choice."]
+    lines += ["", "Wall minutes are of runs that shared the machine's two cores with others."]
     lines += ["", f"Command: `.venv/bin/python benchmarks/omniglot_alphabet_choice.py {command}` ({minutes:.0f} "
               "minutes wall clock, finished runs reused)"]
     return "\n".join(lines)
