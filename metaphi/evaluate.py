@@ -88,8 +88,21 @@ def evaluate(algorithm, phi: Params, sampler, n_tasks: int, seed: int, steps: in
     start = time.perf_counter()
     phi = {k: v.detach() for k, v in phi.items()}
     batched = getattr(algorithm, "batched_eval", False)
+    rows: list[torch.Tensor] = []
+    bar = tqdm(total=n_tasks, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
     with eval_mode(algorithm):
-        table = _scores(algorithm, phi, sampler, n_tasks, seed, steps, device, progress, desc, chunk, batched)
+        for tasks in _chunks(fixed_tasks(sampler, n_tasks, seed), chunk if batched else 1):
+            if batched:
+                stacked = Task.stack(tasks).to(device)
+                scores = torch.func.vmap(lambda t: algorithm.evaluate(phi, t, steps))(stacked)
+            else:
+                scores = algorithm.evaluate(phi, tasks[0].to(device), steps).unsqueeze(0)
+            rows.extend(scores.detach().cpu().double())
+            bar.update(len(tasks))
+            if progress:
+                bar.set_postfix({"mean": f"{torch.stack(rows)[:, -1].mean():.4f}"})
+    bar.close()
+    table = torch.stack(rows)  # [tasks, steps + 1]
     per_step = [{"step": s, "mean": float(table[:, s].mean()), "ci95": confidence95(table[:, s])}
                 for s in range(table.shape[1])]
     return {"mean": per_step[-1]["mean"], "ci95": per_step[-1]["ci95"], "per_step": per_step,
@@ -110,21 +123,3 @@ def eval_mode(algorithm):
         yield
     finally:
         model.train(was)
-
-
-def _scores(algorithm, phi, sampler, n_tasks, seed, steps, device, progress, desc, chunk, batched) -> torch.Tensor:
-    """[tasks, steps + 1]: each fixed task's metric after each inner step."""
-    rows: list[torch.Tensor] = []
-    bar = tqdm(total=n_tasks, desc=desc, disable=not progress, leave=False, dynamic_ncols=True)
-    for tasks in _chunks(fixed_tasks(sampler, n_tasks, seed), chunk if batched else 1):
-        if batched:
-            stacked = Task.stack(tasks).to(device)
-            scores = torch.func.vmap(lambda t: algorithm.evaluate(phi, t, steps))(stacked)
-        else:
-            scores = algorithm.evaluate(phi, tasks[0].to(device), steps).unsqueeze(0)
-        rows.extend(scores.detach().cpu().double())
-        bar.update(len(tasks))
-        if progress:
-            bar.set_postfix({"mean": f"{torch.stack(rows)[:, -1].mean():.4f}"})
-    bar.close()
-    return torch.stack(rows)

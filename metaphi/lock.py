@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 import time
 
 try:
@@ -31,7 +30,7 @@ from metaphi.config import UsageError
 
 LOCK = ".lock"
 #: what :func:`claim` writes as the holder's command (``metaphi.cli.main`` sets the command line)
-command = "metaphi " + " ".join(os.path.basename(a) for a in sys.argv[:1])
+command = "metaphi"
 _held: dict[str, int] = {}
 
 
