@@ -21,6 +21,14 @@ def data(seed=0):
     return torch.randn(8, 3, generator=g), torch.randn(8, 2, generator=g)
 
 
+def sgd_by_hand(model, x, y, lr):
+    """One SGD step written out, θ ← θ − α ∇L, on the squared error of ``model`` on (x, y)."""
+    grads = torch.autograd.grad((model(x) - y).pow(2).mean(), list(model.parameters()))
+    with torch.no_grad():
+        for p, g in zip(model.parameters(), grads):
+            p.copy_(p - lr * g)
+
+
 def train(model, opt, steps, seed=0):
     x, y = data(seed)
     losses = []
@@ -92,11 +100,7 @@ def test_rule_initialised_as_sgd_gives_sgds_trajectory_exactly(make):
     x, y = data()
     opt = LearnedOptimizer(learned.named_parameters(), (rule, rule.meta_params(dict(learned.named_parameters()))))
     for _ in range(8):
-        # SGD written out: θ ← θ − α ∇L
-        grads = torch.autograd.grad((reference(x) - y).pow(2).mean(), list(reference.parameters()))
-        with torch.no_grad():
-            for p, g in zip(reference.parameters(), grads):
-                p.copy_(p - lr * g)
+        sgd_by_hand(reference, x, y, lr)
         opt.zero_grad()
         (learned(x) - y).pow(2).mean().backward()
         opt.step()
@@ -199,10 +203,7 @@ def test_torch_schedulers_drive_the_learned_step():
     scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     for step in range(6):
         alpha = 0.1 * 0.5 ** (step // 2)
-        grads = torch.autograd.grad((reference(x) - y).pow(2).mean(), list(reference.parameters()))
-        with torch.no_grad():
-            for p, g in zip(reference.parameters(), grads):
-                p.copy_(p - alpha * g)
+        sgd_by_hand(reference, x, y, alpha)
         opt.zero_grad()
         (learned(x) - y).pow(2).mean().backward()
         opt.step()
