@@ -127,6 +127,10 @@ RESUMABLE = frozenset({"iterations", "val_every", "checkpoint_every", "device", 
                        "data_root"})
 
 
+#: records added after checkpoints were first written: a checkpoint older than one is not checked on it
+ADDED_SETTINGS = frozenset({"training"})
+
+
 def resume_difference(ck: dict, config: TrainConfig, run: dict | None) -> str | None:
     """The first setting in which ``config`` and ``run`` differ from the checkpoint's (outside
     :data:`RESUMABLE`), as "--seed 0 (this run: 1)"; None when they agree."""
@@ -137,7 +141,12 @@ def resume_difference(ck: dict, config: TrainConfig, run: dict | None) -> str | 
         for key in [*stored, *(k for k in now if k not in stored)]:  # in the record's order: shots before eval_shots
             if key in RESUMABLE:
                 continue
+            if key in ADDED_SETTINGS and key not in stored:
+                continue
             was, is_ = _plain(stored.get(key)), _plain(now.get(key))
+            if isinstance(was, dict) and isinstance(is_, dict) and key in ADDED_SETTINGS:  # a group of settings
+                differ = [k for k in [*was, *(k for k in is_ if k not in was)] if was.get(k) != is_.get(k)]
+                key, was, is_ = (differ[0], was.get(differ[0]), is_.get(differ[0])) if differ else (key, None, None)
             if was != is_:
                 return f"--{key.replace('_', '-')} {_shown(was)} (this run: {_shown(is_)})"
     return None

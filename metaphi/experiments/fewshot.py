@@ -72,11 +72,19 @@ class RunConfig:
                                           "a new class (Omniglot's protocol in MAML and ProtoNets; 4x the training "
                                           "images in memory); validation and test classes untouched (none: on for "
                                           "character data: Omniglot, a folder of dark ink on light paper)")
+    reflections: bool | None = option(None, "each rotated class also mirrored left-right, a new class too; turns "
+                                            "--rotations on (the 8 symmetries of the square; 8x the training images in "
+                                            "memory); none: the family's recipe, off unless it says on")
     augment: bool | None = option(None, "move every training-episode image by its own random affine map: shift up to "
                                         "±10% of the size, zoom 0.9-1.1, rotation up to ±15°, shear up to ±10° (the "
                                         "usual small-affine ranges for characters); validation and test episodes "
                                         "untouched (none: the family's recipe; off unless it says on)")
     augment_strength: float = option(1.0, "--augment only: every range above times this, in (0, 2]", check="positive")
+    augment_elastic: float | None = option(None, "--augment only: also bend every image by a smooth random field, "
+                                                 "its 4x4 control points moved by up to this fraction of the "
+                                                 "image's size (elastic distortion, Simard et al. 2003), in "
+                                                 "[0, 0.2] (none: the family's recipe; 0 unless it says)",
+                                           check="nonneg")
     pool: str | None = option(None, "how the Conv4 backbone downsamples: stride-2 convolutions (MAML's Omniglot "
                                     "network) or 2x2 max pooling (ProtoNet's; slower, stronger) (none: the family's "
                                     "recipe, else the benchmark's)", choices=("stride", "max"))
@@ -252,18 +260,27 @@ def training_data(config: RunConfig, benchmark):
     does not say, the recipe's: rotations for character data unless the family's recipe says otherwise,
     augmentation where it has it): through the benchmark, so every family's training sampler (episodes or
     pooled batches) sees it and the validation and test splits do not. What was decided is ``benchmark.training``."""
-    from metaphi.tasks.transforms import MAX_STRENGTH
+    from metaphi.tasks.transforms import MAX_ELASTIC, MAX_STRENGTH
 
     recipe = family_recipe(config.algorithm, benchmark)
     rotations = config.rotations
-    if rotations is None:
-        rotations = recipe.get("rotations", benchmark.rotates_by_default())
+    if rotations is None:  # --reflections mirrors the rotations: it brings them where the run does not say
+        rotations = bool(config.reflections) or recipe.get("rotations", benchmark.rotates_by_default())
     augment = config.augment if config.augment is not None else bool(recipe.get("augment", False))
+    elastic = config.augment_elastic if config.augment_elastic is not None else float(recipe.get("augment_elastic", 0.0))
+    if config.augment_elastic and not augment:
+        raise UsageError("--augment-elastic applies with --augment only")
+    if augment and not 0.0 <= elastic <= MAX_ELASTIC:
+        raise UsageError(f"--augment-elastic must be in [0, {MAX_ELASTIC:g}], got {elastic}")
+    reflections = config.reflections if config.reflections is not None else bool(recipe.get("reflections", False))
+    if reflections and not rotations:
+        raise UsageError("--reflections mirrors the rotated classes: it needs rotations (drop --no-rotations)")
     if config.augment_strength != 1.0 and not augment:
         raise UsageError("--augment-strength applies with --augment only")
     if augment and not 0.0 < config.augment_strength <= MAX_STRENGTH:
         raise UsageError(f"--augment-strength must be in (0, {MAX_STRENGTH:g}], got {config.augment_strength}")
-    return benchmark.with_training(rotations=rotations, augment=augment, augment_strength=config.augment_strength)
+    return benchmark.with_training(rotations=rotations, augment=augment, augment_strength=config.augment_strength,
+                                   reflections=reflections, elastic=elastic if augment else 0.0)
 
 
 def family_recipe(algorithm: str | None, benchmark) -> dict:
@@ -321,7 +338,9 @@ def complete(config: RunConfig, benchmark) -> RunConfig:
                            or (config.query if config.query is not None else benchmark.defaults.get("query"))
                            or sizes["query"])
     training = {"rotations": benchmark.training.get("rotations", bool(config.rotations)),
+                "reflections": benchmark.training.get("reflections", bool(config.reflections)),
                 "augment": benchmark.training.get("augment", bool(config.augment)),
+                "augment_elastic": benchmark.training.get("augment_elastic", config.augment_elastic or 0.0),
                 "pool": None if getattr(config, "model", None) not in (None, "conv4")  # another backbone
                 else config.pool or recipe.get("pool") or benchmark.backbone.get("pool"),
                 "lr_schedule": config.lr_schedule or recipe.get("lr_schedule") or "constant",
@@ -519,7 +538,12 @@ def run_record(config: RunConfig, benchmark) -> dict:
     """What a checkpoint records of its run: enough for ``eval`` and ``predict`` to rebuild the data and inputs."""
     return {"benchmark": benchmark.name, "data_root": config.data_root, "benchmark_options": benchmark_options(config),
             **settings(config), "estimator": config.estimator, "seed": config.seed, "eval_seed": config.eval_seed,
-            "input": benchmark.input_spec(), "train_ways": config.train_ways or config.ways, "init": config.init}
+            "input": benchmark.input_spec(), "train_ways": config.train_ways or config.ways, "init": config.init,
+            "training": {key: getattr(config, key) for key in TRAINING_DATA}}
+
+
+#: what the run makes of its training data (resuming with other values is refused)
+TRAINING_DATA = ("rotations", "reflections", "augment", "augment_strength", "augment_elastic", "pool")
 
 
 def has_test(benchmark) -> bool:
@@ -595,7 +619,10 @@ CHOICES = (("ways", "--ways", lambda v: f"{v}-way"), ("shots", "--shots", lambda
            ("query", "--query", lambda v: f"{v} queries per class"),
            ("meta_batch", "--meta-batch", lambda v: f"{v} task{'s' if v != 1 else ''} per step"),
            ("rotations", "--rotations", lambda v: "rotations as new classes" if v else "no rotations"),
+           ("reflections", "--reflections", lambda v: "mirror images as new classes" if v else "no mirror images"),
            ("augment", "--augment", lambda v: "random affine augmentation" if v else "no augmentation"),
+           ("augment_elastic", "--augment-elastic", lambda v: f"elastic distortion up to {v:g} of the size" if v
+            else None),
            ("pool", "--pool", lambda v: f"{v} pooling"),
            ("lr_schedule", "--lr-schedule", lambda v: f"{v} step size"),
            ("iterations", "--iterations", lambda v: f"{v} iterations"))
@@ -606,6 +633,7 @@ def describe_choices(given: RunConfig, config: RunConfig) -> str:
     benchmark's defaults), each with the flag that changes it."""
     chosen = [(flag, say(getattr(config, key))) for key, flag, say in CHOICES
               if getattr(given, key) is None and getattr(config, key) is not None]
+    chosen = [(flag, words) for flag, words in chosen if words is not None]  # None: nothing worth saying
     if not chosen:
         return f"{config.algorithm} on {config.benchmark}: every setting as given"
     listed = ", ".join(f"{words} ({flag})" for flag, words in chosen)

@@ -116,25 +116,30 @@ class ImageClasses:
             groups=[self.groups[c] for c in class_ids] if self.groups is not None else None,
         )
 
-    def rotated(self, degrees: Sequence[int] = (0, 90, 180, 270)) -> "ImageClasses":
+    def rotated(self, degrees: Sequence[int] = (0, 90, 180, 270), reflect: bool = False) -> "ImageClasses":
         """Each rotation of each class becomes a class of its own (Santoro et al. 2016; the Omniglot
         protocol of MAML and Prototypical Networks): class ``c`` at ``degrees[i]`` is class
-        ``c * len(degrees) + i``, named ``NAME@rotDEG``, in the group of ``c``. The images are
-        ``torch.rot90`` of the uint8 originals, stored once per rotation: len(degrees) times the memory
-        (4 x 1.5 MB for Omniglot's background set at 28 x 28; mind it for large colour folders)."""
+        ``c * len(degrees) + i``, named ``NAME@rotDEG``, in the group of ``c``. With ``reflect`` each
+        rotation's mirror image (left-right) is a class too: the 8 symmetries of the square for the 4
+        default angles, class ``c`` at ``degrees[i]`` mirrored being ``c * 2 * len(degrees) + len(degrees) + i``,
+        named ``NAME@rotDEG@mirror``. The images are ``torch.rot90`` (and ``flip``) of the uint8 originals,
+        stored once per view: len(degrees) (x 2 with ``reflect``) times the memory (4 x 1.5 MB for
+        Omniglot's background set at 28 x 28; mind it for large colour folders)."""
         n, ch, h, w = self.images.shape
         for deg in degrees:
             if deg % 90:
                 raise DataError(f"rotations must be multiples of 90 degrees, got {deg}")
             if deg % 180 and h != w:
                 raise DataError(f"rotating by {deg} degrees needs square images, these are {h} x {w}")
-        # written into one tensor, rotation by rotation: no second full copy while concatenating
-        images = torch.empty((len(degrees) * n, ch, h, w), dtype=self.images.dtype)
-        for i, deg in enumerate(degrees):
-            images[i * n:(i + 1) * n] = torch.rot90(self.images, k=deg // 90, dims=(2, 3))
-        targets = torch.cat([self.targets * len(degrees) + i for i in range(len(degrees))])
-        classes = [f"{name}@rot{deg}" for name in self.classes for deg in degrees]
-        groups = [g for g in self.groups for _ in degrees] if self.groups is not None else None
+        views = [(deg, False) for deg in degrees] + ([(deg, True) for deg in degrees] if reflect else [])
+        # written into one tensor, view by view: no second full copy while concatenating
+        images = torch.empty((len(views) * n, ch, h, w), dtype=self.images.dtype)
+        for i, (deg, mirror) in enumerate(views):
+            turned = torch.rot90(self.images, k=deg // 90, dims=(2, 3))
+            images[i * n:(i + 1) * n] = turned.flip(3) if mirror else turned
+        targets = torch.cat([self.targets * len(views) + i for i in range(len(views))])
+        classes = [f"{name}@rot{deg}{'@mirror' if mirror else ''}" for name in self.classes for deg, mirror in views]
+        groups = [g for g in self.groups for _ in views] if self.groups is not None else None
         return ImageClasses(images, targets, classes, groups)
 
     @property

@@ -64,25 +64,32 @@ class Benchmark:
     #: handwritten characters or other ink drawings (Omniglot; a folder of dark ink on light paper): a
     #: rotated character is a new character, so training classes are rotated by default (run's recipe)
     characters: bool = False
-    #: what with_training made of the training split: {"rotations": bool, "augment": bool}
+    #: what with_training made of the training split: {"rotations": bool, "reflections": bool, "augment": bool}
     training: dict = field(default_factory=dict)
     #: what ``make_model`` takes besides the output size (Conv4's ``hidden`` and ``pool``); see with_backbone
     backbone: dict = field(default_factory=dict)
 
     def with_training(self, rotations: bool = False, augment: bool = False,
-                      augment_strength: float = 1.0) -> "Benchmark":
+                      augment_strength: float = 1.0, reflections: bool = False,
+                      elastic: float = 0.0) -> "Benchmark":
         """This benchmark with more made of its training split; validation and test are untouched.
 
         ``rotations``: each training class also at 90, 180 and 270 degrees, each rotation a new class
         (Santoro et al. 2016; MAML's and Prototypical Networks' Omniglot protocol). Done once, here:
         the training images are held 4 times as uint8 (a few MB for Omniglot-size data, but 4 x a large
         colour folder). Groups (alphabets) are kept, so within-group sampling works as before.
+        ``elastic`` (with ``augment`` only): each image also bent by a smooth random displacement field,
+        control points moved by up to this fraction of the image's size (:class:`RandomAffine`'s ``elastic``).
+        ``reflections`` (with ``rotations`` only): each rotation's mirror image a new class as well, the
+        eight symmetries of the square (8 x the training images).
         ``augment``: every image of every training episode (and pooled training batch) moved by its own
         random affine map (:class:`metaphi.tasks.transforms.RandomAffine`: shift ±10% of the size,
         zoom 0.9-1.1, rotation ±15°, shear ±10°, each range times ``augment_strength``), drawn from the
         generator the sampler is called with. What moves in from outside is paper (0) for ink-high
         benchmarks (``invert``), else the image's edge.
         """
+        if reflections and not rotations:
+            raise DataError("reflections are made of the rotated classes: give rotations too")
         if not (rotations or augment):
             return self
         if self.regression_tasks is not None or "train" not in self.splits:
@@ -92,14 +99,18 @@ class Benchmark:
             if splits["train"].is_rotated:
                 raise DataError(f"benchmark '{self.name}' already makes each rotation of its training classes a "
                                 "class of its own; drop --rotations")
-            splits["train"] = splits["train"].rotated()
+            splits["train"] = splits["train"].rotated(reflect=reflections)
         train_augment = self.train_augment
         if augment:
             if not 0.0 < augment_strength <= MAX_STRENGTH:
                 raise DataError(f"augmentation strength must be in (0, {MAX_STRENGTH:g}], got {augment_strength}")
-            train_augment = RandomAffine(augment_strength, padding="zeros" if self.invert else "border")
+            train_augment = RandomAffine(augment_strength, padding="zeros" if self.invert else "border",
+                                         elastic=elastic)
+        elif elastic:
+            raise DataError("elastic distortion is part of the augmentation: give augment too")
         return dataclasses.replace(self, splits=splits, train_augment=train_augment,
-                                   training={"rotations": bool(rotations), "augment": bool(augment)})
+                                   training={"rotations": bool(rotations), "reflections": bool(reflections),
+                                             "augment": bool(augment), "augment_elastic": float(elastic)})
 
     def rotates_by_default(self) -> bool:
         """Whether training classes are rotated where the run does not say (``--rotations``): character

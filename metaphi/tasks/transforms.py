@@ -8,6 +8,11 @@ smaller, turned or slanted is still the same character (Koch, Zemel & Salakhutdi
 Siamese networks on Omniglot with random affine distortions of these four kinds; the ranges here are
 the common small ones, to be chosen on validation classes, not taken from one paper).
 
+With ``elastic`` > 0 each image is also bent by its own smooth random displacement field (Simard,
+Steinkraus & Platt 2003's elastic distortion of handwritten digits; here the field is drawn on a
+coarse grid of control points and interpolated, which makes it smooth without a Gaussian filter):
+strokes wobble as another hand would draw them, which an affine map cannot do.
+
 The maps are applied with one bilinear resampling of the whole batch (``F.affine_grid`` /
 ``F.grid_sample``, as in :mod:`metaphi.augment.ops`), so an episode of any number of images costs one
 call. Parameters are drawn from the generator passed in, the sampler's own: a training run that
@@ -27,6 +32,8 @@ from torch import Tensor
 PADDINGS = ("zeros", "border")
 #: the largest augmentation strength: every range doubled (shift ±20%, zoom 0.8-1.2, ±30°, shear ±20°)
 MAX_STRENGTH = 2.0
+#: the largest elastic displacement of a control point, as a fraction of the image's size
+MAX_ELASTIC = 0.2
 
 
 @dataclass(frozen=True)
@@ -47,12 +54,19 @@ class RandomAffine:
     rotate: float = 15.0
     shear: float = 10.0
     padding: str = "zeros"
+    #: largest displacement of an elastic control point, as a fraction of the image's size (0: none)
+    elastic: float = 0.0
+    #: control points of the elastic field along each side
+    elastic_points: int = 4
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.strength <= MAX_STRENGTH:
             raise ValueError(f"augmentation strength must be in [0, {MAX_STRENGTH:g}], got {self.strength}")
         if self.padding not in PADDINGS:
             raise ValueError(f"padding must be one of {', '.join(PADDINGS)}, got '{self.padding}'")
+        if not 0.0 <= self.elastic <= MAX_ELASTIC:
+            raise ValueError(f"elastic displacement must be in [0, {MAX_ELASTIC:g}] of the image's size, "
+                             f"got {self.elastic}")
 
     def matrices(self, n: int, height: int, width: int, generator: torch.Generator) -> Tensor:
         """``theta [n, 2, 3]`` for ``F.affine_grid``: each maps an output pixel's normalised
@@ -75,6 +89,15 @@ class RandomAffine:
         offset = -(linear @ shift.unsqueeze(-1))
         return torch.cat([linear, offset], -1)
 
+    def displacements(self, n: int, height: int, width: int, generator: torch.Generator) -> Tensor:
+        """``[n, height, width, 2]``: a smooth random field added to the sampling grid (normalised
+        coordinates): each of ``elastic_points`` x ``elastic_points`` control points moved uniformly by up
+        to ±``elastic`` x ``strength`` of the image's size along each axis, bicubically interpolated."""
+        k = self.elastic_points
+        u = torch.rand(n, 2, k, k, generator=generator, dtype=torch.float64).mul_(2).sub_(1)
+        field = F.interpolate(u, size=(height, width), mode="bicubic", align_corners=True)
+        return (2.0 * self.elastic * self.strength * field).permute(0, 2, 3, 1)  # a side spans 2
+
     def __call__(self, x: Tensor, generator: torch.Generator) -> Tensor:
         if self.strength == 0.0 or x.numel() == 0:
             return x
@@ -82,6 +105,8 @@ class RandomAffine:
         flat = x.reshape(-1, c, h, w)
         theta = self.matrices(flat.shape[0], h, w, generator).to(device=x.device, dtype=x.dtype)
         grid = F.affine_grid(theta, list(flat.shape), align_corners=False)
+        if self.elastic > 0.0:
+            grid = grid + self.displacements(flat.shape[0], h, w, generator).to(device=x.device, dtype=x.dtype)
         out = F.grid_sample(flat, grid, mode="bilinear", padding_mode=self.padding, align_corners=False)
         return out.view(x.shape)
 

@@ -82,12 +82,34 @@ def test_resume_is_checked_against_the_checkpoint(tmp_path, capsys, monkeypatch)
     capsys.readouterr()
     for flags, difference in [(["--seed", "1"], "--seed 0 (this run: 1)"),
                               (["--meta-lr", "0.01"], "--meta-lr 0.001 (this run: 0.01)"),
-                              (["--shots", "2"], "--shots 1 (this run: 2)")]:
+                              (["--shots", "2"], "--shots 1 (this run: 2)"),
+                              (["--rotations"], "--rotations False (this run: True)")]:
         assert exit_code(["run", "maml", *TINY_RUN, "--iterations", "2", "--out", str(out), "--resume", *flags]) == 2
         err = capsys.readouterr().err
         assert difference in err and err.count("\n") == 1, err
     # more iterations is what resuming is for
     assert exit_code(["run", "maml", *TINY_RUN, "--iterations", "2", "--out", str(out), "--resume"]) == 0
+
+
+def test_resume_of_a_checkpoint_older_than_a_setting_takes_the_settings_old_meaning(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from metaphi.train import ADDED_SETTINGS
+
+    install_tiny(monkeypatch)
+    out = tmp_path / "run"
+    assert exit_code(["run", "maml", *TINY_RUN, "--iterations", "1", "--out", str(out)]) == 0
+    path = out / "checkpoint.pt"
+    ck = torch.load(path, weights_only=True)
+    for key in ADDED_SETTINGS:  # as a checkpoint written before these records existed
+        del ck["run"][key]
+    torch.save(ck, path)
+    assert exit_code(["run", "maml", *TINY_RUN, "--iterations", "2", "--out", str(out), "--resume"]) == 0
+    capsys.readouterr()
+    # the resumed run wrote the record: from now on the training data is checked too
+    assert exit_code(["run", "maml", *TINY_RUN, "--iterations", "3", "--out", str(out), "--resume",
+                      "--augment", "--augment-elastic", "0.1"]) == 2
+    assert "--augment False (this run: True)" in capsys.readouterr().err
 
 
 L2O = ["--family", "quadratic", "--horizon", "6", "--unroll", "3", "--iterations", "2", "--problems", "2",

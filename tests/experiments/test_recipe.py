@@ -58,7 +58,8 @@ def test_protonet_recipe_follows_the_paper_and_is_capped_by_the_data():
 def test_a_character_folder_gets_protonets_recipe_and_says_so(tmp_path):
     folder = character_folder(tmp_path / "chars")
     config, benchmark = resolved(algorithm="protonet", benchmark=f"folder:{folder}", deploy=True)
-    assert benchmark.characters and benchmark.training == {"rotations": True, "augment": True}
+    assert benchmark.characters and benchmark.training == {"rotations": True, "reflections": False, "augment": True,
+                                                               "augment_elastic": 0.0}
     train_classes = benchmark.num_classes("train")
     assert train_classes == 4 * 19  # 80% of 24 classes, each in four rotations
     assert config.rotations is True and config.pool == "max"
@@ -79,7 +80,7 @@ def test_flags_override_every_part_of_the_recipe(tmp_path):
     given = dict(algorithm="protonet", benchmark=f"folder:{folder}", rotations=False, augment=True, pool="stride",
                  lr_schedule="constant", train_ways=7, query=2, meta_batch=3, iterations=4)
     config, benchmark = resolved(**given)
-    assert benchmark.training == {"rotations": False, "augment": True}
+    assert benchmark.training == {"rotations": False, "reflections": False, "augment": True, "augment_elastic": 0.0}
     assert benchmark.num_classes("train") == 14  # 60% of 24 classes, not rotated
     for key, value in given.items():
         if key != "benchmark":
@@ -125,7 +126,8 @@ def test_with_backbone_chooses_the_pooling_of_the_models():
 def test_every_setting_given_is_reported_as_such(tmp_path):
     folder = character_folder(tmp_path / "chars")
     given = RunConfig(algorithm="protonet", benchmark=f"folder:{folder}", ways=3, shots=1, train_ways=6, query=2,
-                      meta_batch=1, rotations=True, augment=False, pool="max", lr_schedule="constant", iterations=1)
+                      meta_batch=1, rotations=True, reflections=False, augment=False, pool="max",
+                      lr_schedule="constant", iterations=1)
     config = complete(given, load_benchmark(given))
     assert describe_choices(given, config).endswith("every setting as given")
 

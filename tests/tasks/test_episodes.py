@@ -152,6 +152,35 @@ def test_rotations_multiply_the_classes_with_exactly_rotated_images_and_keep_gro
         data.rotated((0, 45))
 
 
+def test_reflections_add_each_rotation_mirrored_as_a_class_of_its_own():
+    data = store(classes=2, per_class=3, groups=["a", "b"])
+    data.images[:, 0, 0, 1] = 200  # asymmetric under every rotation and reflection
+    eight = data.rotated(reflect=True)
+    assert eight.num_classes == 16 and eight.counts.tolist() == [3] * 16 and eight.groups == ["a"] * 8 + ["b"] * 8
+    for c in range(2):
+        for i, deg in enumerate((0, 90, 180, 270)):
+            turned = torch.rot90(data.images[data.indices_of(c)], deg // 90, dims=(2, 3))
+            assert eight.classes[8 * c + i] == f"c{c}@rot{deg}"
+            assert eight.classes[8 * c + 4 + i] == f"c{c}@rot{deg}@mirror"
+            assert torch.equal(eight.images[eight.indices_of(8 * c + i)], turned)
+            assert torch.equal(eight.images[eight.indices_of(8 * c + 4 + i)], turned.flip(3))
+    # the eight views of a class are eight different images (the dihedral group of the square)
+    views = {tuple(eight.images[eight.indices_of(k)][0].flatten().tolist()) for k in range(8)}
+    assert len(views) == 8 and eight.is_rotated
+
+
+def test_benchmark_reflections_need_rotations_and_touch_training_only():
+    from metaphi.tasks.benchmark import image_benchmark
+
+    splits = {name: store(classes=6, per_class=5) for name in ("train", "val", "test")}
+    bench = image_benchmark("tiny", splits, {})
+    eight = bench.with_training(rotations=True, reflections=True)
+    assert eight.num_classes("train") == 48 and eight.splits["val"] is splits["val"]
+    assert eight.training["reflections"] is True and bench.with_training(rotations=True).training["reflections"] is False
+    with pytest.raises(DataError, match="reflections are made of the rotated classes"):
+        bench.with_training(reflections=True)
+
+
 def test_benchmark_rotations_touch_the_training_split_only():
     from metaphi.tasks.benchmark import image_benchmark
 

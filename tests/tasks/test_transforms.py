@@ -253,3 +253,51 @@ def test_rotation_within_group_sampling_still_works_on_the_training_split():
     assert seen == {0, 1, 2, 3}  # rotated classes are drawn too
     assert sampler.sample(g).support[0].shape == (5, 1, 16, 16)
     assert math.isclose(train.num_classes / 4, 8)
+
+
+def test_elastic_field_is_smooth_bounded_and_drawn_from_the_generator():
+    t = RandomAffine(strength=1.0, shift=0, scale=0, rotate=0, shear=0, elastic=0.1)
+    field = t.displacements(50, 28, 28, torch.Generator().manual_seed(0))
+    assert field.shape == (50, 28, 28, 2)
+    # control points move by up to 10% of the size, 0.2 in normalised units; bicubic overshoots a little
+    assert 0.12 < float(field.abs().max()) < 0.26
+    # smooth: neighbouring pixels move alike, far less than the field varies across the image
+    step = (field[:, 1:] - field[:, :-1]).abs().max()
+    assert float(step) < 0.25 * float(field.abs().max())
+    again = t.displacements(50, 28, 28, torch.Generator().manual_seed(0))
+    assert torch.equal(field, again)
+    x = blobs(8, 28)
+    out = t(x, torch.Generator().manual_seed(1))
+    assert out.shape == x.shape and 0 <= float(out.min()) and float(out.max()) <= 1
+    assert not torch.allclose(out, x)
+    # elastic only: with every affine range 0 and no elastic field the images come back as they are
+    still = RandomAffine(strength=1.0, shift=0, scale=0, rotate=0, shear=0)(x, torch.Generator().manual_seed(1))
+    assert torch.allclose(still, x, atol=1e-5)
+
+
+def test_elastic_zero_draws_nothing_more_so_affine_runs_are_unchanged():
+    x = blobs(6)
+    g1, g2 = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    assert torch.equal(RandomAffine()(x, g1), RandomAffine(elastic=0.0)(x, g2))
+    assert torch.equal(g1.get_state(), g2.get_state())
+    with pytest.raises(ValueError, match="elastic displacement must be in"):
+        RandomAffine(elastic=0.5)
+
+
+def test_run_with_reflections_and_elastic_writes_them_and_refuses_them_alone(tmp_path, capsys):
+    from metaphi.cli import main
+
+    out = tmp_path / "run"
+    assert main(["run", "protonet", "--benchmark", "glyphs", "--reflections", "--augment", "--augment-elastic", "0.05",
+                 "--iterations", "1", "--eval-tasks", "2", "--val-tasks", "2", "--no-baselines", "--quiet",
+                 "--out", str(out)]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["reflections"] is True and saved["rotations"] is True and saved["augment_elastic"] == 0.05
+    capsys.readouterr()
+    for flags, words in [(["--no-rotations", "--reflections"], "--reflections mirrors the rotated classes"),
+                         (["--augment-elastic", "0.05", "--no-augment"], "--augment-elastic applies with --augment"),
+                         (["--augment", "--augment-elastic", "0.3"], "--augment-elastic must be in [0, 0.2]")]:
+        assert main(["run", "protonet", "--benchmark", "glyphs", *flags, "--iterations", "1",
+                     "--out", str(tmp_path / "refused")]) == 2
+        assert words in capsys.readouterr().err
+        assert not (tmp_path / "refused").exists()
