@@ -61,22 +61,29 @@ def standard_batch_norm(model) -> None:
 
 
 def model_spec(model) -> dict:
-    """What a checkpoint records of ``model``: a built-in backbone's ``spec`` (which rebuilds it), or for
-    a module of the user's own only its class, ``{"class": "module.QualName"}``."""
+    """What a checkpoint records of ``model``: a built-in backbone's ``spec`` (which rebuilds it); for a
+    module of the user's own its class, ``{"class": "module.QualName"}``, and, where it was built by
+    :func:`metaphi.models.from_factory`, the factory and its arguments (which rebuild it when allowed)."""
+    from metaphi.models import factory
+
     spec = getattr(model, "spec", None)
     if isinstance(spec, dict):
         return spec
-    return {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    made = {"class": f"{type(model).__module__}.{type(model).__qualname__}"}
+    return {**made, **factory.recorded(model)} if factory.recorded(model) else made
 
 
 def rebuild_model(spec: dict):
     """The model of a checkpoint's spec; a ValueError saying what to do for a user's own module."""
-    from metaphi.models import build_model
+    from metaphi.models import build_model, factory
 
+    if "name" not in spec and "factory" in spec:
+        return factory.rebuild(spec)
     if "name" not in spec and "class" in spec:
-        raise ValueError(f"its model is your own {spec['class']}, which metaphi cannot rebuild: build the module "
-                         "yourself and load the weights with model.load_state_dict(metaphi.checkpoint."
-                         "module_state(PATH))")
+        raise ValueError(f"its model is your own {spec['class']}, which metaphi cannot rebuild: build it with "
+                         "metaphi.models.from_factory('module:callable', ...) to have eval and predict rebuild it, "
+                         "or build the module yourself and load the weights with model.load_state_dict("
+                         "metaphi.checkpoint.module_state(PATH))")
     return build_model(spec)
 
 

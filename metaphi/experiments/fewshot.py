@@ -148,6 +148,10 @@ class EvalConfig:
     eval_seed: int | None = option(None, "seed of the test tasks (none: the run's)")
     data_root: str | None = option(None, "folder with the data set's archives (none: the run's)")
     within_alphabet: bool = option(False, "test tasks take all their classes from one alphabet (group)")
+    model_factory: str | None = option(None, "rebuild a model of your own from the checkpoint by this importable "
+                                             "callable, the one the checkpoint names (built by metaphi.models."
+                                             "from_factory); a checkpoint's callable is never imported unless "
+                                             "named here", metavar="MODULE:CALLABLE")
     threads: int | None = option(None, "torch CPU threads (none: torch's choice)", check="positive", metavar="N")
     device: str = option("cpu", "torch device", check="device")
     out: str | None = option(None, "write the result JSON to this file", check="output_file")
@@ -749,6 +753,7 @@ def evaluate_checkpoint(config: EvalConfig) -> int:
     from metaphi.evaluate import evaluate
     from metaphi.tasks.registry import build_benchmark
     from metaphi.checkpoint import CheckpointError
+    from metaphi.models import factory
     from metaphi.train import choose_checkpoint, describe_checkpoint, load_model
 
     if config.checkpoint is None:
@@ -760,7 +765,8 @@ def evaluate_checkpoint(config: EvalConfig) -> int:
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     try:
-        ck, algorithm = load_model(path)
+        with factory.allowed(config.model_factory):
+            ck, algorithm = load_model(path)
     except CheckpointError as e:  # says what the file is
         raise UsageError(str(e)) from None
     run = ck["run"]

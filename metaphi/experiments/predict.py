@@ -54,19 +54,26 @@ class PredictConfig:
                                     "adapt with --inner-steps)", check="nonneg")
     finetune_lr: float = option(1e-3, "--finetune-steps only: the Adam step size", check="positive")
     seed: int = option(0, "seed of --tta's random copies")
+    model_factory: str | None = option(None, "rebuild a model of your own from the checkpoint by this importable "
+                                             "callable, the one the checkpoint names (built by metaphi.models."
+                                             "from_factory); a checkpoint's callable is never imported unless "
+                                             "named here", metavar="MODULE:CALLABLE")
     out: str | None = option(None, "also write the CSV to this file", check="output_file")
     device: str = option("cpu", "torch device", check="device")
 
 
-def load_for_prediction(path: str):
-    """``(checkpoint, algorithm, input spec)`` of the checkpoint file at ``path``."""
+def load_for_prediction(path: str, model_factory: str | None = None):
+    """``(checkpoint, algorithm, input spec)`` of the checkpoint file at ``path`` (a model of the user's
+    own rebuilt by ``model_factory``, where given: see metaphi.models.factory)."""
     from metaphi.checkpoint import CheckpointError
+    from metaphi.models import factory
     from metaphi.train import load_model
 
     if not os.path.isfile(path):
         raise UsageError(f"no checkpoint at {path}")
     try:
-        ck, algorithm = load_model(path)
+        with factory.allowed(model_factory):
+            ck, algorithm = load_model(path)
     except CheckpointError as e:  # says what the file is
         raise UsageError(str(e)) from None
     spec = ck["run"].get("input", {})
@@ -199,7 +206,7 @@ def run(config: PredictConfig) -> int:
         path = choose_checkpoint(config.checkpoint, config.last)
     except ValueError as e:
         raise UsageError(str(e)) from None
-    ck, algorithm, spec = load_for_prediction(path)
+    ck, algorithm, spec = load_for_prediction(path, config.model_factory)
     check_finetune(algorithm, config.finetune_steps)  # before any image is read
     rows = predict(ck, algorithm, spec, config.support, config.query, config.inner_steps, config.device,
                    tta=config.tta, seed=config.seed, finetune_steps=config.finetune_steps,

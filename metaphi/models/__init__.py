@@ -29,9 +29,11 @@ from metaphi.models.conv4 import Conv4
 from metaphi.models.convnet import GroupNormConvNet, PlainConvNet
 from metaphi.models.mlp import MLP
 from metaphi.models.resnet import ResNet12, TimmModel, WideResNet
+from metaphi.models.factory import from_factory
 
 __all__ = ["TaskBatchNorm", "GroupNorm", "Conv4", "MLP", "GroupNormConvNet", "PlainConvNet", "ResNet12",
-           "WideResNet", "TimmModel", "MODELS", "IMAGE_MODELS", "build_model", "spec_of", "model_named"]
+           "WideResNet", "TimmModel", "MODELS", "IMAGE_MODELS", "build_model", "spec_of", "model_named",
+           "from_factory"]
 
 
 def _image(shape: Sequence[int]) -> tuple[int, int, int]:
