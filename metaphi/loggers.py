@@ -7,7 +7,8 @@ where scheduled, seconds, and ``val`` when validated) and the run's fully resolv
 - ``tensorboard``: event files in ``OUT/tensorboard`` (``tensorboard --logdir OUT``); needs the
   ``tensorboard`` package.
 - ``wandb``: a Weights & Biases run named after ``OUT`` with the config attached; needs ``wandb``
-  (``WANDB_MODE=offline`` keeps it on this machine).
+  (``WANDB_MODE=offline`` keeps it on this machine). Its id is kept in ``OUT/wandb-run-id``: a resumed
+  run continues the same W&B run.
 
 The packages are imported only when their logger is asked for; a missing one is a UsageError naming the
 ``pip install`` that fixes it. A resumed run appends: its loggers continue at the next iteration.
@@ -17,6 +18,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import os
+import secrets
 from typing import Any
 
 from metaphi.config import UsageError
@@ -33,7 +35,8 @@ def check_loggers(names: list[str] | None) -> list[str]:
             raise UsageError(f"--log: unknown logger '{name}' (valid: {', '.join(LOGGERS)})")
         package = _PACKAGES.get(name)
         if package and importlib.util.find_spec(package) is None:
-            raise UsageError(f"--log {name} needs the {package} package: pip install {package}")
+            raise UsageError(f"--log {name} needs the {package} package: pip install {package} (or both loggers' "
+                             "packages: pip install 'metaphi[log]')")
     return names
 
 
@@ -92,8 +95,13 @@ class WandbLogger:
     def __init__(self, out_dir: str, config: dict):
         import wandb
 
+        # the run's id is kept in OUT, so a resumed run continues the same W&B run instead of starting another
+        id_file = os.path.join(out_dir, "wandb-run-id")
+        run_id = open(id_file).read().strip() if os.path.isfile(id_file) else secrets.token_hex(4)
         self.run = wandb.init(project="metaphi", name=os.path.basename(os.path.abspath(out_dir)), config=config,
-                              dir=out_dir, resume="allow")
+                              dir=out_dir, id=run_id, resume="allow")
+        with open(id_file, "w") as f:
+            f.write(run_id + "\n")
 
     def log(self, row: dict) -> None:
         self.run.log({k: v for k, v in row.items() if k != "iteration"}, step=row["iteration"])
