@@ -114,12 +114,17 @@ _CLASSES = {"csv": CSVLogger, "tensorboard": TensorBoardLogger, "wandb": WandbLo
 
 
 class Loggers:
-    """The loggers ``names`` of a run writing into ``out_dir``; ``log(row)`` to all, ``close()`` at the end."""
+    """The loggers ``names`` of a run writing into ``out_dir``: checked when made, opened by ``start(history)``
+    (once the run is past its own checks: a refused ``--resume`` opens no W&B run), ``log(row)`` to all,
+    ``close()`` at the end."""
 
     def __init__(self, names: list[str] | None, out_dir: str | None, config: dict[str, Any]):
-        self.loggers = [_CLASSES[n](out_dir, config) for n in check_loggers(names)] if out_dir else []
+        self.names = check_loggers(names) if out_dir else []
+        self.out_dir, self.config = out_dir, config
+        self.loggers: list = []
 
     def start(self, history: list[dict]) -> None:
+        self.loggers = [_CLASSES[n](self.out_dir, self.config) for n in self.names]
         for logger in self.loggers:
             if hasattr(logger, "start"):
                 logger.start(history)
@@ -131,3 +136,4 @@ class Loggers:
     def close(self) -> None:
         for logger in self.loggers:
             logger.close()
+        self.loggers = []

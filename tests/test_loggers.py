@@ -79,6 +79,14 @@ def test_tensorboard_and_wandb_get_the_same_scalars_and_the_config(tmp_path, mon
     assert [s for s, _ in run.logged] == [1, 2, 3] and run.finished
     assert run.init["config"]["algorithm"] == "maml" and run.init["config"]["iterations"] == 3
     assert [d["loss"] for _, d in run.logged] == [r["loss"] for r in expected]
+    # a --resume refused for other settings opens no logger (no stray W&B run, no event file); one that
+    # goes on continues the same W&B run
+    assert main(["run", *RUN, "--iterations", "4", "--seed", "5", "--log", "tensorboard,wandb", "--out", str(out),
+                 "--resume"]) == 2
+    assert len(runs) == 1 and len(FakeWriter.made) == 1
+    assert main(["run", *RUN, "--iterations", "4", "--log", "tensorboard,wandb", "--out", str(out), "--resume"]) == 0
+    assert len(runs) == 2 and runs[1].init["id"] == runs[0].init["id"] and runs[1].init["resume"] == "allow"
+    assert [s for s, _ in runs[1].logged] == [4]
 
 
 def test_a_missing_package_or_unknown_logger_exits_2_before_anything_runs(tmp_path, capsys, monkeypatch):
