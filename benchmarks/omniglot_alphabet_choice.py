@@ -23,6 +23,7 @@ import sys
 import time
 
 import torch
+import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import RESULTS, machine, run_all, write  # noqa: E402
@@ -44,6 +45,8 @@ VARIANTS = {
                   ["--val-fraction", "0.05"], 5),
     "reflections": ("each rotated class also mirrored, a new class too (8 views of every character, not 4)",
                     ["--reflections"], 15),
+    "size32": ("32 x 32 images instead of 28 x 28 (a 2 x 2 x 64 embedding, 256 numbers, not 1 x 1 x 64)",
+               ["--image-size", "32"], 15),
     "elastic": ("elastic distortion beside the affine map (4x4 control points moved by up to 8% of the size)",
                 ["--augment-elastic", "0.08"], 15),
 }
@@ -84,10 +87,16 @@ def main(argv=None):
         jobs.append((v, [metaphi_bin(), "run", "protonet", "--benchmark", f"folder:{folder}", "--deploy", "--ways",
                          str(ways), "--threads", "1", "--quiet", "--out", out, *flags], out))
     run_all(jobs, args.jobs)
-    data = lake.read(args.data_root, "small1")
-    problems = lake.lake_problems(data, [args.alphabet], args.problems, torch.Generator().manual_seed(args.problem_seed))
+    problems_at: dict[int, list] = {}  # the same problems (same draws) at each run's image size
     rows = []
     for name, cmd, out in jobs:
+        with open(os.path.join(out, "config.yaml")) as f:
+            size = int(yaml.safe_load(f)["image_size"])
+        if size not in problems_at:
+            data = lake.read(args.data_root, "small1", image_size=size)
+            problems_at[size] = lake.lake_problems(data, [args.alphabet], args.problems,
+                                                   torch.Generator().manual_seed(args.problem_seed))
+        problems = problems_at[size]
         accuracies, _ = score(out, problems, {})
         mean, ci = mean_ci95([1 - a for a in accuracies])
         result = json.load(open(os.path.join(out, "result.json")))
