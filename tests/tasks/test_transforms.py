@@ -174,17 +174,19 @@ def test_run_with_rotations_and_augment_writes_them_to_its_config(tmp_path, caps
     from metaphi.cli import main
 
     out = tmp_path / "run"
-    assert main(["run", "protonet", "--benchmark", "glyphs", "--rotations", "--augment", "--augment-strength", "0.5",
-                 "--iterations", "2", "--eval-tasks", "4", "--val-tasks", "2", "--no-baselines", "--quiet",
-                 "--out", str(out)]) == 0
+    assert main(["run", "protonet", "--benchmark", "glyphs", "--reflections", "--augment", "--augment-strength", "0.5",
+                 "--augment-elastic", "0.05", "--iterations", "2", "--eval-tasks", "4", "--val-tasks", "2",
+                 "--no-baselines", "--quiet", "--out", str(out)]) == 0
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["rotations"] is True and saved["augment"] is True and saved["augment_strength"] == 0.5
+    assert saved["reflections"] is True and saved["augment_elastic"] == 0.05  # --reflections brings rotations
     # off by default, and written so
     plain = tmp_path / "plain"
     assert main(["run", "protonet", "--benchmark", "glyphs", "--iterations", "1", "--eval-tasks", "2", "--val-tasks",
                  "2", "--no-baselines", "--quiet", "--out", str(plain)]) == 0
     saved = yaml.safe_load((plain / "config.yaml").read_text())
     assert saved["rotations"] is False and saved["augment"] is False
+    assert saved["reflections"] is False and saved["augment_elastic"] == 0.0
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -284,15 +286,9 @@ def test_elastic_zero_draws_nothing_more_so_affine_runs_are_unchanged():
         RandomAffine(elastic=0.5)
 
 
-def test_run_with_reflections_and_elastic_writes_them_and_refuses_them_alone(tmp_path, capsys):
+def test_reflections_without_rotations_and_elastic_without_augmentation_are_refused(tmp_path, capsys):
     from metaphi.cli import main
 
-    out = tmp_path / "run"
-    assert main(["run", "protonet", "--benchmark", "glyphs", "--reflections", "--augment", "--augment-elastic", "0.05",
-                 "--iterations", "1", "--eval-tasks", "2", "--val-tasks", "2", "--no-baselines", "--quiet",
-                 "--out", str(out)]) == 0
-    saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert saved["reflections"] is True and saved["rotations"] is True and saved["augment_elastic"] == 0.05
     capsys.readouterr()
     for flags, words in [(["--no-rotations", "--reflections"], "--reflections mirrors the rotated classes"),
                          (["--augment-elastic", "0.05", "--no-augment"], "--augment-elastic applies with --augment"),
