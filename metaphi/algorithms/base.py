@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from metaphi.config import from_dict, to_dict
 from metaphi.functional import Params
@@ -48,16 +48,122 @@ class NoOptions:
     """The options of a family that has none of its own."""
 
 
-def standard_batch_norm(model) -> None:
+def standard_batch_norm(model, stacklevel: int = 3) -> None:
     """Turn the user's ``nn.BatchNorm*`` layers of ``model`` into per-task batch norm, saying so once
     (:func:`metaphi.models.layers.task_batch_norm`)."""
     from metaphi.models.layers import task_batch_norm
 
     turned = task_batch_norm(model)
     if turned:
-        warnings.warn(f"metaphi: batch norm {', '.join(turned[:6])}{' ...' if len(turned) > 6 else ''} of "
-                      f"{type(model).__name__} now normalises each task by its own batch statistics (as MAML uses "
-                      "batch norm); running statistics are not kept", stacklevel=3)
+        warnings.warn(f"metaphi: batch norm {_listed(turned)} of {type(model).__name__} now normalises each task "
+                      "by its own batch statistics (as MAML uses batch norm); running statistics are not kept",
+                      stacklevel=stacklevel)
+
+
+def _listed(names: list[str]) -> str:
+    return f"{', '.join(names[:6])}{' ...' if len(names) > 6 else ''}"
+
+
+def layer_name(name: str, module: nn.Module) -> str:
+    """A layer as the one-line refusals name it: "layer 'encoder.2' (LSTM)"."""
+    return f"layer '{name}' ({type(module).__name__})" if name else f"the model ({type(module).__name__})"
+
+
+def take_user_model(model: nn.Module) -> None:
+    """What MAML and the metric learners do first with the model they are given, before anything is
+    learned: refuse a lazy layer that has not made its parameters yet (a ValueError, one line naming it
+    and the fix), and turn the standard normalisation layers into ones that are exact under torch.func
+    transforms (batch norm per task, :func:`standard_batch_norm`; instance norm per example and layer
+    norm in plain tensor operations, :func:`metaphi.models.layers.exact_norms`), saying once where that
+    changes what the model computes. Layers torch cannot ``vmap`` and a forward that changes the model's
+    buffers are refused at the first step (:func:`check_first_step`); frozen parameters
+    (``requires_grad=False``) are kept as they are (:func:`learnable_names`)."""
+    from metaphi.models.layers import exact_norms
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            raise ValueError(f"{layer_name(name, module)} has not made its parameters yet (a lazy layer): run the "
+                             "model once on an example batch, model(x), before handing it to metaphi")
+    standard_batch_norm(model, stacklevel=4)
+    running = exact_norms(model)
+    if running:
+        warnings.warn(f"metaphi: instance norm {_listed(running)} of {type(model).__name__} normalises each example "
+                      "by its own statistics at test time too, as in training; running statistics are not kept",
+                      stacklevel=3)
+
+
+def learnable_names(model: nn.Module) -> list[str]:
+    """The names of the parameters of ``model`` that φ holds: all but the frozen ones (``requires_grad=False``),
+    which are kept as they are, like buffers: neither meta-learned nor adapted, and not in checkpoints."""
+    return [k for k, p in model.named_parameters() if p.requires_grad]
+
+
+#: layers whose torch kernels have no ``vmap`` rule: a model with one runs its tasks one by one
+LOOP_ONLY = (nn.RNNBase,)
+
+
+def loop_only_layers(model: nn.Module) -> list[str]:
+    """The layers of ``model`` that torch cannot run under ``vmap`` (LSTM, GRU, RNN), as refusals name them."""
+    return [layer_name(name, m) for name, m in model.named_modules() if isinstance(m, LOOP_ONLY)]
+
+
+def check_first_step(algorithm, tasks: Task, vmapped: bool) -> None:
+    """The refusals that need a task, made by the estimators before they compute anything (a ValueError,
+    one line naming the layer and the fix), for the algorithms that take a user's model
+    (``algorithm.checks_model``):
+
+    * where the tasks would run as one ``vmap`` batch (``vmapped``), a layer torch cannot ``vmap``
+      (:func:`loop_only_layers`), whose torch error would not say so;
+    * once, at the algorithm's first step, a forward that changes the model's buffers (a call counter,
+      running averages of its own): torch.func refuses it inside the inner loop's gradient, and under
+      ``vmap`` a batch of tasks would count as one call. The model is run once on the first task's
+      support inputs, without gradients and with the random state kept, and its buffers put back.
+    """
+    model = getattr(algorithm, "model", None)
+    if not getattr(algorithm, "checks_model", False) or not isinstance(model, nn.Module):
+        return
+    if vmapped:
+        loop_only = loop_only_layers(model)
+        if loop_only:
+            raise ValueError(f"{loop_only[0]} does not run under torch.func.vmap, which runs the tasks of a meta-batch "
+                             "as one batch: run them one by one with the estimator option loop (loop=True; "
+                             "metaphi run --loop)")
+    if getattr(algorithm, "_forward_checked", False):
+        return
+    support = tasks.support[0] if isinstance(tasks.support, (tuple, list)) else tasks.support
+    if isinstance(support, Tensor) and support.dim() > 0:
+        changed = buffers_changed_by_forward(model, support[0])
+        if changed:
+            name, buffer = changed[0].rpartition(".")[::2]
+            raise ValueError(f"{layer_name(name, model.get_submodule(name))} changes its buffer '{buffer}' when it "
+                             "runs: metaphi runs the model as a function of φ, each task apart (torch.func), and a "
+                             "forward may not keep state in the module; keep such state outside forward")
+    algorithm._forward_checked = True
+
+
+def buffers_changed_by_forward(model: nn.Module, x: Tensor) -> list[str]:
+    """The names of the buffers of ``model`` that ``model(x)`` changes in place or replaces (none: []).
+    Run without gradients, on the device of the model's parameters, with the random state kept; every
+    buffer is put back as it was."""
+    device = next((p.device for p in model.parameters()), x.device)
+    before = dict(model.named_buffers())
+    versions = {k: b._version for k, b in before.items()}
+    values = {k: b.clone() for k, b in before.items()}
+    with torch.no_grad(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model(x.to(device))
+    after = dict(model.named_buffers())
+    changed = [k for k, b in before.items() if after.get(k) is not b or b._version != versions[k]]
+    changed += [k for k in after if k not in before]
+    for k in changed:
+        owner, leaf = k.rpartition(".")[::2]
+        module = model.get_submodule(owner)
+        if k in before:
+            with torch.no_grad():
+                before[k].copy_(values[k])
+            module._buffers[leaf] = before[k]
+        else:
+            del module._buffers[leaf]
+    return changed
 
 
 def model_spec(model) -> dict:
@@ -128,6 +234,9 @@ class Algorithm:
     estimators: tuple[str, ...] = ("second-order", "first-order")
     #: whether the trainer has anything to meta-train (the scratch baseline has not)
     trains: bool = True
+    #: whether the estimators check the model on the first step (:func:`check_first_step`): the
+    #: algorithms that take a user's model
+    checks_model: bool = False
 
     def init_meta_params(self) -> Params:
         raise NotImplementedError

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from metaphi.functional import Params, call, params_of, prefixed, with_prefix
 from metaphi.inner import FIRST_ORDER, SGD, MetaSGD, Unroll, UpdateRule, adapt, adapt_steps, build_rule
 from metaphi.tasks import Task
-from metaphi.algorithms.base import Algorithm, Problem, standard_batch_norm
+from metaphi.algorithms.base import Algorithm, Problem, learnable_names, loop_only_layers, take_user_model
 
 
 @dataclass
@@ -38,9 +38,10 @@ class MAMLOptions:
     ``--eval-steps``): its variants are named algorithms (fomaml, anil, metasgd, reptile)."""
 
 
-def select_parameters(names: list[str], trainable, model: str = "the model") -> list[str]:
+def select_parameters(names: list[str], trainable, model: str = "the model", frozen: list[str] = ()) -> list[str]:
     """The names among ``names`` that ``trainable`` selects (see :class:`MAML`), in the model's order;
-    a ValueError when it selects none or names a parameter the model lacks."""
+    a ValueError when it selects none or names a parameter the model lacks or has ``frozen``
+    (``requires_grad=False``: kept as it is)."""
     if trainable == "all":
         chosen = list(names)
     elif trainable == "head":
@@ -53,12 +54,16 @@ def select_parameters(names: list[str], trainable, model: str = "the model") -> 
     else:
         wanted = list(trainable)
         unknown = [k for k in wanted if k not in names]
+        if unknown and unknown[0] in frozen:
+            raise ValueError(f"trainable names '{unknown[0]}', which is frozen in {model} (requires_grad=False): "
+                             "metaphi keeps frozen parameters as they are; set requires_grad=True to adapt it")
         if unknown:
             raise ValueError(f"trainable names '{unknown[0]}', which {model} does not have (its parameters: "
                              f"{', '.join(names)})")
         chosen = [k for k in names if k in set(wanted)]
     if not chosen:
         shown = ", ".join(names[:12]) + (", ..." if len(names) > 12 else "")
+        shown += f"; frozen: {', '.join(frozen[:6])}{', ...' if len(frozen) > 6 else ''}" if frozen else ""
         raise ValueError(f"trainable={trainable!r} selects no parameter of {model}, so the inner loop would adapt "
                          f"nothing (its parameters: {shown}); pass a pattern such as 'fc.*', a list of names or a "
                          "predicate")
@@ -71,13 +76,15 @@ class MAML(Algorithm):
     ``trainable`` chooses the parameters the inner loop adapts: ``"all"``, ``"head"`` (those named
     ``head.*``: ANIL on the built-in backbones), glob patterns of parameter names (``"fc.*"``, or
     ``"layer4.*,fc.*"``; BOIL's body is ``"body.*"``), a list of names, or a predicate on the name. A
-    selection that matches no parameter is a ValueError naming the model's parameters.
+    selection that matches no parameter is a ValueError naming the model's parameters. Frozen parameters
+    (``requires_grad=False``) are kept as they are: not in φ, never adapted.
     ``estimators``: the ways of optimizing φ that apply, the first the default (first-order MAML is
     this algorithm with "first-order" first: how the inner loop is unrolled is the estimator's choice).
     ``rule`` is an update rule or its spec.
     """
 
     name = "maml"
+    checks_model = True
     Options = MAMLOptions
     spec_class = "maml"
     spec_args = ("rule", "inner_steps", "eval_steps", "trainable", "estimators", "trains")
@@ -92,9 +99,10 @@ class MAML(Algorithm):
         self.rule = build_rule(rule) if isinstance(rule, dict) else rule
         self.inner_steps = inner_steps
         self.eval_steps = inner_steps if eval_steps is None else eval_steps
-        standard_batch_norm(model)
-        names = [k for k, _ in model.named_parameters()]
-        self._adapted = select_parameters(names, trainable, type(model).__name__)
+        take_user_model(model)
+        self._learned = learnable_names(model)
+        frozen = [k for k, _ in model.named_parameters() if k not in set(self._learned)]
+        self._adapted = select_parameters(self._learned, trainable, type(model).__name__, frozen)
         # a predicate is stored as the names it chose, so that the spec rebuilds the same selection
         self.trainable = list(self._adapted) if callable(trainable) else trainable
         if name:
@@ -104,11 +112,12 @@ class MAML(Algorithm):
         self.options = options if options is not None else self.Options()
         # Scoring test tasks under vmap pays for small MLPs; for convnets on a CPU the loop over
         # tasks was faster (benchmarks/engine_speed.py), so it is used there.
-        self.batched_eval = problem.name == "regression"
+        self.batched_eval = problem.name == "regression" and not loop_only_layers(model)
 
     # φ = {"init.<param>": θ₀} ∪ {"rule.<param>": the update rule's own meta-parameters}
     def init_meta_params(self) -> Params:
         init = params_of(self.model)
+        init = {k: init[k] for k in self._learned}
         rule = self.rule.meta_params({k: init[k] for k in self._adapted})
         phi = {**with_prefix(init, "init"), **with_prefix(rule, "rule")}
         return {k: v.detach().clone().requires_grad_() for k, v in phi.items()}

@@ -38,7 +38,7 @@ from metaphi.config import UsageError, option
 from metaphi.functional import Params, call, params_of, prefixed, with_prefix
 from metaphi.inner import Unroll
 from metaphi.tasks import DataError, Task
-from metaphi.algorithms.base import CLASSIFICATION, Algorithm, Problem, standard_batch_norm
+from metaphi.algorithms.base import CLASSIFICATION, Algorithm, Problem, learnable_names, take_user_model
 
 
 class _Method(nn.Module):
@@ -82,8 +82,8 @@ def cosine_similarities(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
 
 
 class MetricLearner(Algorithm):
-    """What the metric learners share: φ = the embedding ("embed.*", the backbone without its head)
-    plus the learner's own pieces; task scores [queries, class slots] come from ``scores``.
+    """What the metric learners share: φ = the embedding ("embed.*", the backbone without its head and
+    without frozen parameters, which are kept as they are) plus the learner's own pieces; task scores [queries, class slots] come from ``scores``.
 
     Subclasses define ``_extra_params()`` (their own modules' parameters, prefixed), ``scores(phi,
     support, xq)`` returning (scores, present) and, if not cross-entropy on the scores,
@@ -92,6 +92,7 @@ class MetricLearner(Algorithm):
 
     # There is no inner loop, so first- and second-order meta-gradients are the same exact gradient.
     estimators = ("first-order", "second-order")
+    checks_model = True
     # A task is already one batch (support and query embedded together): tasks one at a time are 2-3x
     # faster on a CPU than a vmapped chunk of them (Conv4, 5- and 20-way; torch 2.13).
     batched_eval = False
@@ -104,11 +105,11 @@ class MetricLearner(Algorithm):
         self.model, self.name = model, name
         self.problem = CLASSIFICATION
         self.options = options if options is not None else self.Options()
-        standard_batch_norm(model)
+        take_user_model(model)
         # a backbone with features() embeds by it and leaves its head out; any other module is the encoder
         self._whole = not callable(getattr(model, "features", None))
         self._features = model if self._whole else _Method(model, "features")
-        self._embed_keys = [k for k, _ in model.named_parameters() if self._whole or not k.startswith("head.")]
+        self._embed_keys = [k for k in learnable_names(model) if self._whole or not k.startswith("head.")]
 
     def _extra_params(self) -> Params:
         return {}

@@ -28,14 +28,55 @@ class TaskBatchNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_compiling():  # traced: the compiler fuses the formula, under any transform
-            return task_batch_norm_reference(x, self.weight, self.bias, self.eps)
-        mode = _transform_mode()
-        if mode == "none":
-            return F.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        if mode == "vmap":
-            return _FoldedBatchNorm.apply(x, self.weight, self.bias, self.eps)
-        return task_batch_norm_reference(x, self.weight, self.bias, self.eps)
+        return _task_batch_norm(x, self.weight, self.bias, self.eps)
+
+
+def _task_batch_norm(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
+    """What :class:`TaskBatchNorm` computes, on the path the transforms at hand allow (see there)."""
+    if torch.compiler.is_compiling():  # traced: the compiler fuses the formula, under any transform
+        return task_batch_norm_reference(x, weight, bias, eps)
+    mode = _transform_mode()
+    if mode == "none":
+        return F.batch_norm(x, None, None, weight, bias, True, 0.0, eps)
+    if mode == "vmap":
+        return _FoldedBatchNorm.apply(x, weight, bias, eps)
+    return task_batch_norm_reference(x, weight, bias, eps)
+
+
+class TaskInstanceNorm(TaskBatchNorm):
+    """Instance normalization (each example and channel by its own statistics), always; no running
+    averages. It is batch norm of the batch laid out as one example with N·C channels, so it runs on
+    :class:`TaskBatchNorm`'s kernels, exact under ``vmap`` (torch's own instance norm is batch norm
+    inside, with the same wrong second derivatives under ``vmap``). ``no_batch_dim``: the number of
+    dimensions of an input without a batch axis (what the replaced ``nn.InstanceNorm*`` accepts)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5, no_batch_dim: int = 3):
+        super().__init__(channels, eps)
+        self.no_batch_dim = no_batch_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        single = x.dim() == self.no_batch_dim
+        h = x.unsqueeze(0) if single else x
+        n = h.shape[0]
+        out = _task_batch_norm(h.reshape(1, -1, *h.shape[2:]), self.weight.repeat(n), self.bias.repeat(n), self.eps)
+        out = out.reshape(h.shape)
+        return out.squeeze(0) if single else out
+
+
+class PlainLayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters, same state dict) in plain tensor operations: torch's fused layer
+    norm gives wrong second derivatives under ``vmap`` with batched weights (torch 2.13), the formula
+    is exact under any composition of torch.func transforms."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        var, mean = torch.var_mean(x, dim=dims, keepdim=True, unbiased=False)
+        out = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            out = out * self.weight
+        if self.bias is not None:
+            out = out + self.bias
+        return out
 
 
 def task_batch_norm_reference(x: Tensor, weight: Tensor, bias: Tensor, eps: float) -> Tensor:
@@ -229,19 +270,57 @@ def task_batch_norm(model: nn.Module) -> list[str]:
     at test time, with no running averages (whose in-place updates torch's transforms refuse, and which
     would carry one task's statistics into the next). It also routes around torch's batch-norm kernel,
     whose batching rule gives wrong second derivatives under ``vmap`` (see :class:`TaskBatchNorm`). A
-    batch norm without affine weights is turned into one with weights fixed at 1 and 0, frozen."""
+    batch norm without affine weights is turned into one with weights fixed at 1 and 0, frozen.
+    ``nn.SyncBatchNorm`` is turned too: a task lives on one process, and its statistics are its own."""
+    return _replace(model, lambda child: isinstance(child, nn.modules.batchnorm._BatchNorm),
+                    lambda child, name: _affine_like(TaskBatchNorm(child.num_features, eps=child.eps), child))
+
+
+def exact_norms(model: nn.Module) -> list[str]:
+    """Turn every ``nn.InstanceNorm1d/2d/3d`` of ``model`` into :class:`TaskInstanceNorm` and every
+    ``nn.LayerNorm`` into :class:`PlainLayerNorm`, in place, keeping their weights under the same names:
+    torch's kernels for both give wrong second derivatives under ``vmap``. Returns the names of the
+    instance norms that kept running statistics, which are now dropped: each example is normalised by
+    its own statistics at test time too, as in training (and as :func:`task_batch_norm` does for tasks);
+    for the others nothing the model computes changes. Subclasses (a layer norm over the channels of an
+    image, say) compute something else and are left as they are."""
+    running = []
+
+    def instance(child, name):
+        if child.track_running_stats:
+            running.append(name)
+        return _affine_like(TaskInstanceNorm(child.num_features, child.eps, child._get_no_batch_dim()), child)
+
+    def layer(child, name):
+        child.__class__ = PlainLayerNorm
+        return child
+
+    _replace(model, lambda child: type(child) in (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), instance)
+    _replace(model, lambda child: type(child) is nn.LayerNorm, layer)
+    return running
+
+
+def _affine_like(layer: TaskBatchNorm, child: nn.Module) -> TaskBatchNorm:
+    """``layer`` with the affine weights of the replaced ``child`` (the same parameters), or with weights
+    fixed at 1 and 0, as buffers, where ``child`` has none."""
+    if child.affine:
+        layer.weight = child.weight
+        layer.bias = child.bias
+    else:
+        channels = layer.weight.shape[0]
+        del layer.weight, layer.bias
+        layer.register_buffer("weight", torch.ones(channels))
+        layer.register_buffer("bias", torch.zeros(channels))
+    return layer
+
+
+def _replace(model: nn.Module, chosen, make) -> list[str]:
+    """Replace every submodule that is ``chosen(child)`` by ``make(child, its name)``; the names replaced."""
     turned = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.modules.batchnorm._BatchNorm) and not isinstance(child, nn.SyncBatchNorm):
-                layer = TaskBatchNorm(child.num_features, eps=child.eps)
-                if child.affine:
-                    layer.weight = child.weight
-                    layer.bias = child.bias
-                else:
-                    del layer.weight, layer.bias
-                    layer.register_buffer("weight", torch.ones(child.num_features))
-                    layer.register_buffer("bias", torch.zeros(child.num_features))
-                setattr(module, child_name, layer)
-                turned.append(f"{name}.{child_name}" if name else child_name)
+            if chosen(child):
+                full = f"{name}.{child_name}" if name else child_name
+                setattr(module, child_name, make(child, full))
+                turned.append(full)
     return turned

@@ -32,6 +32,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
+from metaphi.algorithms.base import check_first_step
 from metaphi.config import UsageError, option
 from metaphi.functional import Params
 from metaphi.inner import FIRST_ORDER
@@ -210,6 +211,7 @@ class EvolutionStrategies(SeededSteps):
 
     # -- the estimate ----------------------------------------------------------------------
     def __call__(self, algorithm, phi: Params, tasks: Task) -> tuple[Params, dict[str, float]]:
+        check_first_step(algorithm, tasks, vmapped=False)  # a task loss vmap cannot run is scored in a loop
         keys = self._keys(phi)
         theta = flatten(phi, keys)
         noise = antithetic_noise(self.population // 2, theta.numel(), self.generator(), theta.dtype).to(theta.device)

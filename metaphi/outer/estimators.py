@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from metaphi.algorithms.base import check_first_step
 from metaphi.config import UsageError, option
 from metaphi.functional import Params, detach, grads_or_zeros, prefixed, with_prefix
 from metaphi.inner import FIRST_ORDER, Unroll
@@ -110,6 +111,7 @@ class Unrolled:
         return grads, sums
 
     def __call__(self, algorithm, phi: Params, tasks: Task) -> tuple[Params, dict[str, float]]:
+        check_first_step(algorithm, tasks, vmapped=self.vectorize)
         if self.compile:
             return self._compiled_call(algorithm, phi, tasks)
         if self.vectorize:
@@ -228,6 +230,7 @@ class Reptile(SeededSteps):
         return params
 
     def __call__(self, algorithm, phi: Params, tasks: Task) -> tuple[Params, dict[str, float]]:
+        check_first_step(algorithm, tasks, vmapped=False)
         phi_c = detach(phi)
         init = prefixed(phi_c, "init")
         direction = {k: torch.zeros_like(v) for k, v in phi.items()}

@@ -47,6 +47,7 @@ from typing import Callable, Mapping, NamedTuple, Sequence
 import torch
 from torch import Tensor
 
+from metaphi.algorithms.base import check_first_step
 from metaphi.config import UsageError, option
 from metaphi.functional import Params, detach
 from metaphi.outer.es import LOOP_HELP
@@ -329,6 +330,7 @@ class Implicit:
         if not hasattr(algorithm, "bilevel"):
             raise ValueError(f"the implicit estimator needs an algorithm that states its inner problem "
                              f"(a bilevel() method, as imaml has); {algorithm.name} does not")
+        check_first_step(algorithm, tasks, vmapped=self.vectorize)
         phi_c = detach(phi)
         if self.vectorize:
             grads, info = torch.func.vmap(lambda t: self._solve(hypergradient_func, algorithm, phi_c, t, True))(tasks)
