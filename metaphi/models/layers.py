@@ -272,8 +272,38 @@ def task_batch_norm(model: nn.Module) -> list[str]:
     whose batching rule gives wrong second derivatives under ``vmap`` (see :class:`TaskBatchNorm`). A
     batch norm without affine weights is turned into one with weights fixed at 1 and 0, frozen.
     ``nn.SyncBatchNorm`` is turned too: a task lives on one process, and its statistics are its own."""
-    return _replace(model, lambda child: isinstance(child, nn.modules.batchnorm._BatchNorm),
-                    lambda child, name: _affine_like(TaskBatchNorm(child.num_features, eps=child.eps), child))
+    def make(child, name):
+        if _plain_batch_norm(child):
+            return _affine_like(TaskBatchNorm(child.num_features, eps=child.eps), child)
+        if _batch_norm_act(child):  # timm's BatchNormAct2d: batch norm, then its own dropout and activation
+            return _affine_like(TaskBatchNormAct(child.num_features, child.eps, child.drop, child.act), child)
+        raise ValueError(f"layer '{name}' ({type(child).__name__}) is a batch norm with a forward of its own, which "
+                         "metaphi cannot turn into per-task batch norm without changing what it computes: build the "
+                         "model with nn.BatchNorm1d/2d/3d (and the rest of that forward as layers of their own)")
+
+    return _replace(model, lambda child: isinstance(child, nn.modules.batchnorm._BatchNorm), make)
+
+
+def _plain_batch_norm(child: nn.Module) -> bool:
+    """Torch's own batch norm, or a subclass that keeps its forward."""
+    return type(child).forward in (nn.modules.batchnorm._BatchNorm.forward, nn.SyncBatchNorm.forward)
+
+
+def _batch_norm_act(child: nn.Module) -> bool:
+    """timm's ``BatchNormAct2d`` and its kind: batch norm followed by the modules ``drop`` and ``act``."""
+    return {k for k, _ in child.named_children()} == {"drop", "act"}
+
+
+class TaskBatchNormAct(TaskBatchNorm):
+    """:class:`TaskBatchNorm` followed by dropout and an activation (what timm's ``BatchNormAct2d`` computes,
+    with per-task statistics): the weights keep their names (``weight``, ``bias``)."""
+
+    def __init__(self, channels: int, eps: float, drop: nn.Module, act: nn.Module):
+        super().__init__(channels, eps)
+        self.drop, self.act = drop, act
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.drop(super().forward(x)))
 
 
 def exact_norms(model: nn.Module) -> list[str]:

@@ -356,3 +356,48 @@ def test_a_forward_that_changes_a_buffer_is_refused_at_the_first_step_and_nothin
                    out_dir=str(tmp_path), progress=False)
     assert not (tmp_path / "checkpoint.pt").exists()
     assert all(torch.equal(phi[k], v) for k, v in before.items())
+
+
+class BatchNormAct2d(nn.BatchNorm2d):
+    """As timm writes it: batch norm, then dropout and an activation, in one layer with a forward of its own."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.drop = nn.Identity()
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.drop(super().forward(x)))
+
+
+class ScaledBatchNorm(nn.BatchNorm2d):
+    """A batch norm whose own forward computes something else: it cannot be turned without changing that."""
+
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+class Plain(nn.BatchNorm2d):
+    """A subclass that keeps torch's forward."""
+
+
+def test_batch_norm_subclasses_are_turned_where_their_forward_is_known_and_refused_otherwise():
+    from metaphi.models.layers import TaskBatchNorm, TaskBatchNormAct, task_batch_norm
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), BatchNormAct2d(3), nn.Conv2d(3, 3, 3), Plain(3))
+    model[1].weight.data.uniform_(0.5, 1.5)
+    model[1].bias.data.uniform_(-1, 1)
+    x = torch.randn(5, 1, 6, 6)
+    with torch.no_grad():  # batch statistics, as the turned layers use at training and at test
+        want = model.train()(x)
+    weights = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(("running_mean", "running_var",
+                                                                                       "num_batches_tracked"))}
+    assert task_batch_norm(model) == ["1", "3"]
+    assert type(model[1]) is TaskBatchNormAct and type(model[3]) is TaskBatchNorm
+    assert isinstance(model[1].act, nn.ReLU)
+    assert {k: v for k, v in model.state_dict().items()}.keys() == weights.keys()  # the same names
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), want)  # the activation is kept; eval uses the batch's statistics
+    with pytest.raises(ValueError, match=r"layer '0' \(ScaledBatchNorm\) is a batch norm with a forward of its own"):
+        task_batch_norm(nn.Sequential(ScaledBatchNorm(1)))
