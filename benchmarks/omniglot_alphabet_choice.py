@@ -132,7 +132,9 @@ def report(args, rows, n: int, minutes: float, command: str) -> str:
         lines += ["", "Against the recipe, paired over the same problems (the variant's error minus the recipe's on "
                   "each problem, mean ± 95% CI): " + "; ".join(said) + ". The recipe takes a variant whose error is "
                   "lower beyond that interval; one that is higher confirms the recipe's own choice."]
-    lines += ["", "Wall minutes are of runs that shared the machine's two cores with others."]
+    lines += ["", "Wall minutes are of runs that shared the machine's two cores with others. The recipe read "
+              "characters at 28 x 28 when these runs were made; since size32's result it reads them at 32 x 32 "
+              "(metaphi.tasks.folder.CHARACTER_SIZE), so the recipe row run afresh now trains what size32 trained."]
     lines += ["", f"Command: `.venv/bin/python benchmarks/omniglot_alphabet_choice.py {command}` ({minutes:.0f} "
               "minutes wall clock, finished runs reused)"]
     return "\n".join(lines)

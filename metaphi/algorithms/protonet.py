@@ -212,6 +212,8 @@ MAX_POOL_SIZE = 16
 #: what was chosen on validation characters for folders of characters (benchmarks/omniglot_recipe_choice.py:
 #: random affine augmentation lowered the validation error from 7.4% to 6.1%, a cosine step size did not
 #: change it, so it stays constant) and a run length of about 30 CPU-minutes on this 2-core machine
+#: (the image size, 32 x 32 for characters, is the folder's own default: metaphi.tasks.folder.CHARACTER_SIZE,
+#: chosen on a held-out alphabet by benchmarks/omniglot_alphabet_choice.py)
 FOLDER_CHARACTER_RECIPE = {"augment": True, "iterations": 2000}
 
 

@@ -46,7 +46,7 @@ class RunConfig:
     download: bool = option(False, "download missing archives (checked by SHA-256)")
     within_alphabet: bool = option(False, "test and validation tasks take all their classes from one alphabet (group)")
     image_size: int | None = option(None, "folder:PATH only: resize images to this size (none: inferred from a "
-                                          "sample of the images: 28 for grey images on a light background "
+                                          "sample of the images: 32 for grey images on a light background "
                                           "(characters), else 84)", check="positive")
     channels: int | None = option(None, "folder:PATH only: 1 (grey) or 3 (RGB; none: inferred, 1 when every "
                                         "sampled image is grey)", choices=(1, 3))
@@ -623,7 +623,7 @@ CHOICES = (("ways", "--ways", lambda v: f"{v}-way"), ("shots", "--shots", lambda
            ("query", "--query", lambda v: f"{v} queries per class"),
            ("meta_batch", "--meta-batch", lambda v: f"{v} task{'s' if v != 1 else ''} per step"),
            ("rotations", "--rotations", lambda v: "rotations as new classes" if v else "no rotations"),
-           ("reflections", "--reflections", lambda v: "mirror images as new classes" if v else "no mirror images"),
+           ("reflections", "--reflections", lambda v: "mirror images as new classes" if v else None),
            ("augment", "--augment", lambda v: "random affine augmentation" if v else "no augmentation"),
            ("augment_elastic", "--augment-elastic", lambda v: f"elastic distortion up to {v:g} of the size" if v
             else None),

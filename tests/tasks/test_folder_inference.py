@@ -47,20 +47,20 @@ def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("METAPHI_CACHE", str(tmp_path / "cache"))
 
 
-def test_grey_characters_on_white_are_one_channel_inverted_28(tmp_path):
+def test_grey_characters_on_white_are_one_channel_inverted_32(tmp_path):
     root = make(tmp_path / "chars", character)
     chosen = folder.folder_input(root)
-    assert (chosen.channels, chosen.invert, chosen.image_size) == (1, True, 28)
+    assert (chosen.channels, chosen.invert, chosen.image_size) == (1, True, 32)
     assert chosen.origin == {"channels": "inferred", "image_size": "inferred", "invert": "inferred"}
     assert chosen.survey.greyscale and chosen.survey.median == 255 and chosen.survey.largest == 48
     bench = registry.build_benchmark(f"folder:{root}", invert=None)
     train = bench.splits["train"]
-    assert train.image_shape == (1, 28, 28)
+    assert train.image_shape == (1, 32, 32)
     assert int(train.images[:, :, 0, 0].max()) == 0 and int(train.images.max()) > 200  # paper low, ink high
     spec = bench.input_spec()
-    assert (spec["channels"], spec["height"], spec["width"], spec["invert"]) == (1, 28, 28, True)
+    assert (spec["channels"], spec["height"], spec["width"], spec["invert"]) == (1, 32, 32, True)
     assert spec["origin"] == chosen.origin
-    assert "grey 28x28, ink high" in bench.description and "inferred" in bench.description
+    assert "grey 32x32, ink high" in bench.description and "inferred" in bench.description
     assert bench.description.startswith(f"folder:{root}: 6 classes") and "\n" not in bench.description
 
 
@@ -89,7 +89,7 @@ def test_grey_pictures_saved_as_rgb_are_one_channel(tmp_path):
     for name, save in (("png", rgb_png), ("jpeg", rgb_jpeg), ("scanned", scanned)):
         root = make(tmp_path / name, character, save=save)
         chosen = folder.folder_input(root)
-        assert (chosen.channels, chosen.invert, chosen.image_size) == (1, True, 28), name
+        assert (chosen.channels, chosen.invert, chosen.image_size) == (1, True, 32), name
 
 
 def test_one_colour_image_makes_the_folder_colour(tmp_path):
@@ -130,7 +130,7 @@ def test_flags_override_the_inference_both_ways(tmp_path):
     assert other.splits["train"].image_shape == (1, 28, 28) and other.invert is True
     # one choice given, the others still inferred
     mixed = folder.folder_input(chars, invert=False)
-    assert (mixed.channels, mixed.invert, mixed.image_size) == (1, False, 28)
+    assert (mixed.channels, mixed.invert, mixed.image_size) == (1, False, 32)
     assert mixed.origin == {"channels": "inferred", "image_size": "inferred", "invert": "given"}
     grey_photos = folder.folder_input(photos, channels=1)
     assert (grey_photos.channels, grey_photos.invert, grey_photos.image_size) == (1, False, 84)
@@ -210,20 +210,20 @@ def test_run_prints_and_records_the_choices(tmp_path, capsys):
             "1", "--eval-tasks", "2", "--val-tasks", "1", "--no-baselines", "--out", str(out)]
     assert main(args) == 0
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith(f"folder:{root}:")]
-    assert len(lines) == 1 and "read as grey 28x28, ink high" in lines[0] and "channels 1 (inferred" in lines[0]
+    assert len(lines) == 1 and "read as grey 32x32, ink high" in lines[0] and "channels 1 (inferred" in lines[0]
     from metaphi.train import load_checkpoint
 
     spec = load_checkpoint(str(out / "checkpoint.pt"))["run"]["input"]
-    assert (spec["channels"], spec["height"], spec["invert"]) == (1, 28, True)
+    assert (spec["channels"], spec["height"], spec["invert"]) == (1, 32, True)
     assert spec["origin"]["invert"] == "inferred"
     # what was inferred is settled in config.yaml and the run's benchmark options, so a rerun and eval read the
     # folder the same way without inferring again
     import yaml
 
     saved = yaml.safe_load((out / "config.yaml").read_text())
-    assert (saved["channels"], saved["image_size"], saved["invert"]) == (1, 28, True)
+    assert (saved["channels"], saved["image_size"], saved["invert"]) == (1, 32, True)
     options = load_checkpoint(str(out / "checkpoint.pt"))["run"]["benchmark_options"]
-    assert (options["channels"], options["image_size"], options["invert"]) == (1, 28, True)
+    assert (options["channels"], options["image_size"], options["invert"]) == (1, 32, True)
     # predict reads the query images as the run read its own
     support, query = tmp_path / "support", tmp_path / "query"
     for c in (0, 5):
@@ -238,5 +238,5 @@ def test_run_prints_and_records_the_choices(tmp_path, capsys):
     assert main([*args, "--no-invert", "--channels", "3", "--quiet", "--out", str(tmp_path / "forced")]) == 0
     assert f"folder:{root}:" not in capsys.readouterr().err
     spec = load_checkpoint(str(tmp_path / "forced" / "checkpoint.pt"))["run"]["input"]
-    assert (spec["channels"], spec["height"], spec["invert"]) == (3, 28, False)
+    assert (spec["channels"], spec["height"], spec["invert"]) == (3, 32, False)
     assert spec["origin"] == {"channels": "given", "image_size": "inferred", "invert": "given"}
