@@ -101,7 +101,7 @@ class MAML(Algorithm):
         self.eval_steps = inner_steps if eval_steps is None else eval_steps
         take_user_model(model)
         self._learned = learnable_names(model)
-        frozen = [k for k, _ in model.named_parameters() if k not in set(self._learned)]
+        frozen = [k for k, p in model.named_parameters() if not p.requires_grad]  # the rest of the parameters
         self._adapted = select_parameters(self._learned, trainable, type(model).__name__, frozen)
         # a predicate is stored as the names it chose, so that the spec rebuilds the same selection
         self.trainable = list(self._adapted) if callable(trainable) else trainable
