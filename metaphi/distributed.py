@@ -78,8 +78,17 @@ def init_from_env(device: str = "cpu") -> str:
     return device
 
 
-def shutdown() -> None:
+def shutdown(wait: bool = True) -> None:
+    """Leave the process group; with ``wait`` every rank first waits for the others to get here.
+
+    A rank that destroys its gloo group while a peer still holds the connection (rank 0 evaluating the
+    test tasks, writing results) can abort at exit ("terminate called without an active exception"), so
+    on a normal end the ranks leave together. After an error there is no waiting: the launcher stops the
+    other ranks.
+    """
     if is_initialized():
+        if wait:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -675,9 +675,12 @@ def run(config: RunConfig) -> int:
 
     config = dataclasses.replace(config, device=distributed.init_from_env(config.device))
     try:
-        return _run(config, distributed.is_main())
-    finally:
-        distributed.shutdown()
+        code = _run(config, distributed.is_main())
+    except BaseException:
+        distributed.shutdown(wait=False)
+        raise
+    distributed.shutdown()
+    return code
 
 
 def _run(config: RunConfig, main_process: bool) -> int:
