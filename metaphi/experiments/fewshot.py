@@ -86,8 +86,9 @@ class RunConfig:
                                                  "[0, 0.2] (none: the family's recipe; 0 unless it says)",
                                            check="nonneg")
     pool: str | None = option(None, "how the Conv4 backbone downsamples: stride-2 convolutions (MAML's Omniglot "
-                                    "network) or 2x2 max pooling (ProtoNet's; slower, stronger) (none: the family's "
-                                    "recipe, else the benchmark's)", choices=("stride", "max"))
+                                    "network), 2x2 max pooling (ProtoNet's; slower, stronger) or max pooling after the first "
+                                    "three blocks only (max3: a feature grid twice as fine) (none: the family's "
+                                    "recipe, else the benchmark's)", choices=("stride", "max", "max3"))
     log: str | None = option(None, "also log the curves to: a comma list of csv (OUT/metrics.csv), tensorboard "
                                    "(OUT/tensorboard; needs tensorboard), wandb (needs wandb; WANDB_MODE=offline "
                                    "keeps it local) (none: metrics.jsonl only)")

@@ -118,7 +118,7 @@ class Benchmark:
         return self.characters and "train" in self.splits and not self.splits["train"].is_rotated
 
     def with_backbone(self, pool: str | None = None) -> "Benchmark":
-        """This benchmark with its models downsampling by ``pool`` ("stride" or "max"; None: as it is)."""
+        """This benchmark with its models downsampling by ``pool`` ("stride", "max" or "max3"; None: as it is)."""
         if pool is None or self.backbone.get("pool", pool) == pool:
             return self
         if "pool" not in self.backbone:

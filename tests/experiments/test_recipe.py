@@ -144,7 +144,7 @@ def test_run_prints_the_recipe_it_chose(tmp_path, capsys):
     assert "pool: max" in saved and "rotations: true" in saved and "train_ways: 60" in saved
 
 
-@pytest.mark.parametrize("pool", ["stride", "max"])
+@pytest.mark.parametrize("pool", ["stride", "max", "max3"])
 def test_predict_rebuilds_the_pooling_a_run_chose(tmp_path, pool):
     from metaphi.algorithms import build_algorithm
     from metaphi.cli import main

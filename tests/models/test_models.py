@@ -100,6 +100,24 @@ def test_specs_kept_as_checkpoints_store_them():
         "in_channels": 1, "num_classes": 4, "hidden": 3, "blocks": 2, "image_size": 8}
 
 
+@pytest.mark.parametrize("pool,grid", [("stride", None), ("max", 2), ("max3", 4)])
+def test_conv4_poolings_and_their_feature_grids(pool, grid):
+    """max pools after every block (32 -> 2 x 2 positions), max3 after the first three only (4 x 4);
+    stride averages its last grid away. Each flattens what its last block left, in that order."""
+    net = Conv4(1, 5, hidden=6, image_size=32, pool=pool)
+    x = torch.randn(3, 1, 32, 32)
+    last = net.body(x)
+    assert net.feature_dim == (6 if grid is None else 6 * grid * grid)
+    if grid is not None:
+        assert last.shape[-2:] == (grid, grid)
+        torch.testing.assert_close(net.features(x), last.flatten(1))
+    assert net(x).shape == (3, 5)
+    assert sum(isinstance(m, torch.nn.MaxPool2d) for m in net.body) == {"stride": 0, "max": 4, "max3": 3}[pool]
+    assert build_model(net.spec).feature_dim == net.feature_dim
+    with pytest.raises(ValueError, match="pool must be one of stride, max, max3, not 'avg'"):
+        Conv4(1, 5, pool="avg")
+
+
 def test_bad_specs_are_refused_with_a_message():
     with pytest.raises(ValueError, match="unknown model 'resnet99' \\(known: conv4, mlp, .*, timm\\)"):
         build_model({"name": "resnet99"})
