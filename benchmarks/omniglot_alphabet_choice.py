@@ -53,10 +53,14 @@ VARIANTS = {
              ["--image-size", "32", "--pool", "max3"], 15),
     "max3-28": ("28 x 28, no pooling after the last block (a 3 x 3 x 64 embedding, 576 numbers)",
                 ["--image-size", "28", "--pool", "max3"], 15),
+    "ways90": ("90-way training episodes with 3 queries per class (360 images a step, as 60 x 6)",
+               ["--train-ways", "90", "--query", "3"], 15),
+    "ways120": ("120-way training episodes with 2 queries per class (360 images a step, as 60 x 6)",
+                ["--train-ways", "120", "--query", "2"], 15),
 }
 #: the variant each is compared against where it is not the recipe of its time: the recipe read 28 x 28
 #: characters until size32 won, so later variants are paired with size32 (the recipe since)
-AGAINST = {"max3": "size32", "max3-28": "size32"}
+AGAINST = {"max3": "size32", "max3-28": "size32", "ways90": "size32", "ways120": "size32"}
 
 
 def held_out_folder(small1_folder: str, alphabet: str, folder: str) -> None:
