@@ -143,8 +143,8 @@ def report(args, rows, n: int, minutes: float, command: str) -> str:
             verdict = "lower" if d + ci < 0 else "higher" if d - ci > 0 else "no different"
             vs = "" if against is base else f" against {against['variant']}"
             said.append(f"{r['variant']}{vs} {100 * d:+.1f} ± {100 * ci:.1f} points ({verdict})")
-        lines += ["", "Against the recipe (or the variant named), paired over the same problems (the variant's error minus the other's on "
-                  "each problem, mean ± 95% CI): " + "; ".join(said) + ". The recipe takes a variant whose error is "
+        lines += ["", "Against the recipe (or the variant named), paired over the same problems (the variant's error "
+                  "minus the other's on each problem, mean ± 95% CI): " + "; ".join(said) + ". The recipe takes a variant whose error is "
                   "lower beyond that interval; one that is higher confirms the recipe's own choice."]
     lines += ["", "Wall minutes are of runs that shared the machine's two cores with others. The recipe read "
               "characters at 28 x 28 when these runs were made; since size32's result it reads them at 32 x 32 "

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from metaphi.algorithms import ALGORITHMS
 from metaphi.config import NONFINITE_EXIT, UsageError, check, option, to_dict, writable_dir
 from metaphi.experiments.report import machine, save_config, strict, write_json
+from metaphi.models import Conv4
 from metaphi.outer import ESTIMATORS
 
 #: the sizes a benchmark (or a family, for a benchmark) decides when the config leaves them open
@@ -86,9 +87,9 @@ class RunConfig:
                                                  "[0, 0.2] (none: the family's recipe; 0 unless it says)",
                                            check="nonneg")
     pool: str | None = option(None, "how the Conv4 backbone downsamples: stride-2 convolutions (MAML's Omniglot "
-                                    "network), 2x2 max pooling (ProtoNet's; slower, stronger) or max pooling after the first "
-                                    "three blocks only (max3: a feature grid twice as fine) (none: the family's "
-                                    "recipe, else the benchmark's)", choices=("stride", "max", "max3"))
+                                    "network), 2x2 max pooling (ProtoNet's; slower, stronger) or max pooling after "
+                                    "the first three blocks only (max3: a feature grid twice as fine) (none: the "
+                                    "family's recipe, else the benchmark's)", choices=Conv4.POOLS)
     log: str | None = option(None, "also log the curves to: a comma list of csv (OUT/metrics.csv), tensorboard "
                                    "(OUT/tensorboard; needs tensorboard), wandb (needs wandb; WANDB_MODE=offline "
                                    "keeps it local) (none: metrics.jsonl only)")
