@@ -57,20 +57,28 @@ VARIANTS = {
                ["--train-ways", "90", "--query", "3"], 15),
     "ways120": ("120-way training episodes with 2 queries per class (360 images a step, as 60 x 6)",
                 ["--train-ways", "120", "--query", "2"], 15),
+    "within1": ("every training episode's 60 classes from one alphabet (its characters and their rotations)",
+                ["--train-within-alphabet", "1"], 15),
+    "within05": ("half the training episodes' classes from one alphabet (a coin per episode), half from all",
+                 ["--train-within-alphabet", "0.5"], 15),
 }
 #: the variant each is compared against where it is not the recipe of its time: the recipe read 28 x 28
 #: characters until size32 won, so later variants are paired with size32 (the recipe since)
-AGAINST = {"max3": "size32", "max3-28": "size32", "ways90": "size32", "ways120": "size32"}
+AGAINST = {"max3": "size32", "max3-28": "size32", "ways90": "size32", "ways120": "size32", "within1": "size32",
+           "within05": "size32"}
 
 
 def held_out_folder(small1_folder: str, alphabet: str, folder: str) -> None:
-    """``folder``: links to every class folder of ``small1_folder`` but ``alphabet``'s."""
+    """``folder``: links to every class folder of ``small1_folder`` but ``alphabet``'s, grouped by
+    alphabet as ``folder/<alphabet>/<character>`` (Omniglot's own layout; the classes, their order and
+    so every draw of a run are those of the flat layout the earlier rows were trained on)."""
     if os.path.isdir(folder):
         return
-    os.makedirs(folder)
     for d in sorted(os.listdir(small1_folder)):
         if not d.startswith(".") and not d.startswith(alphabet + "__"):
-            os.symlink(os.path.join(small1_folder, d), os.path.join(folder, d))
+            group, character = d.split("__", 1)
+            os.makedirs(os.path.join(folder, group), exist_ok=True)
+            os.symlink(os.path.join(small1_folder, d), os.path.join(folder, group, character))
 
 
 def main(argv=None):
@@ -89,7 +97,7 @@ def main(argv=None):
     work = os.path.abspath(os.path.join(args.work, args.alphabet))
     small1 = os.path.join(os.path.abspath(args.work), "small1-folder")
     write_training_folder(str(omniglot.find(args.data_root, "small1")), small1)
-    folder = os.path.join(work, "train-folder")
+    folder = os.path.join(work, "train-grouped")
     held_out_folder(small1, args.alphabet, folder)
     jobs = []
     for v in args.variants:

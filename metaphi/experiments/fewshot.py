@@ -46,6 +46,9 @@ class RunConfig:
                                          "~/.cache/metaphi/data)")
     download: bool = option(False, "download missing archives (checked by SHA-256)")
     within_alphabet: bool = option(False, "test and validation tasks take all their classes from one alphabet (group)")
+    train_within_alphabet: float | None = option(None, "the fraction of meta-training tasks, in [0, 1], that take all "
+                                                       "their classes from one alphabet (group; a folder gives groups "
+                                                       "as PATH/<group>/<class>/<image>) (none: 0)", check="nonneg")
     image_size: int | None = option(None, "folder:PATH only: resize images to this size (none: inferred from a "
                                           "sample of the images: 32 for grey images on a light background "
                                           "(characters), else 84)", check="positive")
@@ -285,8 +288,12 @@ def training_data(config: RunConfig, benchmark):
         raise UsageError("--augment-strength applies with --augment only")
     if augment and not 0.0 < config.augment_strength <= MAX_STRENGTH:
         raise UsageError(f"--augment-strength must be in (0, {MAX_STRENGTH:g}], got {config.augment_strength}")
+    within = getattr(config, "train_within_alphabet", None)
+    within = float(recipe.get("train_within_group", 0.0)) if within is None else within
+    if not 0.0 <= within <= 1.0:
+        raise UsageError(f"--train-within-alphabet must be in [0, 1], got {within}")
     return benchmark.with_training(rotations=rotations, augment=augment, augment_strength=config.augment_strength,
-                                   reflections=reflections, elastic=elastic if augment else 0.0)
+                                   reflections=reflections, elastic=elastic if augment else 0.0, within_group=within)
 
 
 def family_recipe(algorithm: str | None, benchmark) -> dict:
@@ -347,6 +354,7 @@ def complete(config: RunConfig, benchmark) -> RunConfig:
                 "reflections": benchmark.training.get("reflections", bool(config.reflections)),
                 "augment": benchmark.training.get("augment", bool(config.augment)),
                 "augment_elastic": benchmark.training.get("augment_elastic", config.augment_elastic or 0.0),
+                "train_within_alphabet": benchmark.training.get("within_group", config.train_within_alphabet or 0.0),
                 "pool": None if getattr(config, "model", None) not in (None, "conv4")  # another backbone
                 else config.pool or recipe.get("pool") or benchmark.backbone.get("pool"),
                 "lr_schedule": config.lr_schedule or recipe.get("lr_schedule") or "constant",

@@ -61,6 +61,8 @@ class Benchmark:
     input_origin: dict = field(default_factory=dict)
     #: transforms every image of the "train" split's episodes and pooled batches (see with_training)
     train_augment: Transform | None = None
+    #: the fraction of training episodes that draw all their classes from one group (see with_training)
+    train_within_group: float = 0.0
     #: handwritten characters or other ink drawings (Omniglot; a folder of dark ink on light paper): a
     #: rotated character is a new character, so training classes are rotated by default (run's recipe)
     characters: bool = False
@@ -71,7 +73,7 @@ class Benchmark:
 
     def with_training(self, rotations: bool = False, augment: bool = False,
                       augment_strength: float = 1.0, reflections: bool = False,
-                      elastic: float = 0.0) -> "Benchmark":
+                      elastic: float = 0.0, within_group: float = 0.0) -> "Benchmark":
         """This benchmark with more made of its training split; validation and test are untouched.
 
         ``rotations``: each training class also at 90, 180 and 270 degrees, each rotation a new class
@@ -87,10 +89,19 @@ class Benchmark:
         zoom 0.9-1.1, rotation ±15°, shear ±10°, each range times ``augment_strength``), drawn from the
         generator the sampler is called with. What moves in from outside is paper (0) for ink-high
         benchmarks (``invert``), else the image's edge.
+        ``within_group``: this fraction of the training episodes (a coin per episode) draws all its classes
+        from one group (one alphabet, rotations of its characters included), the rest from every class;
+        needs class groups and a group with as many classes as the training episodes' ways.
         """
         if reflections and not rotations:
             raise DataError("reflections are made of the rotated classes: give rotations too")
-        if not (rotations or augment):
+        if not 0.0 <= within_group <= 1.0:
+            raise DataError(f"the fraction of within-group training episodes must be in [0, 1], got {within_group}")
+        if within_group and (not self.splits or self.splits.get("train") is None
+                             or self.splits["train"].groups is None):
+            raise DataError(f"within-group training episodes need classes in groups; benchmark '{self.name}' has "
+                            "none (a folder gives them as PATH/<group>/<class>/<image>)")
+        if not (rotations or augment or within_group):
             return self
         if self.regression_tasks is not None or "train" not in self.splits:
             raise DataError(f"rotations and augmentation need image classes; benchmark '{self.name}' has none")
@@ -108,9 +119,10 @@ class Benchmark:
                                          elastic=elastic)
         elif elastic:
             raise DataError("elastic distortion is part of the augmentation: give augment too")
-        return dataclasses.replace(self, splits=splits, train_augment=train_augment,
+        return dataclasses.replace(self, splits=splits, train_augment=train_augment, train_within_group=float(within_group),
                                    training={"rotations": bool(rotations), "reflections": bool(reflections),
-                                             "augment": bool(augment), "augment_elastic": float(elastic)})
+                                             "augment": bool(augment), "augment_elastic": float(elastic),
+                                             "within_group": float(within_group)})
 
     def rotates_by_default(self) -> bool:
         """Whether training classes are rotated where the run does not say (``--rotations``): character
@@ -130,7 +142,7 @@ class Benchmark:
             return self.regression_tasks(shots, query)
         if split not in self.splits:
             raise DataError(f"benchmark '{self.name}' has no '{split}' split (it has {', '.join(self.splits)})")
-        within = self.eval_within_group and split != "train"
+        within = self.train_within_group if split == "train" else self.eval_within_group
         return EpisodeSampler(self.splits[split], ways, shots, query, within_group=within,
                               name=f"{self.name} {split} split",
                               augment=self.train_augment if split == "train" else None)

@@ -19,14 +19,16 @@ class EpisodeSampler:
     Each task picks ``ways`` classes, then ``shots + query`` distinct images of each; the classes are
     relabelled 0..ways-1 in the order drawn. Support is ``(x [ways*shots, C, H, W] float in [0, 1],
     y [ways*shots])``, query likewise with ``query`` images per class. With ``within_group`` all classes
-    of a task come from one group (one alphabet), the harder Omniglot-challenge setting.
+    of a task come from one group (one alphabet), the harder Omniglot-challenge setting; a number in
+    (0, 1) draws that fraction of the tasks so (a coin per task from the generator), the rest from all
+    classes. Groups with fewer than ``ways`` classes are never chosen.
 
     ``augment`` (a :data:`Transform`, e.g. :class:`metaphi.tasks.transforms.RandomAffine`) transforms
     every support and query image of the episodes drawn, with draws from the same generator after the
     episodes' own; a benchmark gives one to its training split's sampler only.
     """
 
-    def __init__(self, data: ImageClasses, ways: int, shots: int, query: int, within_group: bool = False,
+    def __init__(self, data: ImageClasses, ways: int, shots: int, query: int, within_group: bool | float = False,
                  name: str = "data", augment: Transform | None = None):
         for label, value in (("ways", ways), ("shots", shots), ("query", query)):
             if value < 1:
@@ -42,10 +44,12 @@ class EpisodeSampler:
                 f"{name}: class '{data.classes[c]}' has {int(counts[c])} images but shots + query = "
                 f"{shots} + {query} = {need}; lower --shots/--query (at most {int(counts.min())} in all)"
             )
+        if not 0.0 <= float(within_group) <= 1.0:
+            raise DataError(f"{name}: the fraction of within-group episodes must be in [0, 1], got {within_group}")
         self.data, self.ways, self.shots, self.query = data, ways, shots, query
-        self.within_group, self.augment = within_group, augment
+        self.within_group, self.augment = float(within_group), augment
         self._group_classes: list[Tensor] = []
-        if within_group:
+        if self.within_group:
             if data.groups is None:
                 raise DataError(f"{name}: within-group episodes need class groups (alphabets)")
             by_group: dict[str, list[int]] = {}
@@ -66,7 +70,9 @@ class EpisodeSampler:
         self._ys, self._yq = labels.repeat_interleave(shots), labels.repeat_interleave(query)
 
     def _classes(self, generator: torch.Generator) -> Tensor:
-        if self.within_group:
+        within = self.within_group == 1.0 or (
+            self.within_group > 0.0 and bool(torch.rand((), generator=generator) < self.within_group))
+        if within:
             # Groups are chosen in proportion to how many classes they have, as characters would be.
             sizes = torch.tensor([len(g) for g in self._group_classes], dtype=torch.float)
             g = int(torch.multinomial(sizes, 1, generator=generator))

@@ -1,7 +1,10 @@
 """Your own images: one subfolder per class, split into train/val/test classes; query folders.
 
 ``root/<class>/<image>`` holds any images PIL reads (png, jpg, ... in modes L, RGB, RGBA, P, ...);
-each is converted to 1 or 3 channels (transparency composited on white) and resized. Classes are
+each is converted to 1 or 3 channels (transparency composited on white) and resized. Classes may
+also sit one level down, in groups: ``root/<group>/<class>/<image>`` (Omniglot's own layout,
+alphabet/character): a top folder holding folders and no files is a group; its classes are named
+``group/class`` and keep their group (``ImageClasses.groups``), for within-group episodes. Classes are
 split at random by a seed (:func:`folder_splits` with ``fractions``) or by a split file:
 
 - a text or CSV file mapping class -> split, one ``class,split`` (or ``class<TAB>split`` or
@@ -59,12 +62,41 @@ def _folder(root: str | os.PathLike) -> Path:
     return root
 
 
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _is_group(folder: Path) -> bool:
+    """A folder of class folders: it holds folders and no (visible) file."""
+    return bool(_subfolders(folder)) and not list_images(folder)
+
+
 def class_folders(root: Path) -> list[Path]:
-    """The class folders of ``root``, sorted by name; DataError when there is none."""
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    """The class folders of ``root``, sorted by name: its subfolders, or, where every subfolder is a
+    group (holds folders and no file), the subfolders of each group. DataError when there is none,
+    or when groups and classes are mixed at the top."""
+    folders = _subfolders(root)
     if not folders:
         raise DataError(f"{root}: no class folders; put the images of each class in a subfolder named after it")
-    return folders
+    grouped = [_is_group(p) for p in folders]
+    if not any(grouped):
+        return folders
+    if not all(grouped):
+        classes = [p.name for p, g in zip(folders, grouped) if not g]
+        groups = [p.name for p, g in zip(folders, grouped) if g]
+        raise DataError(f"{root}: '{groups[0]}' holds class folders (a group) but '{classes[0]}' holds images "
+                        "(a class); lay out either PATH/<class>/<image> or PATH/<group>/<class>/<image>")
+    return [c for g in folders for c in _subfolders(g)]
+
+
+def class_name(root: Path, folder: Path) -> str:
+    """A class folder's name: ``class``, or ``group/class`` in a grouped folder."""
+    return folder.relative_to(root).as_posix()
+
+
+def class_groups(names: Sequence[str]) -> list[str] | None:
+    """The group of each class name (``group/class``), None when the classes are not grouped."""
+    return [n.split("/")[0] for n in names] if names and "/" in names[0] else None
 
 
 def class_files(root: Path, classes: Sequence[str] | None = None) -> tuple[list[Path], list[Path], list[int]]:
@@ -73,7 +105,7 @@ def class_files(root: Path, classes: Sequence[str] | None = None) -> tuple[list[
     there is no class folder, one is empty, or a class named is not a folder."""
     folders = class_folders(root)
     if classes is not None:
-        by_name = {p.name: p for p in folders}
+        by_name = {class_name(root, p): p for p in folders}
         for name in classes:
             if name not in by_name:
                 raise DataError(f"{root}: class '{name}' is not a folder of it ({len(by_name)} classes found)")
@@ -156,7 +188,8 @@ def load_folder(root: str | os.PathLike, *, channels: int = 3, image_size: Size 
     def build() -> ImageClasses:
         folders, files, targets = class_files(root, classes)
         pixels = decode_many(files, [str(p) for p in files], mode, hw, invert)
-        return ImageClasses(pixels, torch.tensor(targets, dtype=torch.int64), [p.name for p in folders])
+        names = [class_name(root, p) for p in folders]
+        return ImageClasses(pixels, torch.tensor(targets, dtype=torch.int64), names, class_groups(names))
 
     params = {"channels": channels, "image_size": list(hw), "invert": invert}
     if classes is not None:
@@ -221,7 +254,7 @@ def folder_splits(root: str | os.PathLike, *, fractions: Sequence[float] = (0.6,
     The classes are chosen before any image is decoded: only the classes of the three splits are
     read, in split order, so each split is a slice of one store (no copy)."""
     root = _folder(root)
-    found = [p.name for p in class_folders(root)]
+    found = [class_name(root, p) for p in class_folders(root)]
     if split is not None:
         names = read_split(split)
         index = {c: i for i, c in enumerate(found)}

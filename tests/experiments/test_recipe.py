@@ -59,7 +59,7 @@ def test_a_character_folder_gets_protonets_recipe_and_says_so(tmp_path):
     folder = character_folder(tmp_path / "chars")
     config, benchmark = resolved(algorithm="protonet", benchmark=f"folder:{folder}", deploy=True)
     assert benchmark.characters and benchmark.training == {"rotations": True, "reflections": False, "augment": True,
-                                                               "augment_elastic": 0.0}
+                                                               "augment_elastic": 0.0, "within_group": 0.0}
     train_classes = benchmark.num_classes("train")
     assert train_classes == 4 * 19  # 80% of 24 classes, each in four rotations
     assert config.rotations is True and config.pool == "max"
@@ -80,7 +80,8 @@ def test_flags_override_every_part_of_the_recipe(tmp_path):
     given = dict(algorithm="protonet", benchmark=f"folder:{folder}", rotations=False, augment=True, pool="stride",
                  lr_schedule="constant", train_ways=7, query=2, meta_batch=3, iterations=4)
     config, benchmark = resolved(**given)
-    assert benchmark.training == {"rotations": False, "reflections": False, "augment": True, "augment_elastic": 0.0}
+    assert benchmark.training == {"rotations": False, "reflections": False, "augment": True, "augment_elastic": 0.0,
+                                  "within_group": 0.0}
     assert benchmark.num_classes("train") == 14  # 60% of 24 classes, not rotated
     for key, value in given.items():
         if key != "benchmark":
@@ -165,3 +166,41 @@ def test_self_supervised_pretraining_does_not_rotate_classes(tmp_path, name):
     assert config.rotations is False and benchmark.num_classes("train") == 14
     config, benchmark = resolved(algorithm=name, benchmark=f"folder:{folder}", rotations=True)
     assert config.rotations is True and benchmark.num_classes("train") == 56
+
+
+def test_within_alphabet_training_episodes_on_a_grouped_folder(tmp_path, capsys):
+    """PATH/<alphabet>/<character>/<image>: --train-within-alphabet draws that fraction of the training
+    episodes from one alphabet; a flat folder has no alphabets to draw from and is refused."""
+    from metaphi.cli import main
+
+    grouped = tmp_path / "grouped"
+    for c, d in enumerate(sorted(character_folder(tmp_path / "moved", classes=24, per_class=4).iterdir())):
+        (grouped / ("a" if c < 12 else "b")).mkdir(parents=True, exist_ok=True)
+        d.rename(grouped / ("a" if c < 12 else "b") / d.name)
+    flat = character_folder(tmp_path / "flat", classes=24, per_class=4)
+    config, benchmark = resolved(algorithm="protonet", benchmark=f"folder:{grouped}", deploy=True, ways=3,
+                                 train_within_alphabet=1.0, train_ways=5)
+    assert config.train_within_alphabet == 1.0 and benchmark.training["within_group"] == 1.0
+    train = benchmark.splits["train"]
+    assert set(train.groups) == {"a", "b"} and all(n.startswith(g + "/") for n, g in zip(train.classes, train.groups))
+    sampler = benchmark.episodes("train", 5, 1, 1)
+    assert sampler.within_group == 1.0
+    g = torch.Generator().manual_seed(0)
+    for _ in range(10):  # every class of an episode in one alphabet: the rotations keep the group
+        assert len({train.groups[int(c)] for c in sampler._classes(g)}) == 1
+    # validation episodes are drawn across alphabets (no --within-alphabet)
+    assert benchmark.episodes("val", 3, 1, 1).within_group == 0.0
+    capsys.readouterr()
+    out = tmp_path / "run"
+    assert main(["run", "protonet", "--benchmark", f"folder:{grouped}", "--deploy", "--ways", "3", "--train-ways", "5",
+                 "--train-within-alphabet", "0.5", "--iterations", "2", "--eval-tasks", "2", "--quiet",
+                 "--out", str(out)]) == 0
+    assert "train_within_alphabet: 0.5" in (out / "config.yaml").read_text()
+    for folder, flags, words in [(flat, ["--train-within-alphabet", "1"], "within-group training episodes need classes "
+                                                                         "in groups"),
+                                 (grouped, ["--train-within-alphabet", "1.5"], "--train-within-alphabet must be in "
+                                                                               "[0, 1], got 1.5")]:
+        assert main(["run", "protonet", "--benchmark", f"folder:{folder}", "--deploy", "--ways", "3", *flags,
+                     "--iterations", "1", "--out", str(tmp_path / "refused")]) == 2
+        assert words in capsys.readouterr().err
+        assert not (tmp_path / "refused").exists()

@@ -205,3 +205,34 @@ def test_sample_batch_without_augmentation_is_the_episodes_stacked():
     single = Task.stack([sampler.sample(g2) for _ in range(3)])
     assert torch.equal(batch.support[0], single.support[0]) and torch.equal(batch.query[0], single.query[0])
     assert torch.equal(g1.get_state(), g2.get_state())
+
+
+def _groups_of_episodes(sampler, n, seed=0):
+    """How many of ``n`` episodes stay in one group (classes 0-2 or 3-5 of a 6-class store)."""
+    g, within = torch.Generator().manual_seed(seed), 0
+    for _ in range(n):
+        classes = {int(round(v * 255)) // 5 for v in sampler.sample(g).support[0][:, 0, 0, 0].tolist()}
+        within += classes in ({0, 1, 2}, {3, 4, 5})
+    return within
+
+
+def test_a_fraction_of_within_group_episodes():
+    data = store(groups=["a", "a", "a", "b", "b", "b"])
+    # across all six classes, 3 of them fall in one group by chance with probability 2 / C(6, 3) = 0.1
+    mixed = _groups_of_episodes(EpisodeSampler(data, 3, 1, 1, within_group=0.5), 400)
+    plain = _groups_of_episodes(EpisodeSampler(data, 3, 1, 1), 400)
+    assert 400 * 0.45 < mixed < 400 * 0.65 and plain < 400 * 0.2
+    assert _groups_of_episodes(EpisodeSampler(data, 3, 1, 1, within_group=1.0), 50) == 50
+    # True is the fraction 1: the same episodes from the same generator
+    a = EpisodeSampler(data, 3, 1, 1, within_group=True).sample_batch(5, torch.Generator().manual_seed(3))
+    b = EpisodeSampler(data, 3, 1, 1, within_group=1.0).sample_batch(5, torch.Generator().manual_seed(3))
+    assert torch.equal(a.support[0], b.support[0]) and torch.equal(a.query[0], b.query[0])
+
+
+def test_within_group_fraction_checks():
+    with pytest.raises(DataError, match=r"fraction of within-group episodes must be in \[0, 1\], got 1.5"):
+        EpisodeSampler(store(groups=["a"] * 6), 3, 1, 1, within_group=1.5)
+    with pytest.raises(DataError, match="within-group episodes need class groups"):
+        EpisodeSampler(store(), 3, 1, 1, within_group=0.5)
+    with pytest.raises(DataError, match="no group has 4 classes"):
+        EpisodeSampler(store(groups=["a", "a", "a", "b", "b", "b"]), 4, 1, 1, within_group=0.5)

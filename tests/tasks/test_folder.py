@@ -226,3 +226,38 @@ def test_the_registry_folder_builder_in_deploy_mode(tmp_path):
                         deploy=True)
     with pytest.raises(DataError, match="for folder:PATH benchmarks"):
         build_benchmark("glyphs", deploy=True)
+
+
+def make_groups(root: Path, groups=(("alpha", 3), ("beta", 2)), per_class=2) -> Path:
+    for g, n in groups:
+        for c in range(n):
+            for k in range(per_class):
+                save(root / g / f"char{c}" / f"img{k}.png", "L", size=(12, 12))
+    return root
+
+
+def test_a_grouped_folder_keeps_each_class_group(tmp_path):
+    """PATH/<group>/<class>/<image> (Omniglot's alphabet/character layout): classes named group/class."""
+    root = make_groups(tmp_path / "data")
+    data = folder.load_folder(root, channels=1, image_size=8, cache_dir=tmp_path / "cache")
+    assert data.classes == ["alpha/char0", "alpha/char1", "alpha/char2", "beta/char0", "beta/char1"]
+    assert data.groups == ["alpha"] * 3 + ["beta"] * 2 and data.images.shape == (10, 1, 8, 8)
+    expected = np.array(Image.open(root / "beta" / "char1" / "img0.png").resize((8, 8), Image.LANCZOS))
+    assert torch.equal(data.images[8, 0], torch.from_numpy(expected))
+    splits = folder.folder_splits(root, fractions=(0.6, 0.4, 0.0), image_size=8, channels=1,
+                                  cache_dir=tmp_path / "cache")
+    assert sorted(splits["train"].classes + splits["val"].classes) == data.classes
+    assert all(name.split("/")[0] == g for s in splits.values() for name, g in zip(s.classes, s.groups))
+    mapping = tmp_path / "split.csv"
+    mapping.write_text("alpha/char0,train\nbeta/char1,train\nalpha/char2,val\nbeta/char0,test\n")
+    by_file = folder.folder_splits(root, split=mapping, image_size=8, channels=1, cache_dir=tmp_path / "cache")
+    assert by_file["train"].classes == ["alpha/char0", "beta/char1"] and by_file["train"].groups == ["alpha", "beta"]
+    # a flat folder has no groups
+    assert folder.load_folder(make_classes(tmp_path / "flat", 2, 2), image_size=8, cache_dir=tmp_path / "cache").groups is None
+
+
+def test_groups_and_classes_mixed_at_the_top_are_refused(tmp_path):
+    root = make_groups(tmp_path / "data")
+    save(root / "gamma" / "img0.png", "L")
+    with pytest.raises(DataError, match=r"'alpha' holds class folders \(a group\) but 'gamma' holds images"):
+        folder.load_folder(root, cache_dir=tmp_path / "cache")
