@@ -15,8 +15,9 @@ Every command names its data the same way: a registered name, or ``folder:PATH``
 A table maps a name to ``builder(options: dict)``; a builder imports its data set module when it is
 called, so ``import metaphi`` reads no data. ``folder:PATH`` goes to the kind's reader in ``FOLDERS``:
 
-    episodes  PATH/<class>/<image>, split by class            (tasks/folder.py)
-    dataset   PATH/<class>/<image>                            (tasks/folder.py)
+    episodes  PATH/<class>/<image>, split by class            (tasks/folder.py; or
+              PATH/<group>/<class>/<image>, groups kept)
+    dataset   PATH/<class>/<image> (or grouped, as above)     (tasks/folder.py)
     stream    PATH/<experience>/<class>/<image>               (tasks/streams.py)
     domains   PATH/<domain>/<class>/<image>                   (tasks/domains.py)
 
@@ -139,7 +140,8 @@ def deploy_fractions(val_fraction: float | None = None) -> tuple[float, float, f
 
 
 def folder(path: str, options: dict) -> Benchmark:
-    """``PATH/<class>/<image>``, its classes split into train/val/test (or by ``split_file``).
+    """``PATH/<class>/<image>`` (or ``PATH/<group>/<class>/<image>``, each class keeping its group), its
+    classes split into train/val/test (or by ``split_file``).
 
     ``channels``, ``image_size`` and ``invert`` left ``None`` are inferred from a sample of the images
     (:func:`metaphi.tasks.folder.folder_input`: all grey -> 1 channel; grey on a light background ->

@@ -188,8 +188,11 @@ def test_within_alphabet_training_episodes_on_a_grouped_folder(tmp_path, capsys)
     g = torch.Generator().manual_seed(0)
     for _ in range(10):  # every class of an episode in one alphabet: the rotations keep the group
         assert len({train.groups[int(c)] for c in sampler._classes(g)}) == 1
-    # validation episodes are drawn across alphabets (no --within-alphabet)
+    # validation episodes are drawn across alphabets, unless --within-alphabet
     assert benchmark.episodes("val", 3, 1, 1).within_group == 0.0
+    _, within = resolved(algorithm="protonet", benchmark=f"folder:{grouped}", deploy=True, ways=2, within_alphabet=True,
+                         val_fraction=0.5)
+    assert within.training["within_group"] == 0.0 and within.episodes("val", 2, 1, 1).within_group == 1.0
     capsys.readouterr()
     out = tmp_path / "run"
     assert main(["run", "protonet", "--benchmark", f"folder:{grouped}", "--deploy", "--ways", "3", "--train-ways", "5",
