@@ -553,11 +553,19 @@ def run_record(config: RunConfig, benchmark) -> dict:
     return {"benchmark": benchmark.name, "data_root": config.data_root, "benchmark_options": benchmark_options(config),
             **settings(config), "estimator": config.estimator, "seed": config.seed, "eval_seed": config.eval_seed,
             "input": benchmark.input_spec(), "train_ways": config.train_ways or config.ways, "init": config.init,
-            "training": {key: getattr(config, key) for key in TRAINING_DATA}}
+            "training": training_record(config)}
 
 
 #: what the run makes of its training data (resuming with other values is refused)
 TRAINING_DATA = ("rotations", "reflections", "augment", "augment_strength", "augment_elastic", "pool")
+#: recorded only where not 0, so that checkpoints written before they existed still resume
+TRAINING_DATA_IF_SET = ("train_within_alphabet",)
+
+
+def training_record(config) -> dict:
+    """What ``config`` makes of the training data, as the run record keeps it."""
+    return {**{key: getattr(config, key) for key in TRAINING_DATA},
+            **{key: getattr(config, key) for key in TRAINING_DATA_IF_SET if getattr(config, key, None)}}
 
 
 def has_test(benchmark) -> bool:

@@ -119,7 +119,8 @@ class Benchmark:
                                          elastic=elastic)
         elif elastic:
             raise DataError("elastic distortion is part of the augmentation: give augment too")
-        return dataclasses.replace(self, splits=splits, train_augment=train_augment, train_within_group=float(within_group),
+        return dataclasses.replace(self, splits=splits, train_augment=train_augment,
+                                   train_within_group=float(within_group),
                                    training={"rotations": bool(rotations), "reflections": bool(reflections),
                                              "augment": bool(augment), "augment_elastic": float(elastic),
                                              "within_group": float(within_group)})

@@ -199,6 +199,12 @@ def test_within_alphabet_training_episodes_on_a_grouped_folder(tmp_path, capsys)
                  "--train-within-alphabet", "0.5", "--iterations", "2", "--eval-tasks", "2", "--quiet",
                  "--out", str(out)]) == 0
     assert "train_within_alphabet: 0.5" in (out / "config.yaml").read_text()
+    run = ["run", "protonet", "--benchmark", f"folder:{grouped}", "--deploy", "--ways", "3", "--train-ways", "5",
+           "--eval-tasks", "2", "--quiet", "--out", str(out), "--resume"]
+    capsys.readouterr()
+    assert main([*run, "--iterations", "3"]) == 2  # resumed without the checkpoint's fraction
+    assert "--train-within-alphabet 0.5 (this run: none)" in capsys.readouterr().err
+    assert main([*run, "--iterations", "3", "--train-within-alphabet", "0.5"]) == 0
     for folder, flags, words in [(flat, ["--train-within-alphabet", "1"], "within-group training episodes need classes "
                                                                          "in groups"),
                                  (grouped, ["--train-within-alphabet", "1.5"], "--train-within-alphabet must be in "

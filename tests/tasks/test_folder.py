@@ -253,7 +253,8 @@ def test_a_grouped_folder_keeps_each_class_group(tmp_path):
     by_file = folder.folder_splits(root, split=mapping, image_size=8, channels=1, cache_dir=tmp_path / "cache")
     assert by_file["train"].classes == ["alpha/char0", "beta/char1"] and by_file["train"].groups == ["alpha", "beta"]
     # a flat folder has no groups
-    assert folder.load_folder(make_classes(tmp_path / "flat", 2, 2), image_size=8, cache_dir=tmp_path / "cache").groups is None
+    flat = make_classes(tmp_path / "flat", 2, 2)
+    assert folder.load_folder(flat, image_size=8, cache_dir=tmp_path / "cache").groups is None
 
 
 def test_groups_and_classes_mixed_at_the_top_are_refused(tmp_path):
