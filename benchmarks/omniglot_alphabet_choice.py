@@ -65,11 +65,15 @@ VARIANTS = {
              ["--meta-lr", "0.002"], 15),
     "lr3x-cosine": ("outer step size 0.003, cosine decay to 0 over the run",
                     ["--meta-lr", "0.003", "--lr-schedule", "cosine"], 15),
+    "seed1": ("size32 (the recipe since) with training seed 1: how far a second run of one recipe lands",
+              ["--image-size", "32", "--seed", "1"], 15),
+    "seed2": ("size32 with training seed 2", ["--image-size", "32", "--seed", "2"], 15),
 }
 #: the variant each is compared against where it is not the recipe of its time: the recipe read 28 x 28
 #: characters until size32 won, so later variants are paired with size32 (the recipe since)
 AGAINST = {"max3": "size32", "max3-28": "size32", "ways90": "size32", "ways120": "size32", "within1": "size32",
-           "within05": "size32", "lr2x": "size32", "lr3x-cosine": "size32"}
+           "within05": "size32", "lr2x": "size32", "lr3x-cosine": "size32",
+           "seed1": "size32", "seed2": "size32"}
 
 
 def held_out_folder(small1_folder: str, alphabet: str, folder: str) -> None:
@@ -158,6 +162,15 @@ def report(args, rows, n: int, minutes: float, command: str) -> str:
         lines += ["", "Against the recipe (or the variant named), paired over the same problems (the variant's error "
                   "minus the other's on each problem, mean ± 95% CI): " + "; ".join(said) + ". The recipe takes a variant whose error is "
                   "lower beyond that interval; one that is higher confirms the recipe's own choice."]
+    seeds = [by_name[v] for v in ("size32", "seed1", "seed2") if v in by_name]
+    if len(seeds) > 1:
+        errors = [r["error"] for r in seeds]
+        mean, ci = mean_ci95(errors)
+        lines += ["", f"Run to run: the 32 x 32 recipe trained with seeds 0 to {len(seeds) - 1} made "
+                  f"{', '.join(f'{100 * e:.1f}' for e in errors)}% error (mean {100 * mean:.1f}, ± {100 * ci:.1f} "
+                  f"over seeds, a spread of {100 * (max(errors) - min(errors)):.1f} points). The paired interval above "
+                  "counts the problems' noise only, not the training seed's: a variant run once and no more than "
+                  "that spread away from the recipe is not shown to differ from it."]
     lines += ["", "Wall minutes are of runs that shared the machine's two cores with others. The recipe read "
               "characters at 28 x 28 when these runs were made; since size32's result it reads them at 32 x 32 "
               "(metaphi.tasks.folder.CHARACTER_SIZE), so the recipe row run afresh now trains what size32 trained."]
