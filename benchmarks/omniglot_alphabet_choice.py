@@ -12,7 +12,8 @@ Nothing of small2 is read, so nothing of the test alphabets.
     .venv/bin/python benchmarks/omniglot_alphabet_choice.py --data-root ../shared/data/omniglot   # ~2.5 h on 2 cores
 
 Writes benchmarks/results/omniglot_alphabet_choice.{json,md}; runs go to ``--work`` (a finished run of
-the same command there is reused).
+the same command there is reused). ``--variants`` runs some only: the rows of the others are kept from the
+results file already there (same alphabet and problems).
 """
 from __future__ import annotations
 
@@ -132,10 +133,26 @@ def main(argv=None):
                      "best_iteration": result["val"]["best_iteration"], "iterations": result["iterations"],
                      "train_minutes": result["wall_seconds"] / 60, "command": " ".join(cmd[1:])})
         print(f"{name}: held-out {args.alphabet} error {100 * mean:.1f} ± {100 * ci:.1f}%", flush=True)
+    rows = kept_rows(args, rows)
     minutes = (time.perf_counter() - started) / 60
     payload = {"machine": machine(), "settings": vars(args), "problems": len(problems), "rows": rows,
                "wall_minutes": minutes, "command": " ".join(sys.argv[1:])}
     write(NAME, payload, report(args, rows, len(problems), minutes, payload["command"]), args.out or RESULTS)
+
+
+def kept_rows(args, rows: list[dict]) -> list[dict]:
+    """``rows`` beside the rows of the variants not run this time, kept (``"kept": True``) from the results
+    file already in the output folder when it holds the same problems (alphabet, number, seed); in the
+    order of VARIANTS."""
+    path = os.path.join(args.out or RESULTS, f"{NAME}.json")
+    by_name = {}
+    if os.path.isfile(path):
+        old = json.load(open(path))
+        same = all(old["settings"].get(k) == getattr(args, k) for k in ("alphabet", "problems", "problem_seed"))
+        if same:
+            by_name = {r["variant"]: {**r, "kept": True} for r in old["rows"] if r["variant"] in VARIANTS}
+    by_name.update({r["variant"]: r for r in rows})
+    return [by_name[v] for v in VARIANTS if v in by_name]
 
 
 def report(args, rows, n: int, minutes: float, command: str) -> str:
@@ -175,7 +192,7 @@ def report(args, rows, n: int, minutes: float, command: str) -> str:
               "characters at 28 x 28 when these runs were made; since size32's result it reads them at 32 x 32 "
               "(metaphi.tasks.folder.CHARACTER_SIZE), so the recipe row run afresh now trains what size32 trained."]
     lines += ["", f"Command: `.venv/bin/python benchmarks/omniglot_alphabet_choice.py {command}` ({minutes:.0f} "
-              "minutes wall clock, finished runs reused)"]
+              "minutes wall clock, finished runs reused; rows of variants not named kept from the file before)"]
     return "\n".join(lines)
 
 
