@@ -167,7 +167,9 @@ def folder(path: str, options: dict) -> Benchmark:
     counts = [splits[s].num_classes for s in splits]
     images = sum(len(splits[s].targets) for s in splits)
     test = "no test: deploy" if deploy else f"{counts[2]} test"
-    bench.description = (f"folder:{path}: {sum(counts)} classes ({counts[0]} train, {counts[1]} val, {test}"
+    groups = {g for s in splits.values() for g in (s.groups or [])}
+    in_groups = f" in {len(groups)} groups" if groups else ""
+    bench.description = (f"folder:{path}: {sum(counts)} classes{in_groups} ({counts[0]} train, {counts[1]} val, {test}"
                          f"), {images} images {chosen.describe()}")
     bench.input_origin = dict(chosen.origin)
     return bench

@@ -181,6 +181,7 @@ def test_within_alphabet_training_episodes_on_a_grouped_folder(tmp_path, capsys)
     config, benchmark = resolved(algorithm="protonet", benchmark=f"folder:{grouped}", deploy=True, ways=3,
                                  train_within_alphabet=1.0, train_ways=5)
     assert config.train_within_alphabet == 1.0 and benchmark.training["within_group"] == 1.0
+    assert f"folder:{grouped}: 24 classes in 2 groups (19 train, 5 val, no test: deploy)" in benchmark.description
     train = benchmark.splits["train"]
     assert set(train.groups) == {"a", "b"} and all(n.startswith(g + "/") for n, g in zip(train.classes, train.groups))
     sampler = benchmark.episodes("train", 5, 1, 1)
