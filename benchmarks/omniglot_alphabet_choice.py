@@ -72,9 +72,8 @@ VARIANTS = {
 }
 #: the variant each is compared against where it is not the recipe of its time: the recipe read 28 x 28
 #: characters until size32 won, so later variants are paired with size32 (the recipe since)
-AGAINST = {"max3": "size32", "max3-28": "size32", "ways90": "size32", "ways120": "size32", "within1": "size32",
-           "within05": "size32", "lr2x": "size32", "lr3x-cosine": "size32",
-           "seed1": "size32", "seed2": "size32"}
+AGAINST = dict.fromkeys(("max3", "max3-28", "ways90", "ways120", "within1", "within05", "lr2x", "lr3x-cosine",
+                         "seed1", "seed2"), "size32")
 
 
 def held_out_folder(small1_folder: str, alphabet: str, folder: str) -> None:
@@ -147,7 +146,8 @@ def kept_rows(args, rows: list[dict]) -> list[dict]:
     path = os.path.join(args.out or RESULTS, f"{NAME}.json")
     by_name = {}
     if os.path.isfile(path):
-        old = json.load(open(path))
+        with open(path) as f:
+            old = json.load(f)
         same = all(old["settings"].get(k) == getattr(args, k) for k in ("alphabet", "problems", "problem_seed"))
         if same:
             by_name = {r["variant"]: {**r, "kept": True} for r in old["rows"] if r["variant"] in VARIANTS}

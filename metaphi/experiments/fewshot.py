@@ -288,8 +288,7 @@ def training_data(config: RunConfig, benchmark):
         raise UsageError("--augment-strength applies with --augment only")
     if augment and not 0.0 < config.augment_strength <= MAX_STRENGTH:
         raise UsageError(f"--augment-strength must be in (0, {MAX_STRENGTH:g}], got {config.augment_strength}")
-    within = getattr(config, "train_within_alphabet", None)
-    within = float(recipe.get("train_within_group", 0.0)) if within is None else within
+    within = config.train_within_alphabet or 0.0
     if not 0.0 <= within <= 1.0:
         raise UsageError(f"--train-within-alphabet must be in [0, 1], got {within}")
     return benchmark.with_training(rotations=rotations, augment=augment, augment_strength=config.augment_strength,

@@ -61,8 +61,6 @@ class Benchmark:
     input_origin: dict = field(default_factory=dict)
     #: transforms every image of the "train" split's episodes and pooled batches (see with_training)
     train_augment: Transform | None = None
-    #: the fraction of training episodes that draw all their classes from one group (see with_training)
-    train_within_group: float = 0.0
     #: handwritten characters or other ink drawings (Omniglot; a folder of dark ink on light paper): a
     #: rotated character is a new character, so training classes are rotated by default (run's recipe)
     characters: bool = False
@@ -120,7 +118,6 @@ class Benchmark:
         elif elastic:
             raise DataError("elastic distortion is part of the augmentation: give augment too")
         return dataclasses.replace(self, splits=splits, train_augment=train_augment,
-                                   train_within_group=float(within_group),
                                    training={"rotations": bool(rotations), "reflections": bool(reflections),
                                              "augment": bool(augment), "augment_elastic": float(elastic),
                                              "within_group": float(within_group)})
@@ -143,7 +140,7 @@ class Benchmark:
             return self.regression_tasks(shots, query)
         if split not in self.splits:
             raise DataError(f"benchmark '{self.name}' has no '{split}' split (it has {', '.join(self.splits)})")
-        within = self.train_within_group if split == "train" else self.eval_within_group
+        within = self.training.get("within_group", 0.0) if split == "train" else self.eval_within_group
         return EpisodeSampler(self.splits[split], ways, shots, query, within_group=within,
                               name=f"{self.name} {split} split",
                               augment=self.train_augment if split == "train" else None)

@@ -67,8 +67,17 @@ def _subfolders(folder: Path) -> list[Path]:
 
 
 def _is_group(folder: Path) -> bool:
-    """A folder of class folders: it holds folders and no (visible) file."""
-    return bool(_subfolders(folder)) and not list_images(folder)
+    """A folder of class folders: it holds folders and no (visible) file. Stops at the first file, so a
+    class folder of many images costs one directory entry or so, not a listing."""
+    has_folder = False
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            if entry.is_file():
+                return False
+            has_folder = has_folder or entry.is_dir()
+    return has_folder
 
 
 def class_folders(root: Path) -> list[Path]:
