@@ -8,6 +8,12 @@ the run's best.pt, the state with the best validation score, where it kept one; 
 checkpoint.pt. For models with task batch normalization the query images are scored as one batch, as
 they were at test time.
 
+Several checkpoints, comma-separated (``--checkpoint runs/a,runs/b,runs/c``: runs of one recipe with
+other ``--seed``), label as an ensemble: each query image's class log-probabilities are averaged over
+the members (their probabilities' normalized geometric mean; for ProtoNet, the mean of the members'
+squared distances to the prototypes). Every member must read images as the first does (channels,
+size, ink polarity).
+
 Two switchable additions, both off by default (their defaults are to be chosen on validation classes):
 
 - ``--tta N``, test-time augmentation: each query image's class probabilities are the mean over the
@@ -26,9 +32,12 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -39,9 +48,11 @@ from metaphi.config import UsageError, option
 class PredictConfig:
     """``metaphi predict``: adapt ``checkpoint`` to the labelled images in ``support``, label ``query``."""
 
-    checkpoint: str | None = option(None, "a run's folder, or its checkpoint.pt or best.pt (required): a folder, "
-                                          "or a checkpoint.pt beside a best.pt, means best.pt (the best validation "
-                                          "score) unless --last")
+    checkpoint: list[str] | None = option(None, "a run's folder, or its checkpoint.pt or best.pt (required): a "
+                                                "folder, or a checkpoint.pt beside a best.pt, means best.pt (the best "
+                                                "validation score) unless --last; several, comma-separated, label as "
+                                                "an ensemble (their class log-probabilities averaged)",
+                                          metavar="PATH[,PATH...]")
     last: bool = option(False, "take the run's checkpoint.pt (its last iteration) instead of its best.pt")
     support: str | None = option(None, "folder with one subfolder of images per class (required)")
     query: str | None = option(None, "folder of images to label, or one image file (required)")
@@ -145,10 +156,11 @@ def finetuned_scorer(algorithm, phi: dict, support, xq: torch.Tensor, steps: int
 
 def class_probabilities(algorithm, phi: dict, support, xq: torch.Tensor, ways: int, steps: int | None = None,
                         tta: int = 0, seed: int = 0, invert: bool = False, finetune_steps: int = 0,
-                        finetune_lr: float = 1e-3) -> torch.Tensor:
+                        finetune_lr: float = 1e-3, log: bool = False) -> torch.Tensor:
     """Class probabilities [len(xq), ways] (float64) of the query images after learning ``support``:
     the algorithm's own prediction, or ProtoNet fine-tuned for ``finetune_steps``; with ``tta`` N > 1,
-    the mean over the images and N-1 random affine copies drawn from ``seed``."""
+    the mean over the images and N-1 random affine copies drawn from ``seed``. ``log``: their
+    logarithms, computed from the logits (finite where the probability underflows to 0)."""
     check_finetune(algorithm, finetune_steps)
     if finetune_steps:
         score = finetuned_scorer(algorithm, phi, support, xq, finetune_steps, finetune_lr)
@@ -158,38 +170,67 @@ def class_probabilities(algorithm, phi: dict, support, xq: torch.Tensor, ways: i
                 return algorithm.predict(phi, support, x, steps)
             except NotImplementedError:
                 raise UsageError(f"algorithm {algorithm.name} cannot adapt to new classes (no predict)")
-    probs = torch.softmax(score(xq)[:, :ways].double(), dim=-1)
-    if tta > 1:
-        from metaphi.tasks.transforms import RandomAffine
+    logits = score(xq)[:, :ways].double()
+    if tta <= 1:
+        return torch.log_softmax(logits, dim=-1) if log else torch.softmax(logits, dim=-1)
+    from metaphi.tasks.transforms import RandomAffine
 
-        move = RandomAffine(padding="zeros" if invert else "border")
-        generator = torch.Generator().manual_seed(seed)
-        for _ in range(tta - 1):
-            probs = probs + torch.softmax(score(move(xq, generator))[:, :ways].double(), dim=-1)
-        probs = probs / tta
-    return probs
+    move = RandomAffine(padding="zeros" if invert else "border")
+    generator = torch.Generator().manual_seed(seed)
+    copies = [logits] + [score(move(xq, generator))[:, :ways].double() for _ in range(tta - 1)]
+    # the mean of the copies' probabilities, in log space
+    mean = torch.logsumexp(torch.stack([torch.log_softmax(c, dim=-1) for c in copies]), dim=0) - math.log(tta)
+    return mean if log else mean.exp()
+
+
+def ensemble(log_probabilities: list[torch.Tensor]) -> torch.Tensor:
+    """Class probabilities [n, ways] of an ensemble from its members' log-probabilities: their mean,
+    normalized (the members' probabilities' normalized geometric mean)."""
+    return torch.softmax(torch.stack(log_probabilities).mean(0), dim=-1)
+
+
+#: what a checkpoint's input spec must share with the ensemble's first member's
+SAME_INPUT = ("channels", "height", "width", "invert")
+
+
+def check_ensemble(paths: list[str], specs: list[dict]) -> None:
+    """A UsageError naming the first member that reads images otherwise than the first one does."""
+    for path, spec in zip(paths[1:], specs[1:]):
+        differ = [k for k in SAME_INPUT if spec.get(k, False) != specs[0].get(k, False)]
+        if differ:
+            show = lambda s: ", ".join(f"{k} {s.get(k, False)}" for k in differ)
+            raise UsageError(f"--checkpoint: the members of an ensemble must read images alike; {path} has "
+                             f"{show(spec)}, {paths[0]} has {show(specs[0])}")
 
 
 def predict(ck, algorithm, spec: dict, support_dir: str, query: str, steps: int | None = None,
             device: str = "cpu", tta: int = 0, seed: int = 0, finetune_steps: int = 0,
-            finetune_lr: float = 1e-3) -> list[tuple[str, str, float]]:
-    """(file, predicted class, confidence) for each query image."""
+            finetune_lr: float = 1e-3, members: Sequence[tuple[dict, Any]] = ()) -> list[tuple[str, str, float]]:
+    """(file, predicted class, confidence) for each query image; with ``members`` (more
+    ``(checkpoint, algorithm)`` pairs reading images as ``spec`` says) by the ensemble of all."""
     from metaphi.tasks.folder import load_folder, load_query_images
 
     c, h, w, invert = spec["channels"], spec["height"], spec["width"], spec.get("invert", False)
     support = load_folder(support_dir, channels=c, image_size=(h, w), invert=invert, cache_dir=False)
     names, query_images = load_query_images(query, c, h, w, invert=invert)
     n = support.num_classes
-    trained_ways = (ck["algorithm"].get("model") or {}).get("out_features")
-    if getattr(algorithm, "fixed_ways", True) and ck["algorithm"].get("class") == "maml" and trained_ways < n:
-        raise UsageError(f"{support_dir} has {n} classes but this checkpoint was meta-trained for {trained_ways}-way "
-                         f"tasks; give at most {trained_ways} class folders")
+    models = [(ck, algorithm), *members]
+    for member, member_algorithm in models:
+        trained_ways = (member["algorithm"].get("model") or {}).get("out_features")
+        if (getattr(member_algorithm, "fixed_ways", True) and member["algorithm"].get("class") == "maml"
+                and trained_ways < n):
+            raise UsageError(f"{support_dir} has {n} classes but this checkpoint was meta-trained for "
+                             f"{trained_ways}-way tasks; give at most {trained_ways} class folders")
     xs = support.images.float().div(255).to(device)
     ys = support.targets.to(device)
     xq = query_images.float().div(255).to(device)
-    phi = {k: v.to(device) for k, v in ck["phi"].items()}
-    probs = class_probabilities(algorithm, phi, (xs, ys), xq, n, steps, tta=tta, seed=seed, invert=invert,
-                                finetune_steps=finetune_steps, finetune_lr=finetune_lr)
+    each = []
+    for member, member_algorithm in models:
+        phi = {k: v.to(device) for k, v in member["phi"].items()}
+        each.append(class_probabilities(member_algorithm, phi, (xs, ys), xq, n, steps, tta=tta, seed=seed,
+                                        invert=invert, finetune_steps=finetune_steps, finetune_lr=finetune_lr,
+                                        log=bool(members)))
+    probs = ensemble(each) if members else each[0]
     confidence, label = probs.max(dim=-1)
     return [(f, support.classes[int(i)], float(p)) for f, i, p in zip(names, label, confidence)]
 
@@ -203,14 +244,19 @@ def run(config: PredictConfig) -> int:
     from metaphi.train import choose_checkpoint, describe_checkpoint
 
     try:
-        path = choose_checkpoint(config.checkpoint, config.last)
+        paths = [choose_checkpoint(p, config.last) for p in config.checkpoint]
     except ValueError as e:
         raise UsageError(str(e)) from None
-    ck, algorithm, spec = load_for_prediction(path, config.model_factory)
-    check_finetune(algorithm, config.finetune_steps)  # before any image is read
+    if not paths:
+        raise UsageError("give --checkpoint")
+    loaded = [load_for_prediction(path, config.model_factory) for path in paths]
+    check_ensemble(paths, [spec for _, _, spec in loaded])
+    for _, algorithm, _ in loaded:
+        check_finetune(algorithm, config.finetune_steps)  # before any image is read
+    (ck, algorithm, spec), members = loaded[0], [(c, a) for c, a, _ in loaded[1:]]
     rows = predict(ck, algorithm, spec, config.support, config.query, config.inner_steps, config.device,
                    tta=config.tta, seed=config.seed, finetune_steps=config.finetune_steps,
-                   finetune_lr=config.finetune_lr)
+                   finetune_lr=config.finetune_lr, members=members)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["file", "prediction", "confidence"])
@@ -224,5 +270,10 @@ def run(config: PredictConfig) -> int:
                 f.write(text)
         except OSError as e:
             raise UsageError(f"--out {config.out}: cannot write ({e.strerror})")
-    print(f"metaphi predict: labelled with {describe_checkpoint(path, ck)}", file=sys.stderr)
+    if len(paths) == 1:
+        print(f"metaphi predict: labelled with {describe_checkpoint(paths[0], ck)}", file=sys.stderr)
+    else:
+        print(f"metaphi predict: labelled with an ensemble of {len(paths)}:", file=sys.stderr)
+        for path, (member, _, _) in zip(paths, loaded):
+            print(f"  {describe_checkpoint(path, member)}", file=sys.stderr)
     return 0

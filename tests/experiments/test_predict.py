@@ -302,3 +302,80 @@ def test_fine_tuned_protonet_labels_through_the_cli(data, tmp_path, capsys):
     table = rows(capsys.readouterr().out)
     assert [r["file"] for r in table] == ["bar.jpg", "ring.png", "slash.png"]
     assert all(r["prediction"] in {"ring", "bar", "slash"} for r in table)
+
+
+# -- ensembles of checkpoints (--checkpoint A,B,...) ------------------------------------------------------
+
+def _support_and_query(data):
+    from metaphi.tasks.folder import load_folder, load_query_images
+
+    support = load_folder(data / "support", channels=1, image_size=28, invert=True, cache_dir=False)
+    _, query = load_query_images(data / "query", 1, 28, 28, invert=True)
+    return (support.images.float().div(255), support.targets), query.float().div(255)
+
+
+def test_an_ensemble_labels_by_its_members_geometric_mean_probabilities(data, tmp_path, capsys):
+    import torch
+
+    from metaphi.experiments.predict import class_probabilities, load_for_prediction
+    from metaphi.train import choose_checkpoint
+
+    # stride pooling: max pooling is sure of every label after 2 iterations, and the confidences are what
+    # tells the members and their ensemble apart
+    a = train_checkpoint(data, "protonet", tmp_path / "a", "--pool", "stride")
+    b = train_checkpoint(data, "protonet", tmp_path / "b", "--pool", "stride", "--seed", "5")
+    support, xq = _support_and_query(data)
+    # independently: each member's probabilities, their geometric mean, normalized
+    each = []
+    chosen = [choose_checkpoint(str(path)) for path in (a, b)]  # each run's best.pt, as predict takes it
+    for path in chosen:
+        ck, algorithm, _ = load_for_prediction(path)
+        each.append(class_probabilities(algorithm, ck["phi"], support, xq, 3))
+    assert not torch.allclose(each[0], each[1], atol=1e-3)
+    expected = (each[0] * each[1]).sqrt()
+    expected = expected / expected.sum(-1, keepdim=True)
+    capsys.readouterr()
+    where = ["--support", str(data / "support"), "--query", str(data / "query")]
+    assert main(["predict", "--checkpoint", f"{a},{b}", *where]) == 0
+    captured = capsys.readouterr()
+    table = rows(captured.out)
+    # query files sorted by name, support classes too: class k of the probabilities is classes[k]
+    classes = ["bar", "ring", "slash"]
+    assert [r["file"] for r in table] == ["bar.jpg", "ring.png", "slash.png"]
+    for r, p in zip(table, expected):
+        assert r["prediction"] == classes[int(p.argmax())]
+        assert abs(float(r["confidence"]) - float(p.max())) < 1e-4
+    assert "an ensemble of 2" in captured.err and all(path in captured.err for path in chosen)
+    # the same member twice labels as that member alone
+    assert main(["predict", "--checkpoint", str(a), *where]) == 0
+    alone = capsys.readouterr().out
+    assert main(["predict", "--checkpoint", f"{a},{a}", *where]) == 0
+    twice = capsys.readouterr().out
+    assert twice == alone
+
+
+def test_ensemble_probabilities_stay_finite_where_members_underflow():
+    import torch
+
+    from metaphi.experiments.predict import ensemble
+
+    # two members each sure of another class, so sure that each one's probability of the other's class is 0
+    logits = [torch.tensor([[0.0, -2000.0, -5.0]], dtype=torch.float64),
+              torch.tensor([[-2000.0, 0.0, -5.0]], dtype=torch.float64)]
+    assert torch.softmax(logits[0], -1)[0, 1] == 0
+    p = ensemble([torch.log_softmax(x, -1) for x in logits])
+    assert torch.isfinite(p).all() and torch.allclose(p.sum(-1), torch.ones(1, dtype=torch.float64))
+    assert int(p.argmax()) == 2  # the class neither rules out
+
+
+def test_ensemble_members_must_read_images_alike(data, tmp_path):
+    a = train_checkpoint(data, "protonet", tmp_path / "a")
+    b = train_checkpoint(data, "protonet", tmp_path / "b", "--image-size", "20")
+    proc = run_cli("predict", "--checkpoint", f"{a},{b}", "--support", str(data / "support"), "--query",
+                   str(data / "query"))
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert "must read images alike" in lines[0] and "height 20" in lines[0] and "height 28" in lines[0]
+    proc = run_cli("predict", "--checkpoint", f"{a},{tmp_path / 'missing'}", "--support", str(data / "support"),
+                   "--query", str(data / "query"))
+    assert proc.returncode == 2 and "no checkpoint at" in proc.stderr
