@@ -96,9 +96,10 @@ class RunConfig:
     log: str | None = option(None, "also log the curves to: a comma list of csv (OUT/metrics.csv), tensorboard "
                                    "(OUT/tensorboard; needs tensorboard), wandb (needs wandb; WANDB_MODE=offline "
                                    "keeps it local) (none: metrics.jsonl only)")
-    model: str | None = option(None, "the backbone on image benchmarks: conv4, resnet12 (ResNet-12), wrn-28-10 (any "
-                                     "wrn-DEPTH-WIDEN), or timm:ARCHITECTURE (needs timm; architecture only, no "
-                                     "weights downloaded) (none: the benchmark's Conv4)")
+    model: str | None = option(None, "the backbone on image benchmarks: conv4, conv4-WIDTH (WIDTH filters a layer, "
+                                     "not 64), resnet12 (ResNet-12), wrn-28-10 (any wrn-DEPTH-WIDEN), or "
+                                     "timm:ARCHITECTURE (needs timm; architecture only, no weights downloaded) (none: "
+                                     "the benchmark's Conv4)")
     eval_shots: int | None = option(None, "support examples per class at test (none: the benchmark's, else --shots)",
                                     check="positive")
     eval_query: int | None = option(None, "query examples per class at test (none: the benchmark's, else --query)",
@@ -354,7 +355,7 @@ def complete(config: RunConfig, benchmark) -> RunConfig:
                 "augment": benchmark.training.get("augment", bool(config.augment)),
                 "augment_elastic": benchmark.training.get("augment_elastic", config.augment_elastic or 0.0),
                 "train_within_alphabet": benchmark.training.get("within_group", config.train_within_alphabet or 0.0),
-                "pool": None if getattr(config, "model", None) not in (None, "conv4")  # another backbone
+                "pool": None if not is_conv4(config)  # another backbone
                 else config.pool or recipe.get("pool") or benchmark.backbone.get("pool"),
                 "lr_schedule": config.lr_schedule or recipe.get("lr_schedule") or "constant",
                 "train_ways": config.train_ways}
@@ -409,16 +410,27 @@ def logger_names(config) -> list[str]:
     return check_loggers([n.strip() for n in text.split(",") if n.strip()] if text else [])
 
 
-def with_chosen_model(config: RunConfig, benchmark):
-    """``benchmark`` with the backbone ``--model`` names, or its Conv4 pooled as ``--pool`` says."""
+def is_conv4(config) -> bool:
+    """Whether the run's backbone is the benchmark's Conv4 (no ``--model``, ``conv4`` or ``conv4-WIDTH``)."""
     from metaphi.models import model_named
 
     name = getattr(config, "model", None)
-    if name and name != "conv4":
-        return benchmark.with_model(model_named(name))
-    if getattr(config, "pool", None):
-        return benchmark.with_backbone(pool=config.pool)
-    return benchmark
+    try:
+        return not name or model_named(name)["name"] == "conv4"
+    except ValueError:  # an unknown name: check_model says so
+        return False
+
+
+def with_chosen_model(config: RunConfig, benchmark):
+    """``benchmark`` with the backbone ``--model`` names, or its Conv4 pooled as ``--pool`` says and as
+    wide as ``--model conv4-WIDTH`` says."""
+    from metaphi.models import model_named
+
+    name = getattr(config, "model", None)
+    spec = model_named(name) if name else {"name": "conv4"}
+    if spec["name"] != "conv4":
+        return benchmark.with_model(spec)
+    return benchmark.with_backbone(pool=getattr(config, "pool", None), hidden=spec.get("hidden"))
 
 
 def check_model(config: RunConfig, benchmark) -> None:

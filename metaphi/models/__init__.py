@@ -59,16 +59,20 @@ IMAGE_MODELS = {"conv4": {"name": "conv4"}, "resnet12": {"name": "resnet12"},
 
 
 def model_named(text: str) -> dict:
-    """The partial spec ``--model TEXT`` names: a key of IMAGE_MODELS, ``wrn-DEPTH-WIDEN`` or
-    ``timm:ARCHITECTURE``; a ValueError listing them otherwise."""
+    """The partial spec ``--model TEXT`` names: a key of IMAGE_MODELS, ``conv4-WIDTH`` (Conv4 with
+    WIDTH filters a layer instead of 64), ``wrn-DEPTH-WIDEN`` or ``timm:ARCHITECTURE``; a ValueError
+    listing them otherwise."""
     if text in IMAGE_MODELS:
         return dict(IMAGE_MODELS[text])
     if text.startswith("timm:") and len(text) > 5:
         return {"name": "timm", "architecture": text[5:]}
     parts = text.split("-")
+    if len(parts) == 2 and parts[0] == "conv4" and parts[1].isdigit() and int(parts[1]) > 0:
+        return {"name": "conv4", "hidden": int(parts[1])}
     if len(parts) == 3 and parts[0] == "wrn" and parts[1].isdigit() and parts[2].isdigit():
         return {"name": "wrn", "depth": int(parts[1]), "widen": int(parts[2])}
-    raise ValueError(f"unknown model '{text}' (valid: {', '.join(IMAGE_MODELS)}, wrn-DEPTH-WIDEN, timm:ARCHITECTURE)")
+    raise ValueError(f"unknown model '{text}' (valid: {', '.join(IMAGE_MODELS)}, conv4-WIDTH, wrn-DEPTH-WIDEN, "
+                     "timm:ARCHITECTURE)")
 
 
 def build_model(spec: dict, *, input_shape: Sequence[int] | None = None, out_features: int | None = None) -> nn.Module:

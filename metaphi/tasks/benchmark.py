@@ -127,13 +127,16 @@ class Benchmark:
         data whose training split is not rotated already."""
         return self.characters and "train" in self.splits and not self.splits["train"].is_rotated
 
-    def with_backbone(self, pool: str | None = None) -> "Benchmark":
-        """This benchmark with its models downsampling by ``pool`` ("stride", "max" or "max3"; None: as it is)."""
-        if pool is None or self.backbone.get("pool", pool) == pool:
+    def with_backbone(self, pool: str | None = None, hidden: int | None = None) -> "Benchmark":
+        """This benchmark with its models downsampling by ``pool`` ("stride", "max" or "max3") and
+        ``hidden`` filters a layer (None: as it is)."""
+        change = {k: v for k, v in (("pool", pool), ("hidden", hidden)) if v is not None and self.backbone.get(k) != v}
+        if not change:
             return self
-        if "pool" not in self.backbone:
-            raise DataError(f"benchmark '{self.name}' has no convolutional backbone to choose the pooling of")
-        return dataclasses.replace(self, backbone={**self.backbone, "pool": pool})
+        if any(k not in self.backbone for k in change):
+            what = " and ".join({"pool": "the pooling", "hidden": "the width"}[k] for k in change)
+            raise DataError(f"benchmark '{self.name}' has no convolutional backbone to choose {what} of")
+        return dataclasses.replace(self, backbone={**self.backbone, **change})
 
     def episodes(self, split: str, ways: int, shots: int, query: int):
         if self.regression_tasks is not None:

@@ -170,3 +170,26 @@ def test_model_flag_trains_a_resnet12_that_eval_rebuilds(tmp_path, capsys, monke
     assert main(["run", "protonet", "--benchmark", "tiny", "--model", "resnet12", "--pool", "max",
                  "--out", str(tmp_path / "x")]) == 2
     assert "has its own" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_model_conv4_width_widens_the_recipes_conv4_and_keeps_its_pooling(tmp_path, capsys, monkeypatch):
+    from tiny import install_tiny
+
+    install_tiny(monkeypatch)
+    out = tmp_path / "wide"
+    assert main(["run", "protonet", "--benchmark", "tiny", "--model", "conv4-24", "--iterations", "1",
+                 "--eval-tasks", "2", "--no-baselines", "--quiet", "--out", str(out)]) == 0
+    spec = torch.load(out / "checkpoint.pt", weights_only=True)["algorithm"]["model"]
+    plain = tmp_path / "plain"
+    assert main(["run", "protonet", "--benchmark", "tiny", "--iterations", "1", "--eval-tasks", "2",
+                 "--no-baselines", "--quiet", "--out", str(plain)]) == 0
+    plain_spec = torch.load(plain / "checkpoint.pt", weights_only=True)["algorithm"]["model"]
+    # 24 filters a layer; everything else (the pooling the recipe chose included) as the run without --model
+    assert spec["name"] == "conv4" and spec["hidden"] == 24 and plain_spec["hidden"] != 24
+    assert {k: v for k, v in spec.items() if k != "hidden"} == {k: v for k, v in plain_spec.items() if k != "hidden"}
+    capsys.readouterr()
+    assert main(["eval", str(out), "--eval-tasks", "2"]) == 0  # rebuilt from the checkpoint's spec
+    assert json.loads(capsys.readouterr().out)["algorithm"] == "protonet"
+    for bad in ("conv4-0", "conv4-x"):
+        assert main(["run", "protonet", "--benchmark", "tiny", "--model", bad, "--out", str(tmp_path / "x")]) == 2
+        assert "unknown model" in capsys.readouterr().err

@@ -177,6 +177,9 @@ def test_the_few_shot_standard_backbones_have_their_published_sizes():
     with pytest.raises(ValueError, match="unknown model 'vgg'"):
         model_named("vgg")
     assert model_named("timm:convnext_atto") == {"name": "timm", "architecture": "convnext_atto"}
+    assert model_named("conv4-96") == {"name": "conv4", "hidden": 96}
+    assert build_model({**model_named("conv4-96"), "pool": "max"}, input_shape=(1, 32, 32),
+                       out_features=5).feature_dim == 96 * 2 * 2
     with pytest.raises(ValueError, match="timm has no architecture 'nope'"):
         build_model({"name": "timm", "architecture": "nope"}, input_shape=(3, 8, 8), out_features=2)
 
