@@ -22,6 +22,9 @@ Rows:
   the rest, iterations included, and trains on every class but a validation fifth); each problem is
   written as a support folder (one subfolder per character, one drawing) and a query folder (the
   drawings to label, under names that do not say their class), and ``metaphi predict`` labels it.
+* "recipe, ensemble of 3": the same, with ``predict --checkpoint A,B,C`` over three recipe runs
+  with consecutive seeds (``--ensemble-size``): the rows' seed is the first member's; its CPU minutes
+  are the members' summed.
 
 small2's drawings serve only to test: every choice (best.pt, by validation) is made on small1's
 classes (the omniglot-small runs validate on small1's held-out alphabet and load small2's unseen
@@ -88,6 +91,7 @@ METHODS = {
     "pretrain": ("Pre-training + fine-tune", "pretrain", ["--rotations", "--meta-batch", "4"]),
     "pixel-nn": ("Pixel nearest neighbour", "pixel-nn", []),
     "recipe": ("Recipe (run + predict)", "protonet", []),
+    "ensemble": ("Recipe, ensemble of {k} runs (run x{k} + predict)", "protonet", []),
 }
 # The user-facing row: `metaphi run protonet --benchmark folder:DIR --deploy --ways 20` with nothing else
 # (the recipe decides the rest, iterations included), then `metaphi predict` with these flags, chosen on
@@ -164,17 +168,19 @@ def write_problem_folders(source: str, problems: list[lake.LakeProblem], folder:
     return answers
 
 
-def test_by_predict(run_dir: str, answers: list[dict], log: list[str], parallel: int = 1) -> list[float]:
-    """Accuracy on each problem as labelled by `metaphi predict` with the run's default checkpoint
-    (``parallel`` predict processes at a time, one thread each when more than one)."""
+def test_by_predict(run_dirs: list[str], out_dir: str, answers: list[dict], log: list[str],
+                    parallel: int = 1) -> list[float]:
+    """Accuracy on each problem as labelled by `metaphi predict` with the runs' default checkpoints (one
+    run, or an ensemble of several), its CSVs under ``out_dir/predictions`` (``parallel`` predict
+    processes at a time, one thread each when more than one)."""
     from concurrent.futures import ThreadPoolExecutor
 
     def command(i: int, a: dict) -> list[str]:
-        out = os.path.join(run_dir, "predictions", f"p{i:03d}.csv")
-        return [metaphi_bin(), "predict", "--checkpoint", run_dir, "--support", a["support"], "--query", a["query"],
-                *PREDICT_FLAGS, "--out", out]
+        out = os.path.join(out_dir, "predictions", f"p{i:03d}.csv")
+        return [metaphi_bin(), "predict", "--checkpoint", ",".join(run_dirs), "--support", a["support"], "--query",
+                a["query"], *PREDICT_FLAGS, "--out", out]
 
-    os.makedirs(os.path.join(run_dir, "predictions"), exist_ok=True)
+    os.makedirs(os.path.join(out_dir, "predictions"), exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1") if parallel > 1 else None
     commands = [command(i, a) for i, a in enumerate(answers)]
     log.append(shell(commands[0]))
@@ -208,6 +214,8 @@ def main(argv=None):
                     help="other iterations for some methods, e.g. matching=500")
     ap.add_argument("--iterations", type=int, default=1000,
                     help="meta-training iterations of every run but the recipe's (which takes its own)")
+    ap.add_argument("--ensemble-size", type=int, default=3,
+                    help="recipe runs in each ensemble row (seeds S, S+1, ...: trained where not there yet)")
     ap.add_argument("--per-alphabet", type=int, default=20, help="test problems per small2-only alphabet")
     ap.add_argument("--problem-seed", type=int, default=2015, help="seed of the test problems (all rows share them)")
     ap.add_argument("--val-every", type=int, default=100, help="validate (and keep best.pt) every this many "
@@ -232,6 +240,8 @@ def main(argv=None):
         ap.error("--iterations-of takes METHOD=N")
     if (set(args.method_seeds) | set(args.method_iterations)) - set(METHODS):
         ap.error(f"--seeds-of/--iterations-of: unknown method (valid: {', '.join(METHODS)})")
+    if args.ensemble_size < 2:
+        ap.error("--ensemble-size: an ensemble has at least 2 runs")
     if args.quick:
         args.iterations, args.seeds, args.per_alphabet = 10, [0], 2
         args.method_seeds, args.method_iterations = {}, {}
@@ -251,42 +261,62 @@ def main(argv=None):
                              str(args.val_every), "--val-tasks", str(args.val_tasks), "--eval-tasks",
                              str(args.run_eval_tasks), "--no-baselines", "--quiet"]
     jobs, logs = [], {}
-    for method in args.methods:
+
+    def add_job(method: str, seed: int) -> None:
         label, algorithm, flags = METHODS[method]
-        for seed in args.method_seeds.get(method, args.seeds):
-            run_dir = os.path.join(work, f"{method}-seed{seed}")
-            if method == "recipe":
-                folder = os.path.join(work, "small1-folder")
-                write_training_folder(small1, folder)
-                cmd = [metaphi_bin(), "run", algorithm, "--benchmark", f"folder:{folder}", "--deploy", "--ways", "20",
-                       *(["--iterations", str(args.iterations)] if args.quick else []),
-                       "--quiet", "--seed", str(seed), "--out", run_dir]
-            else:
-                cmd = [metaphi_bin(), "run", algorithm, "--benchmark", "omniglot-small", "--data-root",
-                       args.data_root, "--within-alphabet", *shared(method), *flags, "--seed", str(seed), "--out", run_dir]
-            cmd += ["--threads", "1"] if args.jobs > 1 else []
-            jobs.append(((method, seed), cmd, run_dir))
-            logs[(method, seed)] = [shell(cmd)]
+        run_dir = os.path.join(work, f"{method}-seed{seed}")
+        if method == "recipe":
+            folder = os.path.join(work, "small1-folder")
+            write_training_folder(small1, folder)
+            cmd = [metaphi_bin(), "run", algorithm, "--benchmark", f"folder:{folder}", "--deploy", "--ways", "20",
+                   *(["--iterations", str(args.iterations)] if args.quick else []),
+                   "--quiet", "--seed", str(seed), "--out", run_dir]
+        else:
+            cmd = [metaphi_bin(), "run", algorithm, "--benchmark", "omniglot-small", "--data-root",
+                   args.data_root, "--within-alphabet", *shared(method), *flags, "--seed", str(seed), "--out", run_dir]
+        cmd += ["--threads", "1"] if args.jobs > 1 else []
+        jobs.append(((method, seed), cmd, run_dir))
+        logs[(method, seed)] = [shell(cmd)]
+
+    for method in args.methods:
+        for seed in args.method_seeds.get(method, args.seeds) if method != "ensemble" else []:
+            add_job(method, seed)
+    # an ensemble's members are recipe runs, trained here where the recipe row does not train them already
+    ensembles = {seed: list(range(seed, seed + args.ensemble_size))
+                 for seed in (args.method_seeds.get("ensemble", args.seeds) if "ensemble" in args.methods else [])}
+    for members in ensembles.values():
+        for seed in members:
+            if ("recipe", seed) not in logs:
+                add_job("recipe", seed)
     costs = run_all(jobs, args.jobs)
-    runs = []  # (method, seed, run dir, train cpu s, train wall s, commands)
+    runs = []  # (method, seed, run dirs, where the predictions go, train cpu s, train wall s, commands)
+    scored_recipes = args.method_seeds.get("recipe", args.seeds) if "recipe" in args.methods else []
     for (method, seed), cmd, run_dir in jobs:
         cpu, wall, reused = costs[(method, seed)]
         if reused:
             logs[(method, seed)][0] += "   # reused"
-        runs.append((method, seed, run_dir, cpu, wall, logs[(method, seed)]))
+        if method != "recipe" or seed in scored_recipes:
+            runs.append((method, seed, [run_dir], run_dir, cpu, wall, logs[(method, seed)]))
+    for seed, members in ensembles.items():
+        keys = [("recipe", m) for m in members]
+        runs.append(("ensemble", seed, [os.path.join(work, f"recipe-seed{m}") for m in members],
+                     os.path.join(work, f"ensemble{args.ensemble_size}-seed{seed}"),
+                     sum(costs[k][0] for k in keys), sum(costs[k][1] for k in keys),
+                     [line for k in keys for line in logs[k][:1]]))
 
     # Training is over: now small2 is decoded and the problems drawn.
     data = lake.read(args.data_root, "small2")
     problems = lake.lake_problems(data, alphabets, args.per_alphabet, torch.Generator().manual_seed(args.problem_seed))
-    answers = write_problem_folders(small2, problems, os.path.join(work, "problems")) if "recipe" in args.methods \
-        else None
+    answers = write_problem_folders(small2, problems, os.path.join(work, "problems")) \
+        if {"recipe", "ensemble"} & set(args.methods) else None
 
     rows = []
-    for method, seed, run_dir, train_cpu, train_wall, log in runs:
+    for method, seed, run_dirs, predictions_dir, train_cpu, train_wall, log in runs:
         cpu, wall, own = children_cpu(), time.perf_counter(), time.process_time()
-        if method == "recipe":
-            accuracies = test_by_predict(run_dir, answers, log, parallel=args.jobs)
+        if method in ("recipe", "ensemble"):
+            accuracies = test_by_predict(run_dirs, predictions_dir, answers, log, parallel=args.jobs)
         else:
+            run_dir, = run_dirs
             accuracies = test_in_process(run_dir, problems)
             log.append(f"# tested in this script: {lake.__name__}.lake_problems + the algorithm's evaluate() "
                        f"on {os.path.join(run_dir, 'best.pt')} (or checkpoint.pt where no best was kept)")
@@ -294,7 +324,7 @@ def main(argv=None):
         errors = [1 - a for a in accuracies]
         per_alphabet = {a: sum(e for e, p in zip(errors, problems) if p.alphabet == a) / args.per_alphabet
                         for a in alphabets}
-        rows.append({"method": method, "label": METHODS[method][0], "seed": seed, "error": sum(errors) / len(errors),
+        rows.append({"method": method, "label": label_of(method, args), "seed": seed, "error": sum(errors) / len(errors),
                      "per_alphabet": per_alphabet, "problem_errors": errors, "train_cpu_minutes": train_cpu / 60,
                      "train_wall_minutes": train_wall / 60, "test_cpu_minutes": test_cpu / 60,
                      "test_wall_minutes": (time.perf_counter() - wall) / 60, "commands": log})
@@ -305,9 +335,9 @@ def main(argv=None):
         rs = [r for r in rows if r["method"] == method]
         mean, ci = mean_ci95([r["error"] for r in rs])
         pooled = torch.tensor([e for r in rs for e in r["problem_errors"]])
-        summary.append({"method": method, "label": METHODS[method][0], "seeds": len(rs),
-                        "iterations": None if method == "recipe" else args.method_iterations.get(method,
-                                                                                                args.iterations),
+        summary.append({"method": method, "label": label_of(method, args), "seeds": len(rs),
+                        "iterations": None if method in ("recipe", "ensemble")
+                        else args.method_iterations.get(method, args.iterations),
                         "seed_list": [r["seed"] for r in rs], "error": mean,
                         "error_ci95_over_seeds": None if math.isnan(ci) else ci,  # None: one seed
                         "error_ci95_over_problems": confidence95(pooled),
@@ -316,7 +346,8 @@ def main(argv=None):
                         "test_cpu_minutes": sum(r["test_cpu_minutes"] for r in rs) / len(rs),
                         "commands": rs[0]["commands"]})
     total_minutes = (time.perf_counter() - started) / 60
-    md = markdown_report(args, alphabets, problems, summary, total_minutes)
+    reused = sum(r for _, _, r in costs.values())
+    md = markdown_report(args, alphabets, problems, summary, total_minutes, reused)
     payload = {"machine": machine(), "settings": vars(args), "alphabets": alphabets,
                "problems": [{"alphabet": p.alphabet, "ways": p.ways, "classes": p.classes,
                              "support_drawer": p.support_drawer, "query_drawer": p.query_drawer} for p in problems],
@@ -326,7 +357,11 @@ def main(argv=None):
     print(f"wrote {os.path.join(out_dir, NAME)}.json and .md ({total_minutes:.1f} minutes)")
 
 
-def markdown_report(args, alphabets, problems, summary, total_minutes) -> str:
+def label_of(method: str, args) -> str:
+    return METHODS[method][0].format(k=args.ensemble_size)
+
+
+def markdown_report(args, alphabets, problems, summary, total_minutes, reused: int = 0) -> str:
     ways = sorted({(p.alphabet, p.ways) for p in problems})
     lines = [
         "### Omniglot in Lake et al.'s format: train on small1, one-shot problems from small2's unseen alphabets",
@@ -337,7 +372,9 @@ def markdown_report(args, alphabets, problems, summary, total_minutes) -> str:
         f"one by another person to label. Error = mean over a row's training seeds ± 95% t-interval over "
         f"seeds (none with one seed); beside it the 95% interval over all problems of all its seeds pooled. "
         "Iterations as the table says (the recipe takes its own: 2000); CPU minutes are user + system time of "
-        "the training process (all threads) and of testing, per seed.",
+        "the training process (all threads) and of testing, per seed"
+        + (f"; an ensemble's are its {args.ensemble_size} members' summed, and its seed is its first member's "
+           f"(members: that seed and the next {args.ensemble_size - 1})." if "ensemble" in args.methods else "."),
         "",
     ]
     table = []
@@ -357,7 +394,8 @@ def markdown_report(args, alphabets, problems, summary, total_minutes) -> str:
         lines.append(f"- {s['label']}:")
         lines += [f"  - `{c}`" for c in s["commands"]]
     lines += ["", f"Benchmark: `.venv/bin/python benchmarks/omniglot_lake_format.py {' '.join(sys.argv[1:])}` "
-              f"({total_minutes:.1f} minutes wall clock)"]
+              f"({total_minutes:.1f} minutes wall clock"
+              + (f"; {reused} finished runs reused, their training not counted)" if reused else ")")]
     return "\n".join(lines)
 
 
