@@ -10,9 +10,9 @@ they were at test time.
 
 Several checkpoints, comma-separated (``--checkpoint runs/a,runs/b,runs/c``: runs of one recipe with
 other ``--seed``), label as an ensemble: each query image's class log-probabilities are averaged over
-the members (their probabilities' normalized geometric mean; for ProtoNet, the mean of the members'
-squared distances to the prototypes). Every member must read images as the first does (channels,
-size, ink polarity).
+the members (their probabilities' normalized geometric mean; for ProtoNet without ``--tta``, the
+softmax of the members' mean negative squared distances to the prototypes). Every member must read
+images as the first does (channels, size, ink polarity).
 
 Two switchable additions, both off by default (their defaults are to be chosen on validation classes):
 
