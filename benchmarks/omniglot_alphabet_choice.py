@@ -69,11 +69,19 @@ VARIANTS = {
     "seed1": ("size32 (the recipe since) with training seed 1: how far a second run of one recipe lands",
               ["--image-size", "32", "--seed", "1"], 15),
     "seed2": ("size32 with training seed 2", ["--image-size", "32", "--seed", "2"], 15),
+    "iters4000": ("twice the iterations (4000; the runs' validation accuracy still rose at 2000)",
+                  ["--iterations", "4000"], 15),
+    "width96": ("Conv4 with 96 filters a layer instead of 64 (about 2.2x the computation of a step)",
+                ["--model", "conv4-96"], 15),
 }
 #: the variant each is compared against where it is not the recipe of its time: the recipe read 28 x 28
 #: characters until size32 won, so later variants are paired with size32 (the recipe since)
 AGAINST = dict.fromkeys(("max3", "max3-28", "ways90", "ways120", "within1", "within05", "lr2x", "lr3x-cosine",
-                         "seed1", "seed2"), "size32")
+                         "seed1", "seed2", "iters4000", "width96"), "size32")
+
+
+#: the runs of one recipe with other seeds that predict's ensembles (--checkpoint A,B[,C]) are made of
+SEED_RUNS = ("size32", "seed1", "seed2")
 
 
 def held_out_folder(small1_folder: str, alphabet: str, folder: str) -> None:
@@ -133,10 +141,56 @@ def main(argv=None):
                      "train_minutes": result["wall_seconds"] / 60, "command": " ".join(cmd[1:])})
         print(f"{name}: held-out {args.alphabet} error {100 * mean:.1f} ± {100 * ci:.1f}%", flush=True)
     rows = kept_rows(args, rows)
+    ensembles = ensemble_rows(work, problems_at, args)
     minutes = (time.perf_counter() - started) / 60
-    payload = {"machine": machine(), "settings": vars(args), "problems": len(problems), "rows": rows,
-               "wall_minutes": minutes, "command": " ".join(sys.argv[1:])}
-    write(NAME, payload, report(args, rows, len(problems), minutes, payload["command"]), args.out or RESULTS)
+    payload = {"machine": machine(), "settings": vars(args), "problems": args.problems, "rows": rows,
+               "ensembles": ensembles, "wall_minutes": minutes, "command": " ".join(sys.argv[1:])}
+    write(NAME, payload, report(args, rows, args.problems, minutes, payload["command"], ensembles),
+          args.out or RESULTS)
+
+
+def ensemble_errors(run_dirs: list[str], problems) -> list[float]:
+    """Error on each problem of predict's ensemble of the runs' best.pt (``predict --checkpoint A,B,...``:
+    the members' class log-probabilities averaged)."""
+    from metaphi.experiments.predict import class_probabilities, ensemble, load_for_prediction
+    from metaphi.train import choose_checkpoint
+
+    members = [load_for_prediction(choose_checkpoint(d)) for d in run_dirs]
+    errors = []
+    for p in problems:
+        (xs, ys), (xq, yq) = p.task.support, p.task.query
+        each = [class_probabilities(algorithm, ck["phi"], (xs, ys), xq, p.ways, invert=spec["invert"], log=True)
+                for ck, algorithm, spec in members]
+        errors.append(1 - float((ensemble(each).argmax(-1) == yq).float().mean()))
+    return errors
+
+
+def ensemble_rows(work: str, problems_at: dict, args) -> list[dict]:
+    """predict's ensembles of the SEED_RUNS found finished in ``work``: every pair and all three, each
+    with its members' single-run errors on the same problems."""
+    import itertools
+
+    done = [v for v in SEED_RUNS if os.path.isfile(os.path.join(work, v, "result.json"))]
+    if len(done) < 2:
+        return []
+    if 32 not in problems_at:
+        data = lake.read(args.data_root, "small1", image_size=32)
+        problems_at[32] = lake.lake_problems(data, [args.alphabet], args.problems,
+                                             torch.Generator().manual_seed(args.problem_seed))
+    problems = problems_at[32]
+    single = {v: ensemble_errors([os.path.join(work, v)], problems) for v in done}
+    rows = []
+    for k in range(2, len(done) + 1):
+        for members in itertools.combinations(done, k):
+            errors = ensemble_errors([os.path.join(work, v) for v in members], problems)
+            members_mean = [sum(single[v][i] for v in members) / k for i in range(len(problems))]
+            mean, ci = mean_ci95(errors)
+            d, d_ci = mean_ci95([a - b for a, b in zip(errors, members_mean)])
+            rows.append({"members": list(members), "error": mean, "ci95": ci, "errors": errors,
+                         "members_error": sum(members_mean) / len(problems), "vs_members": d, "vs_members_ci95": d_ci})
+            print(f"ensemble {'+'.join(members)}: held-out {args.alphabet} error {100 * mean:.1f} ± {100 * ci:.1f}% "
+                  f"(its members alone {100 * rows[-1]['members_error']:.1f}%)", flush=True)
+    return rows
 
 
 def kept_rows(args, rows: list[dict]) -> list[dict]:
@@ -155,7 +209,7 @@ def kept_rows(args, rows: list[dict]) -> list[dict]:
     return [by_name[v] for v in VARIANTS if v in by_name]
 
 
-def report(args, rows, n: int, minutes: float, command: str) -> str:
+def report(args, rows, n: int, minutes: float, command: str, ensembles: list[dict] = ()) -> str:
     by_name = {r["variant"]: r for r in rows}
     base = by_name.get("recipe")
     lines = [f"### Recipe choices on a held-out alphabet of small1 ({args.alphabet})", "",
@@ -188,6 +242,14 @@ def report(args, rows, n: int, minutes: float, command: str) -> str:
                   f"over seeds, a spread of {100 * (max(errors) - min(errors)):.1f} points). The paired interval above "
                   "counts the problems' noise only, not the training seed's: a variant run once and no more than "
                   "that spread away from the recipe is not shown to differ from it."]
+    if ensembles:
+        lines += ["", "predict's ensembles of those runs (`predict --checkpoint A,B[,C]`: the members' class "
+                  "log-probabilities averaged; no training beyond the members'), against the mean of their members' "
+                  "errors on each problem (mean ± 95% CI, paired):", ""]
+        lines.append(markdown_table(
+            ["members", "held-out alphabet error %", "members alone %", "ensemble minus members, points"],
+            [[" + ".join(e["members"]), pm(e["error"], e["ci95"], digits=1), f"{100 * e['members_error']:.1f}",
+              f"{100 * e['vs_members']:+.1f} ± {100 * e['vs_members_ci95']:.1f}"] for e in ensembles]))
     lines += ["", "Wall minutes are of runs that shared the machine's two cores with others. The recipe read "
               "characters at 28 x 28 when these runs were made; since size32's result it reads them at 32 x 32 "
               "(metaphi.tasks.folder.CHARACTER_SIZE), so the recipe row run afresh now trains what size32 trained."]
