@@ -141,7 +141,7 @@ def main(argv=None):
                      "train_minutes": result["wall_seconds"] / 60, "command": " ".join(cmd[1:])})
         print(f"{name}: held-out {args.alphabet} error {100 * mean:.1f} ± {100 * ci:.1f}%", flush=True)
     rows = kept_rows(args, rows)
-    ensembles = ensemble_rows(work, problems_at, args)
+    ensembles = ensemble_rows(work, rows, problems_at, args)
     minutes = (time.perf_counter() - started) / 60
     payload = {"machine": machine(), "settings": vars(args), "problems": args.problems, "rows": rows,
                "ensembles": ensembles, "wall_minutes": minutes, "command": " ".join(sys.argv[1:])}
@@ -165,12 +165,13 @@ def ensemble_errors(run_dirs: list[str], problems) -> list[float]:
     return errors
 
 
-def ensemble_rows(work: str, problems_at: dict, args) -> list[dict]:
-    """predict's ensembles of the SEED_RUNS found finished in ``work``: every pair and all three, each
-    with its members' single-run errors on the same problems."""
+def ensemble_rows(work: str, rows: list[dict], problems_at: dict, args) -> list[dict]:
+    """predict's ensembles of the SEED_RUNS that have a row in ``rows`` and a finished run in ``work``:
+    every pair and all three, each beside its members' single-run errors (their rows') on the same problems."""
     import itertools
 
-    done = [v for v in SEED_RUNS if os.path.isfile(os.path.join(work, v, "result.json"))]
+    single = {r["variant"]: r["errors"] for r in rows if r["variant"] in SEED_RUNS}
+    done = [v for v in SEED_RUNS if v in single and os.path.isfile(os.path.join(work, v, "result.json"))]
     if len(done) < 2:
         return []
     if 32 not in problems_at:
@@ -178,19 +179,19 @@ def ensemble_rows(work: str, problems_at: dict, args) -> list[dict]:
         problems_at[32] = lake.lake_problems(data, [args.alphabet], args.problems,
                                              torch.Generator().manual_seed(args.problem_seed))
     problems = problems_at[32]
-    single = {v: ensemble_errors([os.path.join(work, v)], problems) for v in done}
-    rows = []
+    ensembles = []
     for k in range(2, len(done) + 1):
         for members in itertools.combinations(done, k):
             errors = ensemble_errors([os.path.join(work, v) for v in members], problems)
             members_mean = [sum(single[v][i] for v in members) / k for i in range(len(problems))]
             mean, ci = mean_ci95(errors)
             d, d_ci = mean_ci95([a - b for a, b in zip(errors, members_mean)])
-            rows.append({"members": list(members), "error": mean, "ci95": ci, "errors": errors,
-                         "members_error": sum(members_mean) / len(problems), "vs_members": d, "vs_members_ci95": d_ci})
+            ensembles.append({"members": list(members), "error": mean, "ci95": ci, "errors": errors,
+                              "members_error": sum(members_mean) / len(problems), "vs_members": d,
+                              "vs_members_ci95": d_ci})
             print(f"ensemble {'+'.join(members)}: held-out {args.alphabet} error {100 * mean:.1f} ± {100 * ci:.1f}% "
-                  f"(its members alone {100 * rows[-1]['members_error']:.1f}%)", flush=True)
-    return rows
+                  f"(its members alone {100 * ensembles[-1]['members_error']:.1f}%)", flush=True)
+    return ensembles
 
 
 def kept_rows(args, rows: list[dict]) -> list[dict]:
@@ -233,7 +234,7 @@ def report(args, rows, n: int, minutes: float, command: str, ensembles: list[dic
         lines += ["", "Against the recipe (or the variant named), paired over the same problems (the variant's error "
                   "minus the other's on each problem, mean ± 95% CI): " + "; ".join(said) + ". The recipe takes a variant whose error is "
                   "lower beyond that interval; one that is higher confirms the recipe's own choice."]
-    seeds = [by_name[v] for v in ("size32", "seed1", "seed2") if v in by_name]
+    seeds = [by_name[v] for v in SEED_RUNS if v in by_name]
     if len(seeds) > 1:
         errors = [r["error"] for r in seeds]
         mean, ci = mean_ci95(errors)
