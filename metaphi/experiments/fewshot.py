@@ -440,6 +440,8 @@ def check_model(config: RunConfig, benchmark) -> None:
     from metaphi.models import model_named
 
     name = getattr(config, "model", None)
+    if getattr(config, "pool", None) and is_conv4(config) and "pool" not in benchmark.backbone:
+        raise UsageError(f"--pool chooses how Conv4 downsamples; benchmark {benchmark.name} has no Conv4")
     if not name:
         return
     try:

@@ -193,3 +193,10 @@ def test_model_conv4_width_widens_the_recipes_conv4_and_keeps_its_pooling(tmp_pa
     for bad in ("conv4-0", "conv4-x"):
         assert main(["run", "protonet", "--benchmark", "tiny", "--model", bad, "--out", str(tmp_path / "x")]) == 2
         assert "unknown model" in capsys.readouterr().err
+
+
+def test_pool_on_a_benchmark_without_conv4_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "sine"
+    assert main(["run", "maml", "--benchmark", "sinusoid", "--pool", "max", "--iterations", "1", "--quiet",
+                 "--out", str(out)]) == 2
+    assert "benchmark sinusoid has no Conv4" in capsys.readouterr().err and not out.exists()
